@@ -1,0 +1,1 @@
+"""Tampering simulation and the forensic benchmark."""

@@ -1,0 +1,1 @@
+"""Celery tasks that score studies with `models` and build and deliver their reports."""
