@@ -12,9 +12,11 @@ import sys
 
 # Modules that expose `register(subparsers)`; each adds its own sub-commands.
 COMMAND_MODULES = (
-    "models.cli",
-    "models.forensics.cli",
-    "service.gateway_cli",
+    "models.model_cli",  # btd model info
+    "models.cli",  # btd score / calibrate / evaluate
+    "models.train_cli",  # btd train
+    "models.forensics.cli",  # btd tamper / bench
+    "service.gateway_cli",  # btd serve / worker / send / db
 )
 
 

@@ -1,0 +1,5 @@
+"""Routes of this area, included by the app factory."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

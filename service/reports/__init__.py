@@ -1,0 +1,1 @@
+"""DICOM reports sent back to the PACS: the Structured Report and the Key Object Selection."""
