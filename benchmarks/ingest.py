@@ -1,0 +1,423 @@
+"""Ingest benchmark: C-STORE of N uncompressed 512x512 CT instances over loopback.
+
+Why this exists: a PACS pushes whole studies at once, and the gateway must take them at least as fast as
+the PACS itself (Orthanc) does, while writing every instance durably. This script measures instances/s
+and MB/s for three receivers on the same machine and the same file system:
+
+- btd's own listener (`btd serve`, SQLite in a temp data dir; the quiet timer is set long so no scoring
+  runs while we measure),
+- dcmtk `storescp` (writes files, no fsync: an upper bound for "receive and write"),
+- Orthanc (Debian package, default `SyncStorageArea: true`, so it fsyncs like btd),
+
+each sent to by dcmtk `storescu` with `TCP_NODELAY=1` in its environment (without it, dcmtk waits on the
+40 ms delayed ACK of loopback per message), plus btd's own sender (`btd send`) into btd's listener and into
+storescp, to check that it does not fall into the same trap. One extra row sends into storescp without
+`TCP_NODELAY` to show the trap itself.
+
+The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apache-2.0,
+TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
+
+Usage: .venv/bin/python benchmarks/ingest.py [--n 128] [--repeats 3] [--json out.json] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_SERIES = REPO / "tests" / "fixtures" / "ct_series_20"
+VENV_BIN = Path(sys.executable).parent
+RECEIVER_AET = "BENCH_SCP"
+SENDER_AET = "BENCH_SCU"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def make_instances(out_dir: Path, n: int, source: Path = FIXTURE_SERIES) -> list[Path]:
+    """Write N uncompressed CT instances with fresh UIDs (one study, one series) and return their paths."""
+    sources = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("LICENSE"))
+    decoded = []
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        ds.decompress()  # JPEG 2000 lossless -> native pixels
+        decoded.append(ds)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = decoded[i % len(decoded)]
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.InstanceNumber = i + 1
+        path = out_dir / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_echo(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    """Wait until the receiver answers C-ECHO (the listener is really up, not only the socket)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"receiver exited early with code {process.returncode}")
+        done = subprocess.run(
+            ["echoscu", "-aet", SENDER_AET, "-aec", RECEIVER_AET, "127.0.0.1", str(port)],
+            capture_output=True,
+            env=dcmtk_env(nodelay=True),
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"no C-ECHO answer on port {port} after {timeout} s")
+
+
+def dcmtk_env(nodelay: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def files_under(root: Path, min_size: int) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size >= min_size)
+
+
+# ---------------------------------------------------------------------------------------------- receivers
+
+
+@dataclass
+class Receiver:
+    """A running C-STORE SCP on loopback, writing under `root`; `count()` says how many instances it holds."""
+
+    name: str
+    port: int
+    process: subprocess.Popen
+    count: Callable[[], int]
+
+
+@contextlib.contextmanager
+def storescp(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    out = root / "storescp"
+    out.mkdir()
+    port = free_port()
+    log = open(root / "storescp.log", "wb")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(
+        ["storescp", "-aet", RECEIVER_AET, "--output-directory", str(out), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dcmtk_env(nodelay=nodelay),
+    )
+    try:
+        wait_for_echo(port, process=proc)
+        yield Receiver("dcmtk storescp", port, proc, lambda: files_under(out, 100_000))
+    finally:
+        stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def orthanc(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "btd-bench",
+        "StorageDirectory": str(root / "orthanc-storage"),
+        "IndexDirectory": str(root / "orthanc-index"),
+        "DicomAet": RECEIVER_AET,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "StorageCompression": False,
+        "SyncStorageArea": True,
+    }
+    config_path = root / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed below, after the process ends
+    # Orthanc's DICOM layer is dcmtk: it needs TCP_NODELAY=1 too, or each answer waits for a delayed ACK.
+    proc = subprocess.Popen(
+        ["Orthanc", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(nodelay=nodelay)
+    )
+
+    def count() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=10) as response:
+            return int(json.load(response)["CountInstances"])
+
+    try:
+        wait_for_echo(dicom_port, process=proc)
+        yield Receiver("Orthanc " + orthanc_version(), dicom_port, proc, count)
+    finally:
+        stop(proc)
+        log.close()
+
+
+def orthanc_version() -> str:
+    done = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True)
+    return done.stdout.split()[1] if done.returncode == 0 and len(done.stdout.split()) > 1 else "?"
+
+
+@contextlib.contextmanager
+def btd_serve(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    """`btd serve` as a site runs it, with its own data dir and SQLite; no broker (in-process worker)."""
+    data_dir = root / "btd-data"
+    data_dir.mkdir()
+    port = free_port()
+    env = {k: v for k, v in dcmtk_env(nodelay).items() if not k.startswith("BTD_")}  # pynetdicom ignores it
+    env.update(
+        {
+            "BTD_DATA_DIR": str(data_dir),
+            "BTD_DICOM_HOST": "127.0.0.1",
+            "BTD_DICOM_PORT": str(port),
+            "BTD_HTTP_HOST": "127.0.0.1",
+            "BTD_HTTP_PORT": str(free_port()),
+            "BTD_AE_TITLE": RECEIVER_AET,
+            "BTD_STABLE_SECONDS": "3600",  # no scoring while we measure ingest
+            "BTD_MIN_FREE_BYTES": "0",
+            "BTD_LOG_LEVEL": "WARNING",
+        }
+    )
+    log = open(root / "btd.log", "wb")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen([str(VENV_BIN / "btd"), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_echo(port, timeout=180, process=proc)
+        yield Receiver("btd serve", port, proc, lambda: files_under(data_dir, 100_000))
+    finally:
+        stop(proc)
+        log.close()
+
+
+RECEIVERS: dict[str, Callable[[Path, bool], contextlib.AbstractContextManager[Receiver]]] = {
+    "btd": btd_serve,
+    "storescp": storescp,
+    "orthanc": orthanc,
+}
+
+
+# ---------------------------------------------------------------------------------------------- senders
+
+
+def send_storescu(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    """dcmtk storescu, one association, all files; proposes only Explicit VR LE (what the files are)."""
+    return subprocess.run(
+        ["storescu", "-xe", "-aet", SENDER_AET, "-aec", RECEIVER_AET, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        env=dcmtk_env(nodelay=nodelay),
+    )
+
+
+def send_btd(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    """btd's own C-STORE SCU, exactly as an operator runs it (`btd send`); TCP_NODELAY is not set for it."""
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    return subprocess.run(
+        [str(VENV_BIN / "btd"), "send", "--host", "127.0.0.1", "--port", str(port), "--aet", RECEIVER_AET]
+        + [str(f) for f in files],
+        capture_output=True,
+        env=env,
+    )
+
+
+SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {"storescu": send_storescu, "btd send": send_btd}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Result:
+    receiver: str
+    sender: str
+    tcp_nodelay: bool  # TCP_NODELAY=1 in the environment of the sender and the receiver (dcmtk reads it)
+    n: int
+    megabytes: float
+    seconds: list[float] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.n / self.median_s if self.seconds else float("nan")
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.megabytes / self.median_s if self.seconds else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {
+            "median_s": self.median_s,
+            "instances_per_s": self.instances_per_s,
+            "mb_per_s": self.mb_per_s,
+        }
+
+
+def run_case(
+    receiver_key: str, sender_key: str, nodelay: bool, files: list[Path], warmup: list[Path], base: Path, repeats: int
+) -> Result:
+    """Start a fresh receiver per repeat (fresh storage), warm it with one instance, then time one send of all."""
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    result = Result("", sender_key, nodelay, len(files), megabytes)
+    for _ in range(repeats):
+        root = Path(tempfile.mkdtemp(prefix=f"ingest-{receiver_key}-", dir=base))
+        try:
+            with RECEIVERS[receiver_key](root, nodelay) as receiver:
+                result.receiver = receiver.name
+                warm = send_storescu(warmup, receiver.port)
+                if warm.returncode != 0:
+                    raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
+                before = receiver.count()
+                start = time.perf_counter()
+                done = SENDERS[sender_key](files, receiver.port, nodelay=nodelay)
+                elapsed = time.perf_counter() - start
+                if done.returncode != 0:
+                    raise RuntimeError(f"{sender_key} exited {done.returncode}: {done.stderr.decode()[-800:]}")
+                stored = wait_for_count(receiver, before + len(files)) - before
+                result.seconds.append(elapsed)
+                result.stored.append(stored)
+        except Exception as exc:  # a receiver that cannot run is reported, the others still are measured
+            result.error = f"{type(exc).__name__}: {exc}"
+            result.receiver = result.receiver or receiver_key
+            break
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def wait_for_count(receiver: Receiver, expected: int, timeout: float = 10.0) -> int:
+    """The sender has its answers, so everything is stored; this only tolerates a lagging index (Orthanc)."""
+    deadline = time.monotonic() + timeout
+    count = receiver.count()
+    while count < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        count = receiver.count()
+    return count
+
+
+CASES: list[tuple[str, str, bool]] = [
+    ("storescp", "storescu", True),
+    ("orthanc", "storescu", True),
+    ("btd", "storescu", True),
+    ("btd", "btd send", True),
+    ("storescp", "btd send", True),
+    # The delayed-ACK trap, for reference: TCP_NODELAY unset for both dcmtk ends.
+    ("storescp", "storescu", False),
+    ("orthanc", "storescu", False),
+]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    system = f"{platform.system()} {platform.release()}"
+    return f"{model}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+
+
+def markdown(results: list[Result], meta: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; N = {meta['n']} instances, "
+        f"{meta['megabytes']:.1f} MB, {meta['repeats']} repeats (median shown), storage under {meta['base']}.",
+        "",
+        "| receiver | sender | TCP_NODELAY | median s | instances/s | MB/s | all runs (s) | stored |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.receiver} | {r.sender} | {r.tcp_nodelay} | — | — | — | error: {r.error} | — |")
+            continue
+        runs = ", ".join(f"{s:.2f}" for s in r.seconds)
+        lines.append(
+            f"| {r.receiver} | {r.sender} | {'1' if r.tcp_nodelay else 'unset'} | {r.median_s:.2f} | "
+            f"{r.instances_per_s:.0f} | {r.mb_per_s:.0f} | {runs} | {min(r.stored)}/{r.n} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=128, help="instances per send (default 128)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base", type=Path, default=Path(tempfile.gettempdir()), help="file system for all")
+    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd storescp orthanc")
+    parser.add_argument("--json", type=Path, help="write raw results here")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ingest-src-", dir=args.base) as src:
+        files = make_instances(Path(src) / "series", args.n)
+        warmup = make_instances(Path(src) / "warmup", 1)
+        results = []
+        for receiver_key, sender_key, nodelay in CASES:
+            if args.only and receiver_key not in args.only:
+                continue
+            result = run_case(receiver_key, sender_key, nodelay, files, warmup, args.base, args.repeats)
+            print(json.dumps(result.to_dict()), file=sys.stderr, flush=True)
+            results.append(result)
+        meta = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "n": args.n,
+            "megabytes": sum(f.stat().st_size for f in files) / 1e6,
+            "repeats": args.repeats,
+            "base": str(args.base),
+        }
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=2))
+    print(markdown(results, meta) if args.markdown else json.dumps([r.to_dict() for r in results], indent=2))
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
