@@ -1,0 +1,286 @@
+"""The only writers of study state and of received instances.
+
+Why compare-and-set: a Celery task may be delivered twice, a worker may die mid-task, the listener and the
+stability monitor run in parallel threads, and several gateway or worker processes may share one database.
+`transition` changes a study's state only if it is still in the state the caller saw, in one
+`UPDATE ... WHERE state = :seen`, so exactly one of two racing callers wins; the loser gets False and must
+not do the work. Nothing here commits: the caller commits, so a transition and the rows it belongs with
+(results, a report) are written in one transaction or not at all.
+
+Reopening a study while it is SCORING: the instance recorder moves it SCORING -> RECEIVING (version + 1,
+lease cleared). The worker's later `transition(..., SCORING, SCORED)` then returns False; the worker must
+write its results in the same transaction as that transition and roll back when it fails, so results of
+the old version are never attached to the reopened study. The study is scored again once it is quiet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db import states
+from service.db.base import utcnow
+from service.db.models import Instance, Study, StudyEvent
+
+_CAS_ATTEMPTS = 5
+
+
+def _as_tuple(expected: str | Iterable[str]) -> tuple[str, ...]:
+    return (expected,) if isinstance(expected, str) else tuple(expected)
+
+
+def add_event(session: Session, study_uid: str, from_state: str | None, to_state: str, detail: str | None) -> None:
+    session.add(StudyEvent(study_uid=study_uid, at=utcnow(), from_state=from_state, to_state=to_state, detail=detail))
+
+
+def transition(
+    session: Session,
+    study_uid: str,
+    expected: str | Iterable[str],
+    new: str,
+    detail: str | None = None,
+    *,
+    where: Iterable[ColumnElement[bool]] = (),
+    **values: Any,
+) -> bool:
+    """Move a study from one of the `expected` states to `new`, atomically; False if it was not in them.
+
+    `where` adds conditions to the same UPDATE (e.g. `Study.quiet_deadline <= now`), `values` sets other
+    columns in it (e.g. `lease_owner=...`, `attempts=Study.attempts + 1`). A study_events row records the
+    step. The caller commits.
+    """
+    expected_states = _as_tuple(expected)
+    conditions = list(where)
+    for _ in range(_CAS_ATTEMPTS):
+        seen = session.scalar(select(Study.state).where(Study.study_uid == study_uid))
+        if seen is None or seen not in expected_states:
+            return False
+        now = utcnow()
+        result = session.execute(
+            update(Study)
+            .where(Study.study_uid == study_uid, Study.state == seen, *conditions)
+            .values(state=new, state_since=now, updated_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(session, study_uid, seen, new, detail)
+            session.flush()
+            return True
+        if conditions:
+            # The state was right but an extra condition failed, or the state changed meanwhile: re-read.
+            still = session.scalar(select(Study.state).where(Study.study_uid == study_uid))
+            if still == seen:
+                return False
+    return False
+
+
+def get_study(session: Session, study_uid: str) -> Study | None:
+    return session.scalar(select(Study).where(Study.study_uid == study_uid))
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the listener knows about one received instance before it is stored."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    modality: str | None = None
+    calling_ae: str | None = None
+    peer: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """`kind`: "stored" (new SOP instance), "conflict" (new bytes for a known SOP instance, kept as a new
+    version), or "duplicate" (identical bytes already stored; nothing written)."""
+
+    kind: str
+    version: int
+    path: str
+    reopened: bool = False
+
+
+def _ensure_study(session: Session, received: ReceivedInstance, now: datetime, deadline: datetime) -> None:
+    if session.scalar(select(Study.id).where(Study.study_uid == received.study_uid)) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(
+                Study(
+                    study_uid=received.study_uid,
+                    state=states.RECEIVING,
+                    state_since=now,
+                    quiet_deadline=deadline,
+                    version=1,
+                    modalities=received.modality,
+                    n_instances=0,
+                    patient_id=received.patient_id,
+                    patient_name=received.patient_name,
+                    study_date=received.study_date,
+                    study_description=received.study_description,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            add_event(session, received.study_uid, None, states.RECEIVING, "first instance received")
+    except IntegrityError:
+        pass  # another connection created it at the same time; use theirs
+
+
+def _restart_timer(session: Session, study_uid: str, deadline: datetime) -> bool:
+    """Restart the quiet timer of a RECEIVING study, or move a later study back to RECEIVING. Returns
+    True if the study was reopened as a new version."""
+    for _ in range(_CAS_ATTEMPTS):
+        state = session.scalar(select(Study.state).where(Study.study_uid == study_uid))
+        if state == states.RECEIVING:
+            result = session.execute(
+                update(Study)
+                .where(Study.study_uid == study_uid, Study.state == states.RECEIVING)
+                .values(quiet_deadline=deadline, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                return False
+        elif state in states.RESUMABLE_STATES:
+            if transition(
+                session, study_uid, state, states.RECEIVING, "more instances arrived", quiet_deadline=deadline
+            ):
+                return False
+        elif state is not None and transition(
+            session,
+            study_uid,
+            state,
+            states.RECEIVING,
+            f"reopened: new instance after {state}",
+            quiet_deadline=deadline,
+            version=Study.version + 1,
+            verdict=None,
+            score=None,
+            error=None,
+            attempts=0,
+            lease_owner=None,
+            lease_until=None,
+            queued_at=None,
+        ):
+            return True
+    raise RuntimeError(f"could not update study {study_uid}: its state kept changing")
+
+
+def _merge_modalities(current: str | None, modality: str | None) -> str | None:
+    values = {m for m in (current or "").split(",") if m}
+    if modality:
+        values.add(modality)
+    return ",".join(sorted(values)) or None
+
+
+def record_instance(
+    session: Session,
+    received: ReceivedInstance,
+    *,
+    stable_seconds: float,
+    store: Callable[[int], str],
+    now: datetime | None = None,
+) -> RecordOutcome:
+    """Record one received instance; call `store(version) -> spool-relative path` to write its bytes.
+
+    - a new study starts RECEIVING with `quiet_deadline = now + stable_seconds`; every instance restarts
+      the timer of a RECEIVING study;
+    - identical bytes already stored under the SOP Instance UID: `duplicates + 1`, nothing stored;
+    - different bytes: stored as the next version with `conflict=True` (kept and flagged, never replaced);
+    - a new instance for a study past STABLE reopens it (RECEIVING, version + 1, event "reopened ...").
+
+    `store` runs inside the transaction, before the row is inserted, so the row never points at bytes
+    that are not on disk; if the caller's commit then fails it must remove the file it stored.
+    """
+    now = now or utcnow()
+    deadline = now + timedelta(seconds=stable_seconds)
+    _ensure_study(session, received, now, deadline)
+
+    known = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid).order_by(Instance.version)
+    ).all()
+    for row in known:
+        if row.sha256 == received.sha256:
+            session.execute(
+                update(Instance)
+                .where(Instance.id == row.id)
+                .values(duplicates=Instance.duplicates + 1)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(Study)
+                .where(Study.study_uid == received.study_uid, Study.state == states.RECEIVING)
+                .values(quiet_deadline=deadline, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.flush()
+            return RecordOutcome("duplicate", row.version, row.path)
+
+    version = known[-1].version + 1 if known else 1
+    reopened = _restart_timer(session, received.study_uid, deadline)
+    path = store(version)
+    session.add(
+        Instance(
+            study_uid=received.study_uid,
+            series_uid=received.series_uid,
+            sop_instance_uid=received.sop_instance_uid,
+            sop_class_uid=received.sop_class_uid,
+            modality=received.modality,
+            transfer_syntax=received.transfer_syntax,
+            size=received.size,
+            sha256=received.sha256,
+            path=path,
+            version=version,
+            conflict=version > 1,
+            duplicates=0,
+            calling_ae=received.calling_ae,
+            peer=received.peer,
+            received_at=now,
+        )
+    )
+    study = session.scalar(select(Study).where(Study.study_uid == received.study_uid))
+    assert study is not None
+    session.execute(
+        update(Study)
+        .where(Study.study_uid == received.study_uid)
+        .values(
+            n_instances=Study.n_instances + (1 if version == 1 else 0),
+            modalities=_merge_modalities(study.modalities, received.modality),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return RecordOutcome("conflict" if version > 1 else "stored", version, path, reopened)
+
+
+def due_studies(session: Session, now: datetime | None = None) -> list[str]:
+    """UIDs of RECEIVING studies whose quiet timer has run out, oldest deadline first."""
+    now = now or utcnow()
+    return list(
+        session.scalars(
+            select(Study.study_uid)
+            .where(Study.state == states.RECEIVING, Study.quiet_deadline <= now)
+            .order_by(Study.quiet_deadline)
+        )
+    )
+
+
+def study_instances(session: Session, study_uid: str) -> list[Instance]:
+    """Every stored instance row of a study (all versions), in receipt order."""
+    return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)))

@@ -1,0 +1,94 @@
+"""The one place that reads the environment: every setting of btd, with the prefix `BTD_`.
+
+Why one object: the gateway, the worker and the CLI must agree on paths, ports and the database, and
+tools outside the code (compose files, CI, the ingest benchmark) set these names; they are a contract
+(docs/architecture.md). Lists are comma-separated strings in the environment (`BTD_ALLOWED_AETS=A,B`)
+because that is what a compose file or a systemd unit can write without quoting JSON.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept "A, B,C" (the environment's form) as well as a list (a caller building Settings in code)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
+
+
+class Settings(BaseSettings):
+    """All of btd's configuration; field names are the environment names without `BTD_`."""
+
+    model_config = SettingsConfigDict(env_prefix="BTD_", case_sensitive=False, extra="ignore")
+
+    # DICOM listener
+    ae_title: str = "BTD"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    allowed_aets: CsvList = Field(default_factory=list)  # empty = any calling AE title
+    allowed_ips: CsvList = Field(default_factory=list)  # empty = any peer address
+    min_free_bytes: int = 1_000_000_000  # below this free space on the spool's disk C-STORE answers 0xA700
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    # REST API
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    api_token: str | None = None
+    expose_patient_ids: bool = False
+
+    # Storage and queue
+    data_dir: Path = Path("./var")
+    database_url: str | None = None  # None -> sqlite:///<DATA_DIR>/btd.sqlite3
+    broker_url: str | None = None  # None -> tasks run in a thread of `btd serve`
+    queue_name: str = "btd"
+    visibility_timeout: int = 7200  # seconds; longer than the longest scoring job
+    stable_seconds: float = 30.0  # quiet time after the last instance before a study counts as complete
+    monitor_interval: float = 1.0  # how often the stability monitor looks for quiet studies
+
+    # Model and worker
+    model: str | None = None  # None -> the models package's default model
+    device: str = "auto"
+
+    # Reports
+    destinations: CsvList = Field(default_factory=list)  # "AET@host:port", comma-separated
+    kos_enabled: bool = False
+    delivery_retries: int = 5
+    delivery_backoff_seconds: float = 30.0
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _default_database_url(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'btd.sqlite3').resolve()}"
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, never None (the validator fills the SQLite default)."""
+        assert self.database_url is not None
+        return self.database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (tests build `Settings(...)` directly)."""
+    return Settings()
