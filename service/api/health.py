@@ -1,0 +1,104 @@
+"""Liveness and readiness probes.
+
+Why two: `/healthz` says the process answers (a restart is the cure if not); `/readyz` says the gateway
+can do its job right now (a load balancer or an operator should look at which dependency failed), so
+it checks each dependency and names the ones that failed in a 503 body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.api.deps import get_settings
+from service.api.schemas import Ready, ReadyCheck
+from service.db.session import get_engine
+from service.settings import Settings
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def check_database(settings: Settings) -> ReadyCheck:
+    try:
+        with get_engine(settings).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return ReadyCheck(ok=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its reason
+        return ReadyCheck(ok=False, detail=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def check_broker(settings: Settings) -> ReadyCheck:
+    if not settings.broker_url:
+        return ReadyCheck(ok=True, detail="no broker configured: tasks run in-process")
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+        return ReadyCheck(ok=True)
+    except redis.RedisError as exc:
+        return ReadyCheck(ok=False, detail=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        client.close()
+
+
+def check_spool(settings: Settings) -> ReadyCheck:
+    """The spool must accept a file now; C-STORE would answer 0xA700 otherwise."""
+    spool = Path(settings.spool_dir)
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=spool, prefix=".readyz-")
+        os.close(fd)
+        os.unlink(name)
+        return ReadyCheck(ok=True)
+    except OSError as exc:
+        return ReadyCheck(ok=False, detail=f"spool not writable: {exc}"[:300])
+
+
+def check_model(settings: Settings) -> ReadyCheck:
+    """The model file the worker will load exists and its metadata parses (without loading torch here).
+
+    Why not load it: the gateway does not run models (workers do), and a probe must stay cheap.
+    """
+    if settings.model:
+        weights = Path(settings.model)
+    else:
+        import models
+
+        candidates = sorted((Path(models.__file__).parent / "weights").glob("*.pt"))
+        if not candidates:
+            return ReadyCheck(ok=False, detail="no default model in models/weights and BTD_MODEL unset")
+        weights = candidates[0]
+    if not weights.is_file():
+        return ReadyCheck(ok=False, detail=f"model file not found: {weights}")
+    sidecar = weights.with_suffix(".json")
+    if sidecar.exists():
+        try:
+            json.loads(sidecar.read_text())
+        except (OSError, ValueError) as exc:
+            return ReadyCheck(ok=False, detail=f"model metadata unreadable: {sidecar}: {exc}"[:300])
+    return ReadyCheck(ok=True, detail=weights.name)
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+def readyz(settings: Settings = Depends(get_settings)) -> JSONResponse:
+    checks = {
+        "database": check_database(settings),
+        "broker": check_broker(settings),
+        "spool": check_spool(settings),
+        "model": check_model(settings),
+    }
+    failed = [name for name, check in checks.items() if not check.ok]
+    body = Ready(ready=not failed, checks=checks, failed=failed)
+    return JSONResponse(body.model_dump(mode="json"), status_code=503 if failed else 200)

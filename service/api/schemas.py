@@ -1,0 +1,131 @@
+"""The JSON shapes of the REST API (pydantic), which are also what /docs shows.
+
+Why explicit response models: the API is read by radiology IT's own tools, so its fields are a
+contract; and declaring them is what keeps patient names and IDs out (they are optional fields filled
+only when BTD_EXPOSE_PATIENT_IDS is set).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Verdict = Literal["no_evidence", "suspicious", "not_assessed"]
+
+
+class Progress(BaseModel):
+    """How far the scoring of a study has come (slices done of the study's total)."""
+
+    done: int
+    total: int
+    fraction: float
+    updated_at: datetime | None = None
+
+
+class StudySummary(BaseModel):
+    study_uid: str
+    state: str
+    state_since: datetime
+    version: int
+    verdict: str | None = None
+    score: float | None = None
+    modalities: str | None = None
+    n_instances: int
+    attempts: int
+    error: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    patient_id: str | None = Field(default=None, description="only when BTD_EXPOSE_PATIENT_IDS is set")
+    patient_name: str | None = Field(default=None, description="only when BTD_EXPOSE_PATIENT_IDS is set")
+
+
+class StudyList(BaseModel):
+    items: list[StudySummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class StudyEventOut(BaseModel):
+    at: datetime
+    from_state: str | None
+    to_state: str
+    detail: str | None
+
+
+class RegionOut(BaseModel):
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    score: float | None
+    outline: list[list[float]] | None = None
+
+
+class InstanceResultOut(BaseModel):
+    sop_instance_uid: str
+    frame: int | None
+    score: float | None
+    verdict: str
+    reason: str | None
+    map_path: str | None
+    regions: list[RegionOut]
+
+
+class SeriesResultOut(BaseModel):
+    series_uid: str
+    study_version: int
+    modality: str | None
+    verdict: str
+    score: float | None
+    reason: str | None
+    n_instances: int
+    n_assessed: int
+    model_name: str | None
+    model_sha256: str | None
+    created_at: datetime
+    instances: list[InstanceResultOut]
+
+
+class StudyDetail(StudySummary):
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    queued_at: datetime | None = None
+    progress: Progress | None = None
+    results_version: int | None = Field(default=None, description="the study version the series results are for")
+    history: list[StudyEventOut]
+    series: list[SeriesResultOut]
+    errors: list[str]
+    reports: list[dict[str, Any]] | None = Field(
+        default=None, description="SR/KOS reports with their delivery attempts, when reporting is installed"
+    )
+
+
+class RescoreAccepted(BaseModel):
+    study_uid: str
+    state: str
+    version: int
+    dispatched: str
+
+
+class Stats(BaseModel):
+    by_state: dict[str, int]
+    by_verdict: dict[str, int]
+    total: int
+    queue_depth: int | None
+    queue_mode: Literal["celery", "in-process"]
+
+
+class ReadyCheck(BaseModel):
+    ok: bool
+    detail: str | None = None
+
+
+class Ready(BaseModel):
+    ready: bool
+    checks: dict[str, ReadyCheck]
+    failed: list[str]

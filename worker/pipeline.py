@@ -1,0 +1,261 @@
+"""Score one study: spool files -> models.Detector -> per-series results, residual maps, study verdict.
+
+This module does the work of a scoring job and nothing about its bookkeeping: the state machine,
+retries and dispatching live in worker/tasks.py. It knows the spool and the result tables, never the
+network.
+
+Why the detector is a process-wide singleton loaded lazily: loading weights takes seconds and a worker
+scores many studies, so each worker process loads it once, on its first study (a worker that never
+gets a study never pays for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.observability.logs import log_event
+from service.observability.metrics import MODEL_LOAD_SECONDS, SCORING_SECONDS_PER_SLICE
+from service.settings import Settings
+
+log = logging.getLogger("btd.worker.pipeline")
+
+VERDICT_SUSPICIOUS = "suspicious"
+VERDICT_NO_EVIDENCE = "no_evidence"
+VERDICT_NOT_ASSESSED = "not_assessed"
+# Worst first: the study verdict is the worst verdict among its series.
+_VERDICT_RANK = {VERDICT_SUSPICIOUS: 2, VERDICT_NO_EVIDENCE: 1, VERDICT_NOT_ASSESSED: 0}
+
+MAPS_DIR = "maps"
+PROGRESS_DIR = "progress"
+
+
+class PermanentScoringError(Exception):
+    """A study that no retry can fix (its files are gone or altered): it goes straight to FAILED."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The detector, once per process
+
+
+_detector_lock = threading.Lock()
+_detector: Any = None
+_detector_key: tuple[str | None, str] | None = None
+
+
+def get_detector(settings: Settings) -> Any:
+    """The process's `models.Detector` for BTD_MODEL (None = the default model), loaded on first use."""
+    global _detector, _detector_key
+    key = (settings.model, settings.device)
+    with _detector_lock:
+        if _detector is None or _detector_key != key:
+            from models import Detector  # torch is heavy: import it only in processes that score
+
+            started = time.perf_counter()
+            _detector = Detector.load(path=settings.model, device=settings.device)
+            seconds = time.perf_counter() - started
+            MODEL_LOAD_SECONDS.observe(seconds)
+            _detector_key = key
+            log_event(log, "model.loaded", model=_model_name(_detector), seconds=round(seconds, 3))
+        return _detector
+
+
+def _model_name(detector: Any) -> str | None:
+    info = getattr(detector, "info", None)
+    return getattr(info, "name", None)
+
+
+def model_sha256(detector: Any) -> str | None:
+    info = getattr(detector, "info", None)
+    return getattr(info, "weights_sha256", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress, readable by the API whichever process scores
+
+
+def progress_path(data_dir: Path, study_uid: str) -> Path:
+    """`<DATA_DIR>/progress/<study_uid>.json`: {"done", "total", "updated_at"} while a study is scored.
+
+    Why a file: a Celery worker and the gateway share the data directory (the worker reads the spool
+    from it), so a small file is readable by the API in both deployment modes without a new table.
+    """
+    return Path(data_dir) / PROGRESS_DIR / f"{study_uid}.json"
+
+
+def write_progress(data_dir: Path, study_uid: str, done: int, total: int) -> None:
+    path = progress_path(data_dir, study_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"done": done, "total": total, "updated_at": datetime.now(UTC).isoformat()}
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def clear_progress(data_dir: Path, study_uid: str) -> None:
+    progress_path(data_dir, study_uid).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: the study's latest-version files in the spool
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    sop_instance_uid: str
+    path: Path  # absolute
+    sha256: str | None
+
+
+@dataclass
+class SeriesInput:
+    series_uid: str
+    modality: str | None
+    files: list[SpoolFile] = field(default_factory=list)
+
+
+def verify_spool_files(series: Sequence[SeriesInput]) -> None:
+    """Refuse to score unless every file is present with the bytes recorded at receipt.
+
+    Why: a verdict must be tied to the exact bytes the PACS sent (chain of custody). A missing file or
+    one whose SHA-256 changed since receipt cannot be fixed by a retry, so it is a permanent error.
+    """
+    files = [f for s in series for f in s.files]
+    if not files:
+        raise PermanentScoringError("study has no instances in the spool")
+    missing = [f for f in files if not f.path.is_file()]
+    if missing:
+        raise PermanentScoringError(
+            f"spool files missing: {len(missing)} of {len(files)} (first: {missing[0].path})"
+        )
+    for f in files:
+        if f.sha256 and _sha256_of(f.path) != f.sha256:
+            raise PermanentScoringError(f"spool file altered since receipt (SHA-256 differs): {f.path}")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class ScoredSeries:
+    series_uid: str
+    modality: str | None
+    result: Any  # models.SeriesResult
+    map_paths: dict[tuple[str, int | None], str]  # (sop_instance_uid, frame) -> path relative to DATA_DIR
+
+
+@dataclass
+class StudyScore:
+    verdict: str
+    score: float | None
+    series: list[ScoredSeries]
+    model_name: str | None
+    model_sha256: str | None
+
+
+def map_relpath(study_uid: str, sop_instance_uid: str, frame: int | None) -> str:
+    """`maps/<study_uid>/<sop_uid>.npy` (multi-frame instances add `_<frame>` before `.npy`)."""
+    name = sop_instance_uid if frame is None else f"{sop_instance_uid}_{frame}"
+    return f"{MAPS_DIR}/{study_uid}/{name}.npy"
+
+
+def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:
+    """Write a residual map as float16 .npy atomically (a reader never sees half a file)."""
+    target = Path(data_dir) / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.asarray(residual_map, dtype=np.float16))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def study_verdict(series_results: Sequence[Any]) -> tuple[str, float | None]:
+    """The worst series verdict (suspicious > no_evidence > not_assessed) and the highest series score."""
+    if not series_results:
+        return VERDICT_NOT_ASSESSED, None
+    verdict = max((r.verdict for r in series_results), key=lambda v: _VERDICT_RANK.get(v, -1))
+    scores = [float(r.score) for r in series_results if r.score is not None and np.isfinite(r.score)]
+    return verdict, (max(scores) if scores else None)
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def score_study_files(
+    detector: Any,
+    study_uid: str,
+    series: Sequence[SeriesInput],
+    data_dir: Path,
+    on_progress: ProgressCallback | None = None,
+) -> StudyScore:
+    """Score every series of a study, saving the residual maps of suspicious instances as they stream."""
+    total = sum(len(s.files) for s in series)
+    done_before = 0
+    scored: list[ScoredSeries] = []
+    if on_progress:
+        on_progress(0, total)
+    for item in series:
+        map_paths: dict[tuple[str, int | None], str] = {}
+        seen_in_series: set[tuple[str, int | None]] = set()
+
+        def on_map(instance_result: Any, residual_map: np.ndarray, _paths: dict = map_paths) -> None:
+            key = (instance_result.sop_instance_uid, instance_result.frame)
+            if instance_result.verdict == VERDICT_SUSPICIOUS:
+                relpath = map_relpath(study_uid, *key)
+                save_map(data_dir, relpath, residual_map)
+                _paths[key] = relpath
+
+        def progress(*args: Any, _offset: int = done_before, _n: int = len(item.files)) -> None:
+            # models reports (done, total) within the series; turn it into study-wide counts.
+            done = int(args[0]) if args else 0
+            if on_progress:
+                on_progress(_offset + min(done, _n), total)
+
+        started = time.perf_counter()
+        result = detector.score_series([str(f.path) for f in item.files], on_map=on_map, progress=progress)
+        elapsed = time.perf_counter() - started
+        n_slices = max(1, len(getattr(result, "instances", []) or []))
+        for _ in range(n_slices):
+            SCORING_SECONDS_PER_SLICE.observe(elapsed / n_slices)
+        seen_in_series.update(map_paths)
+        done_before += len(item.files)
+        if on_progress:
+            on_progress(done_before, total)
+        scored.append(ScoredSeries(item.series_uid, item.modality, result, map_paths))
+        log_event(
+            log,
+            "series.scored",
+            study_uid=study_uid,
+            series_uid=item.series_uid,
+            verdict=result.verdict,
+            score=result.score,
+            n_instances=len(item.files),
+            seconds=round(elapsed, 3),
+        )
+    verdict, score = study_verdict([s.result for s in scored])
+    return StudyScore(verdict, score, scored, _model_name(detector), model_sha256(detector))

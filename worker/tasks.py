@@ -1,0 +1,404 @@
+"""The scoring task `btd.score_study`, and `TASKS`, every task by name for the in-process executor.
+
+Why the state machine, not Celery, decides whether to work: a Redis message can be delivered twice (a
+re-delivery after the visibility timeout, a requeue after a killed worker), so the task first claims the
+study with a compare-and-set QUEUED -> SCORING (or takes over a SCORING study whose lease ran out: its
+worker died), and writes its results in the same transaction as SCORING -> SCORED guarded by its own
+lease and the study version. A duplicate finds the study SCORING under a live lease, or SCORED, and
+does nothing; a worker that lost its lease (or whose study was reopened by a new instance while it
+scored) finds its final compare-and-set refused, rolls back, and its results are discarded: the study
+is scored again by whoever holds it now (or, once quiet, as its new version).
+
+Errors: a missing or altered spool file cannot be fixed by retrying: FAILED at once. Anything else is
+retried with exponential backoff (the study goes back to QUEUED, so the retry claims it like any other
+delivery); after the last retry the study is FAILED with the error and its attempt count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from service.db import states
+from service.db.base import utcnow
+from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study
+from service.db.repository import transition
+from service.db.session import session_scope
+from service.observability.logs import correlation, log_event
+from service.observability.metrics import QUEUE_WAIT_SECONDS
+from service.settings import Settings, get_settings
+from worker import pipeline
+from worker.celery_app import app, backoff_delay, score_retries
+
+log = logging.getLogger("btd.worker.tasks")
+
+SCORE_STUDY = "btd.score_study"
+BUILD_REPORT = "btd.build_report"
+DELIVER_REPORT = "btd.deliver_report"
+
+# Outcomes of one delivery of the scoring task.
+SCORED = "scored"  # results stored, study SCORED
+SKIPPED = "skipped"  # nothing to do: not QUEUED, already scored, or unknown study
+BUSY = "busy"  # another worker holds a live lease on it
+DISCARDED = "discarded"  # scored, but the study was reopened or taken over meanwhile: results dropped
+FAILED = "failed"  # study FAILED
+RETRY = "retry"  # study back to QUEUED; try again later
+
+
+def worker_id() -> str:
+    """Who holds a lease: host and process (computed per call: a pool child is a fork with its own pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_seconds(settings: Settings) -> float:
+    """A claim lasts half the broker's visibility timeout and is renewed while the worker makes progress.
+
+    Why shorter than the timeout: when Redis re-delivers the message of a dead worker (after the
+    visibility timeout) the dead worker's lease must already have run out, or the study would be stuck.
+    """
+    return max(1.0, settings.visibility_timeout / 2)
+
+
+@dataclass
+class Claim:
+    study_uid: str
+    owner: str
+    version: int
+    attempts: int
+
+
+@dataclass
+class ScoreOutcome:
+    kind: str
+    detail: str | None = None
+    retry_in: float | None = None  # BUSY: seconds until the other worker's lease runs out
+
+
+# --------------------------------------------------------------------------------------------------
+# Claim, renew, release
+
+
+def claim_study(session: Session, study_uid: str, owner: str, settings: Settings) -> Claim | ScoreOutcome:
+    """QUEUED -> SCORING, or take over a SCORING study whose lease expired; else say why not."""
+    now = utcnow()
+    lease = {"lease_owner": owner, "lease_until": now + timedelta(seconds=lease_seconds(settings))}
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return ScoreOutcome(SKIPPED, "unknown study")
+    queued_at = study.queued_at
+    if transition(
+        session, study_uid, states.QUEUED, states.SCORING, f"claimed by {owner}", attempts=Study.attempts + 1, **lease
+    ):
+        if queued_at is not None:
+            QUEUE_WAIT_SECONDS.observe(max(0.0, (now - queued_at).total_seconds()))
+    elif transition(
+        session,
+        study_uid,
+        states.SCORING,
+        states.SCORING,
+        f"lease of {study.lease_owner} expired; taken over by {owner}",
+        where=[or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner)],
+        attempts=Study.attempts + 1,
+        **lease,
+    ):
+        pass
+    else:
+        session.expire_all()
+        current = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        if current is not None and current.state == states.SCORING and current.lease_until is not None:
+            return ScoreOutcome(BUSY, f"leased by {current.lease_owner}", (current.lease_until - now).total_seconds())
+        return ScoreOutcome(SKIPPED, f"state {current.state if current else None}")
+    session.expire_all()
+    claimed = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    assert claimed is not None
+    return Claim(study_uid, owner, claimed.version, claimed.attempts)
+
+
+def renew_lease(settings: Settings, claim: Claim) -> bool:
+    """Extend our lease while we make progress; False if it is no longer ours (taken over or reopened)."""
+    until = utcnow() + timedelta(seconds=lease_seconds(settings))
+    with session_scope(settings) as session:
+        result = session.execute(
+            update(Study)
+            .where(
+                Study.study_uid == claim.study_uid,
+                Study.state == states.SCORING,
+                Study.lease_owner == claim.owner,
+                Study.version == claim.version,
+            )
+            .values(lease_until=until)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _ours(claim: Claim) -> list[Any]:
+    return [Study.lease_owner == claim.owner, Study.version == claim.version]
+
+
+def _release(settings: Settings, claim: Claim, new_state: str, detail: str, error: str) -> bool:
+    with session_scope(settings) as session:
+        return transition(
+            session,
+            claim.study_uid,
+            states.SCORING,
+            new_state,
+            detail,
+            where=_ours(claim),
+            error=error,
+            lease_owner=None,
+            lease_until=None,
+            **({"queued_at": utcnow()} if new_state == states.QUEUED else {}),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and results in the database
+
+
+def load_series_inputs(session: Session, settings: Settings, study_uid: str) -> list[pipeline.SeriesInput]:
+    """The study's instances, latest version of each SOP instance, grouped by series in receipt order."""
+    rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)).all()
+    latest: dict[str, Instance] = {}
+    for row in rows:
+        if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
+            latest[row.sop_instance_uid] = row
+    series: dict[str, pipeline.SeriesInput] = {}
+    spool = Path(settings.spool_dir)
+    for row in sorted(latest.values(), key=lambda r: r.id):
+        item = series.setdefault(row.series_uid, pipeline.SeriesInput(row.series_uid, row.modality))
+        item.files.append(pipeline.SpoolFile(row.sop_instance_uid, spool / row.path, row.sha256))
+    return list(series.values())
+
+
+def store_results(session: Session, claim: Claim, result: pipeline.StudyScore) -> None:
+    """Replace this study version's results (a re-run of the same version leaves one set, not two)."""
+    old_ids = select(SeriesResult.id).where(
+        SeriesResult.study_uid == claim.study_uid, SeriesResult.study_version == claim.version
+    )
+    old_instance_ids = select(InstanceResult.id).where(InstanceResult.series_result_id.in_(old_ids))
+    session.execute(delete(Region).where(Region.instance_result_id.in_(old_instance_ids)))
+    session.execute(delete(InstanceResult).where(InstanceResult.series_result_id.in_(old_ids)))
+    session.execute(
+        delete(SeriesResult).where(
+            SeriesResult.study_uid == claim.study_uid, SeriesResult.study_version == claim.version
+        )
+    )
+    for scored in result.series:
+        res = scored.result
+        series_row = SeriesResult(
+            study_uid=claim.study_uid,
+            study_version=claim.version,
+            series_uid=scored.series_uid,
+            modality=getattr(res, "modality", None) or scored.modality,
+            verdict=res.verdict,
+            score=_finite(res.score),
+            reason=res.reason,
+            n_instances=len(res.instances),
+            n_assessed=res.n_assessed,
+            model_name=result.model_name or getattr(res, "model", None),
+            model_sha256=result.model_sha256,
+        )
+        session.add(series_row)
+        session.flush()
+        for inst in res.instances:
+            inst_row = InstanceResult(
+                series_result_id=series_row.id,
+                sop_instance_uid=inst.sop_instance_uid,
+                frame=inst.frame,
+                score=_finite(inst.score),
+                verdict=inst.verdict,
+                reason=inst.reason,
+                map_path=scored.map_paths.get((inst.sop_instance_uid, inst.frame)),
+            )
+            session.add(inst_row)
+            session.flush()
+            for region in inst.regions or []:
+                session.add(
+                    Region(
+                        instance_result_id=inst_row.id,
+                        sop_instance_uid=inst.sop_instance_uid,
+                        frame=inst.frame,
+                        x0=int(region.x0),
+                        y0=int(region.y0),
+                        x1=int(region.x1),
+                        y1=int(region.y1),
+                        score=_finite(region.score),
+                        outline=[[float(x), float(y)] for x, y in (region.outline or [])],
+                    )
+                )
+    session.flush()
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# One delivery of btd.score_study
+
+
+def run_score_study(
+    study_uid: str, settings: Settings | None = None, *, final_attempt: bool = True, owner: str | None = None
+) -> ScoreOutcome:
+    """Do (or decline) the scoring of one study; never raises for the study's own faults.
+
+    Database errors while claiming propagate (the caller retries the message: nothing was done yet).
+    """
+    settings = settings or get_settings()
+    owner = owner or worker_id()
+    with correlation():
+        with session_scope(settings) as session:
+            claimed = claim_study(session, study_uid, owner, settings)
+        if isinstance(claimed, ScoreOutcome):
+            log_event(log, "score.declined", study_uid=study_uid, outcome=claimed.kind, detail=claimed.detail)
+            return claimed
+        log_event(log, "score.claimed", study_uid=study_uid, version=claimed.version, attempt=claimed.attempts)
+        try:
+            outcome = _score_claimed(settings, claimed)
+        except pipeline.PermanentScoringError as exc:
+            error = str(exc)
+            _release(settings, claimed, states.FAILED, f"failed: {error}", f"{error} (attempt {claimed.attempts})")
+            log_event(log, "score.failed", logging.ERROR, study_uid=study_uid, error=error, attempt=claimed.attempts)
+            return ScoreOutcome(FAILED, error)
+        except Exception as exc:  # noqa: BLE001 - the study's error is recorded; the worker lives on
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if final_attempt:
+                _release(
+                    settings, claimed, states.FAILED, f"failed after {claimed.attempts} attempts: {error}",
+                    f"{error} (attempt {claimed.attempts})",
+                )
+                log_event(log, "score.failed", logging.ERROR, study_uid=study_uid, error=error,
+                          attempt=claimed.attempts)
+                return ScoreOutcome(FAILED, error)
+            _release(settings, claimed, states.QUEUED, f"retry after error: {error}", error)
+            log_event(log, "score.retry", logging.WARNING, study_uid=study_uid, error=error, attempt=claimed.attempts)
+            return ScoreOutcome(RETRY, error)
+        finally:
+            pipeline.clear_progress(settings.data_dir, study_uid)
+        if outcome.kind == SCORED:
+            _dispatch_report(study_uid)
+        return outcome
+
+
+def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
+    with session_scope(settings) as session:
+        series = load_series_inputs(session, settings, claim.study_uid)
+    pipeline.verify_spool_files(series)
+    detector = pipeline.get_detector(settings)
+
+    renew_every = lease_seconds(settings) / 3
+    last_renewal = time.monotonic()
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal last_renewal
+        pipeline.write_progress(settings.data_dir, claim.study_uid, done, total)
+        if time.monotonic() - last_renewal >= renew_every:
+            last_renewal = time.monotonic()
+            renew_lease(settings, claim)
+
+    result = pipeline.score_study_files(detector, claim.study_uid, series, settings.data_dir, on_progress)
+    with session_scope(settings) as session:
+        store_results(session, claim, result)
+        finished = transition(
+            session,
+            claim.study_uid,
+            states.SCORING,
+            states.SCORED,
+            f"verdict {result.verdict}, score {result.score}",
+            where=_ours(claim),
+            verdict=result.verdict,
+            score=_finite(result.score),
+            error=None,
+            lease_owner=None,
+            lease_until=None,
+        )
+        if not finished:
+            session.rollback()
+            log_event(log, "score.discarded", logging.WARNING, study_uid=claim.study_uid, version=claim.version)
+            return ScoreOutcome(DISCARDED, "study reopened or lease lost while scoring; results discarded")
+    log_event(log, "score.done", study_uid=claim.study_uid, verdict=result.verdict, score=result.score)
+    return ScoreOutcome(SCORED, result.verdict)
+
+
+def _dispatch_report(study_uid: str) -> None:
+    """Hand the study to the reports area; SCORED is durable, so a failure here loses no result."""
+    try:
+        from service.queue import dispatch
+
+        dispatch(BUILD_REPORT, study_uid)
+    except Exception as exc:  # noqa: BLE001 - the study stays SCORED and visible; a report can be rebuilt
+        log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points: a Celery task, and a plain function for the in-process executor
+
+_settings_at_import = get_settings()
+
+
+@app.task(
+    name=SCORE_STUDY,
+    bind=True,
+    max_retries=score_retries(_settings_at_import),
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    acks_late=True,
+)
+def score_study_task(self: Any, study_uid: str) -> str:
+    """Celery entry: the state machine decides; Celery only carries retries and re-checks."""
+    settings = get_settings()
+    final = self.request.retries >= self.max_retries
+    outcome = run_score_study(study_uid, settings, final_attempt=final)
+    if outcome.kind == RETRY:
+        raise self.retry(countdown=backoff_delay(settings, self.request.retries))
+    if outcome.kind == BUSY and outcome.retry_in is not None:
+        # Another worker holds the study. If it dies, nobody else will re-deliver this message (a pool
+        # child killed outright is requeued at once, before its lease runs out), so look again when its
+        # lease would have run out; if it finished by then, this does nothing.
+        self.apply_async((study_uid,), countdown=max(1.0, outcome.retry_in + 1.0))
+    return outcome.kind
+
+
+def score_study(study_uid: str) -> str:
+    """In-process entry (no broker): the same task, its retries done here with backoff sleeps."""
+    settings = get_settings()
+    retries = score_retries(settings)
+    for attempt in range(retries + 1):
+        outcome = run_score_study(study_uid, settings, final_attempt=attempt >= retries)
+        if outcome.kind != RETRY:
+            return outcome.kind
+        time.sleep(backoff_delay(settings, attempt))
+    return outcome.kind
+
+
+def _report_tasks() -> dict[str, Callable[..., Any]]:
+    """The reports area's tasks, when it is installed (worker/report_tasks.py)."""
+    try:
+        from worker import report_tasks
+    except ImportError:
+        return {}
+    found = dict(getattr(report_tasks, "TASKS", {}) or {})
+    for name, attr in ((BUILD_REPORT, "build_report"), (DELIVER_REPORT, "deliver_report")):
+        func = getattr(report_tasks, attr, None)
+        if name not in found and callable(func):
+            found[name] = func
+    return found
+
+
+TASKS: dict[str, Callable[..., Any]] = {SCORE_STUDY: score_study, **_report_tasks()}
