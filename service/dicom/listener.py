@@ -1,0 +1,376 @@
+"""The DICOM listener: C-ECHO, and C-STORE of every storage SOP class into the spool and the database.
+
+An instance is acknowledged (0x0000) only after its bytes are fsynced in the spool and its row is
+committed, so a PACS never deletes an image we could still lose. The bytes are stored exactly as received
+(`event.encoded_dataset()`: a File Meta built by pynetdicom from the negotiated context, followed by the
+dataset bytes as the peer sent them; nothing is transcoded), and the SHA-256 recorded is that of the
+stored file.
+
+Statuses we answer (C-STORE):
+- 0x0000 success, also for an identical resend (recorded as a duplicate) and for different bytes under a
+  known SOP Instance UID (kept as a new, flagged version);
+- 0xA700 out of resources: free space below BTD_MIN_FREE_BYTES, the database unreachable, a disk error;
+  nothing is left in the spool (a file written before the failure is removed again);
+- 0xC210 cannot understand: the dataset does not decode;
+- 0xC211 cannot understand: SOP Instance, Study or Series Instance UID missing, blank or over 64 chars;
+- 0xC212 cannot understand: the dataset's SOP Instance/Class UID disagrees with the C-STORE request;
+- 0x0110 processing failure: anything unexpected (logged with its traceback).
+Failures never end the association; the peer may go on sending.
+
+Associations are rejected (A-ASSOCIATE-RJ, permanent) for a calling AE title not in BTD_ALLOWED_AETS
+(reason 0x03 "calling AE title not recognised") or a peer address outside BTD_ALLOWED_IPS (reason 0x01,
+no reason given: DICOM has no code for it; the log says why).
+
+Every accepted socket gets TCP_NODELAY: pynetdicom does not set it, and a small C-STORE response could
+otherwise wait for the peer's delayed ACK (about 40 ms on Linux loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import repository
+from service.db.session import session_factory
+from service.observability.logs import log_event
+from service.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
+from service.settings import Settings
+from service.spool import Spool, SpoolConflict, SpoolFull, relative_path, sha256_hex
+
+log = logging.getLogger("btd.listener")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_DECODE = 0xC210
+MISSING_UID = 0xC211
+UID_MISMATCH = 0xC212
+PROCESSING_FAILURE = 0x0110
+
+# Transfer syntaxes accepted as sent: uncompressed, deflated, every JPEG family a CT/MR archive may hold
+# (retired JPEG processes included: storing them is harmless; the detector reports them not assessed).
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.1.98",  # Encapsulated Uncompressed Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.53",  # JPEG Extended (Process 6 & 8), retired
+    "1.2.840.10008.1.2.4.55",  # JPEG Full Progression (Process 10 & 12), retired
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (Process 14, selection value 1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Multi-component Lossless
+    "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+_STORE_ATTEMPTS = 3  # a racing receiver of the same SOP Instance UID makes us re-read and retry
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip().strip("\x00")
+    return text or None
+
+
+class InvalidDataset(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    received: repository.ReceivedInstance
+    data: bytes
+
+
+def parse_request(event: Any) -> ParsedInstance:
+    """Decode what identifies the instance; raise InvalidDataset with the status to answer."""
+    data: bytes = event.encoded_dataset(include_meta=True)
+    try:
+        ds = event.dataset
+        ts = str(event.context.transfer_syntax)
+        sop_uid = _text(ds, "SOPInstanceUID")
+        sop_class = _text(ds, "SOPClassUID")
+        study_uid = _text(ds, "StudyInstanceUID")
+        series_uid = _text(ds, "SeriesInstanceUID")
+        modality = _text(ds, "Modality")
+        patient_id = _text(ds, "PatientID")
+        patient_name = _text(ds, "PatientName")
+        study_date = _text(ds, "StudyDate")
+        study_description = _text(ds, "StudyDescription")
+    except Exception as exc:  # pydicom raises many kinds on malformed bytes
+        raise InvalidDataset(CANNOT_DECODE, f"dataset does not decode: {type(exc).__name__}") from exc
+    for name, value in (
+        ("SOPInstanceUID", sop_uid),
+        ("StudyInstanceUID", study_uid),
+        ("SeriesInstanceUID", series_uid),
+    ):
+        if not value or len(value) > 64:
+            raise InvalidDataset(MISSING_UID, f"{name} missing, blank or too long")
+    requested_sop = str(event.request.AffectedSOPInstanceUID or "").strip()
+    requested_class = str(event.request.AffectedSOPClassUID or "").strip()
+    if requested_sop and requested_sop != sop_uid:
+        raise InvalidDataset(UID_MISMATCH, "SOPInstanceUID differs from the request")
+    if sop_class and requested_class and sop_class != requested_class:
+        raise InvalidDataset(UID_MISMATCH, "SOPClassUID differs from the request")
+    assert sop_uid and study_uid and series_uid
+    return ParsedInstance(
+        repository.ReceivedInstance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class or requested_class,
+            transfer_syntax=ts,
+            size=len(data),
+            sha256=sha256_hex(data),
+            modality=modality[:16] if modality else None,
+            calling_ae=str(event.assoc.requestor.ae_title).strip()[:16] or None,
+            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"[:64],
+            patient_id=patient_id[:64] if patient_id else None,
+            patient_name=patient_name[:324] if patient_name else None,
+            study_date=study_date[:8] if study_date else None,
+            study_description=study_description[:64] if study_description else None,
+        ),
+        data,
+    )
+
+
+class StoreHandler:
+    """EVT_C_STORE: spool, record, answer. One instance per listener; called from association threads."""
+
+    def __init__(self, settings: Settings, spool: Spool, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.sessions = sessions
+
+    def __call__(self, event: Any) -> Dataset:
+        started = time.perf_counter()
+        status, kind, parsed = self._handle(event)
+        INSTANCES_RECEIVED.labels(status=f"0x{status.Status:04X}").inc()
+        fields: dict[str, Any] = {
+            "status": f"0x{status.Status:04X}",
+            "ms": round(1000 * (time.perf_counter() - started), 2),
+        }
+        if parsed is not None:
+            fields.update(
+                study_uid=parsed.received.study_uid,
+                sop_instance_uid=parsed.received.sop_instance_uid,
+                size=parsed.received.size,
+                calling_ae=parsed.received.calling_ae,
+            )
+        if status.Status == SUCCESS:
+            log_event(log, f"instance.{kind}", **fields)
+        else:
+            log_event(log, "instance.refused", logging.WARNING, reason=status.get("ErrorComment"), **fields)
+        return status
+
+    def _handle(self, event: Any) -> tuple[Dataset, str, ParsedInstance | None]:
+        try:
+            self.spool.check_space()
+        except SpoolFull as exc:
+            log_event(log, "spool.full", logging.ERROR, detail=str(exc))
+            return _status(OUT_OF_RESOURCES, "spool free space below watermark"), "", None
+        try:
+            parsed = parse_request(event)
+        except InvalidDataset as exc:
+            return _status(exc.status, exc.reason), "", None
+        for attempt in range(1, _STORE_ATTEMPTS + 1):
+            try:
+                kind = self._store(parsed)
+                if kind != "duplicate":
+                    BYTES_RECEIVED.inc(parsed.received.size)
+                return _status(SUCCESS), kind, parsed
+            except SpoolFull:
+                return _status(OUT_OF_RESOURCES, "spool free space below watermark"), "", parsed
+            except (IntegrityError, SpoolConflict):
+                if attempt == _STORE_ATTEMPTS:
+                    log.exception("store.race")
+                    return _status(OUT_OF_RESOURCES, "concurrent store of the same instance"), "", parsed
+            except (DBAPIError, OSError) as exc:
+                log_event(log, "store.unavailable", logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:500])
+                return _status(OUT_OF_RESOURCES, f"storage unavailable: {type(exc).__name__}"), "", parsed
+            except Exception:
+                log.exception("store.failed")
+                return _status(PROCESSING_FAILURE, "internal error"), "", parsed
+        raise AssertionError("unreachable")
+
+    def _store(self, parsed: ParsedInstance) -> str:
+        """Spool the bytes and commit the row; on any failure remove the file this call created."""
+        received = parsed.received
+        created: list[str] = []
+
+        def store(version: int) -> str:
+            rel = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
+            stored = self.spool.write(rel, parsed.data, received.sha256)
+            if stored.created:
+                created.append(rel)
+            return rel
+
+        session = self.sessions()
+        try:
+            outcome = repository.record_instance(
+                session, received, stable_seconds=self.settings.stable_seconds, store=store
+            )
+            session.commit()
+            if outcome.reopened:
+                log_event(log, "study.reopened", study_uid=received.study_uid)
+            return outcome.kind
+        except BaseException:
+            session.rollback()
+            for rel in created:
+                try:
+                    self.spool.remove(rel)
+                except OSError:
+                    log.exception("spool.cleanup_failed")
+            raise
+        finally:
+            session.close()
+
+
+def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _on_conn_open(event: Any) -> None:
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _make_ip_guard(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Callable[[Any], None]:
+    def on_requested(event: Any) -> None:
+        address = str(event.assoc.requestor.address)
+        if _peer_allowed(address, networks):
+            return
+        ASSOCIATIONS.labels(outcome="rejected_ip").inc()
+        log_event(log, "association.rejected", logging.WARNING, reason="peer address not allowed", peer=address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+        event.assoc.kill()
+
+    return on_requested
+
+
+def _on_accepted(event: Any) -> None:
+    ASSOCIATIONS.labels(outcome="accepted").inc()
+    requestor = event.assoc.requestor
+    log_event(log, "association.accepted", calling_ae=str(requestor.ae_title).strip(), peer=str(requestor.address))
+
+
+def _on_rejected(event: Any) -> None:
+    requestor = event.assoc.requestor
+    ASSOCIATIONS.labels(outcome="rejected_aet").inc()
+    log_event(
+        log,
+        "association.rejected",
+        logging.WARNING,
+        reason="calling AE title not allowed",
+        calling_ae=str(requestor.ae_title).strip(),
+        peer=str(requestor.address),
+    )
+
+
+def _on_echo(_event: Any) -> int:
+    return SUCCESS
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = 0  # no limit: the peer sends PDUs as large as it likes, fewer syscalls
+    ae.maximum_associations = 64
+    ae.network_timeout = 120
+    ae.dimse_timeout = 120
+    ae.acse_timeout = 30
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
+    if settings.allowed_aets:
+        ae.require_calling_aet = list(settings.allowed_aets)
+    return ae
+
+
+def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.tls_ca:
+        context.load_verify_locations(str(settings.tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED  # only peers with a certificate from our CA
+    return context
+
+
+def start_listener(
+    settings: Settings, sessions: sessionmaker[Session] | None = None, *, block: bool = False
+) -> ThreadedAssociationServer:
+    """Start listening on DICOM_HOST:DICOM_PORT in background threads; call `.shutdown()` to stop.
+
+    The database must already be migrated (`service.db.migrate.upgrade(settings)`; `btd serve` does it).
+    """
+    spool = Spool(settings.spool_dir, settings.min_free_bytes)
+    handler = StoreHandler(settings, spool, sessions or session_factory(settings))
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, handler),
+        (evt.EVT_C_ECHO, _on_echo),
+        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_REJECTED, _on_rejected),
+    ]
+    if settings.allowed_ips:
+        networks = [ipaddress.ip_network(item, strict=False) for item in settings.allowed_ips]
+        handlers.append((evt.EVT_REQUESTED, _make_ip_guard(networks)))
+    ae = build_ae(settings)
+    server = ae.start_server(
+        (settings.dicom_host, settings.dicom_port),
+        block=block,
+        evt_handlers=handlers,
+        ssl_context=_server_ssl_context(settings),
+    )
+    log_event(
+        log,
+        "listener.started",
+        ae_title=settings.ae_title,
+        host=settings.dicom_host,
+        port=settings.dicom_port,
+        tls=settings.tls_cert is not None,
+    )
+    return server  # type: ignore[return-value]

@@ -1,0 +1,134 @@
+"""The spool: received DICOM bytes on disk, written so that an acknowledged instance survives a crash.
+
+Why each step: bytes go to a temporary file in the destination folder (same filesystem, so the rename is
+atomic), are fsynced, then published under their final name with a link that never overwrites (two
+receivers racing on one name cannot clobber each other), and the folder is fsynced so the new name itself
+is durable. Only then may the database row and the 0x0000 answer follow. Nothing here deletes stored
+instances; removing an instance is an explicit act elsewhere.
+
+Layout: `<DATA_DIR>/spool/<study_uid>/<series_uid>/<sop_uid>.v<version>.dcm`, UIDs sanitised to the
+characters a UID may hold, so a hostile UID cannot climb out of the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_UID_UNSAFE = re.compile(r"[^0-9A-Za-z.\-]")
+
+
+class SpoolFull(Exception):
+    """Free space on the spool's filesystem is below the watermark; the caller answers 0xA700."""
+
+
+class SpoolConflict(Exception):
+    """A different file already holds this name (a racing receiver, or an orphan from a crash)."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    size: int
+    sha256: str
+    created: bool  # False when identical bytes were already at this name (only a creator may remove it)
+
+
+def sanitise_uid(uid: str) -> str:
+    """A UID as a safe path component: only digits, letters, '.', '-'; never empty, '.' or '..'."""
+    cleaned = _UID_UNSAFE.sub("_", uid.strip().strip("\x00"))[:128]
+    if cleaned in {"", ".", ".."}:
+        cleaned = "_" + cleaned.replace(".", "_")
+    return cleaned
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -> str:
+    return f"{sanitise_uid(study_uid)}/{sanitise_uid(series_uid)}/{sanitise_uid(sop_uid)}.v{version}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path, root: Path) -> None:
+    """Create `path` (below `root`) and fsync each parent whose entry list changed."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists() and current != root:
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(folder.parent)
+
+
+class Spool:
+    """Durable writes under one root folder, refusing below a free-space watermark."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise SpoolFull if writing `incoming` bytes would leave less than the watermark free."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise SpoolFull(f"{free} bytes free, {incoming} incoming, watermark {self.min_free_bytes}")
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def write(self, relative: str, data: bytes, sha256: str | None = None) -> StoredFile:
+        """Write `data` durably at `relative`; the same bytes already there count as written."""
+        self.check_space(len(data))
+        digest = sha256 or sha256_hex(data)
+        final = self.root / relative
+        _makedirs_durable(final.parent, self.root)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=final.parent)
+        tmp = Path(tmp_name)
+        created = True
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, final)  # atomic, and never replaces an existing file
+            except FileExistsError:
+                if sha256_hex(final.read_bytes()) != digest:
+                    raise SpoolConflict(f"{relative} already holds different bytes") from None
+                created = False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return StoredFile(relative, len(data), digest, created)
+
+    def remove(self, relative: str) -> None:
+        """Remove a file this process just wrote whose database row could not be committed."""
+        path = self.root / relative
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def incoming_leftovers(self) -> list[Path]:
+        """Temporary files left by a crash mid-write (never acknowledged; safe for an operator to delete)."""
+        return sorted(self.root.rglob(".incoming-*.tmp"))
