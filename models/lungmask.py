@@ -1,0 +1,51 @@
+"""Lung masks from HU alone (no network): where the threat model tampers, and where the detector searches.
+
+Why a threshold method: it must run on CPU for every slice the service scores, need no extra weights, and
+be good enough to say "this pixel is in or next to a lung". Air below about -400 HU inside the body, not
+connected to the air around the patient, is lung (or airway/bowel gas, which a size filter removes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+BODY_HU = -500.0
+LUNG_HU = -400.0
+MIN_LUNG_FRACTION = 0.002  # of the image area: smaller air pockets are bowel gas or airway, not lung
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient's body: the largest connected region above -500 HU, holes filled."""
+    mask = ndimage.binary_opening(hu > BODY_HU, iterations=2)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, count + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    # Fill the lungs too: close first so that thin chest walls do not leave the lungs "outside".
+    return ndimage.binary_fill_holes(ndimage.binary_closing(body, iterations=3))
+
+
+def lung_mask(hu: np.ndarray, dilate_px: int = 0) -> np.ndarray:
+    """Boolean (H, W) mask of lung tissue (vessels and nodules inside it included), optionally dilated."""
+    body = body_mask(hu)
+    air = (hu < LUNG_HU) & body
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return np.zeros_like(air)
+    sizes = ndimage.sum(air, labels, range(1, count + 1))
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
+    keep = [i + 1 for i, size in enumerate(sizes) if size >= MIN_LUNG_FRACTION * hu.size and (i + 1) not in border]
+    lungs = np.isin(labels, keep)
+    # Close per slice so that vessels and nodules (soft tissue inside the lung) belong to the lung.
+    lungs = ndimage.binary_closing(lungs, structure=np.ones((3, 3)), iterations=6)
+    lungs = ndimage.binary_fill_holes(lungs)
+    if dilate_px > 0:
+        lungs = ndimage.binary_dilation(lungs, iterations=dilate_px) & body
+    return lungs
+
+
+def has_lungs(hu: np.ndarray, min_fraction: float = 0.02) -> bool:
+    """Whether a slice shows enough lung to tamper in or search (a head or pelvis slice does not)."""
+    return float(lung_mask(hu).mean()) >= min_fraction
