@@ -1,0 +1,420 @@
+"""Read-only queries behind the dashboard: what radiology IT sees, straight from the database.
+
+Why a module of its own: the routes in `dashboard.py` only turn these plain dictionaries into HTML, and
+the queries can be tested against a real database without HTTP. Nothing here writes; actions (rescore,
+redeliver) go through the JSON API. Patient name and ID are only read when the caller asks for them
+(`BTD_EXPOSE_PATIENT_IDS`), so a template cannot show what was never loaded.
+
+The report tables (`reports`, `delivery_attempts`, migration 0002_reports) belong to another area and may
+be absent from an installation; every query on them degrades to "nothing yet" instead of failing the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import MetaData, Table, case, func, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from service.db.base import Base
+from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
+
+FLAGGED_VERDICT = "suspicious"
+FAILED_STATES = ("FAILED", "FAILED_DELIVERY")
+# States whose study is waiting for, or being handled by, a worker.
+WAITING_STATES = ("STABLE", "QUEUED")
+PAGE_SIZE = 25
+# The milestones of the state history shown at the top of a study page, in the order they happen.
+MILESTONES = ("RECEIVING", "STABLE", "QUEUED", "SCORING", "SCORED", "REPORTED", "DELIVERED")
+
+
+def start_of_day(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+_reflected: dict[tuple[str, str], Table] = {}
+
+
+def _report_table(session: Session, name: str) -> Table | None:
+    """The reports area's table by name (its ORM models may not be installed), or None if it does not exist."""
+    known = Base.metadata.tables.get(name)
+    if known is not None:
+        return known
+    # The session's own connection: on SQLite a second connection would wait for this one's lock.
+    connection = session.connection()
+    key = (str(connection.engine.url), name)
+    if key not in _reflected:
+        if not inspect(connection).has_table(name):
+            return None  # not cached: the migration may run later
+        _reflected[key] = Table(name, MetaData(), autoload_with=connection)
+    return _reflected[key]
+
+
+def count_states(session: Session) -> dict[str, int]:
+    """Studies per current state."""
+    rows = session.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+    return {state: int(n) for state, n in rows}
+
+
+def _studies_reaching(session: Session, states: tuple[str, ...], since: datetime) -> int:
+    """Distinct studies that entered one of `states` since `since` (from the event log, so a study
+    that went on to DELIVERED still counts as scored today)."""
+    query = select(func.count(func.distinct(StudyEvent.study_uid))).where(
+        StudyEvent.to_state.in_(states), StudyEvent.at >= since
+    )
+    return int(session.execute(query).scalar_one())
+
+
+@dataclass
+class Overview:
+    day: date
+    received: int
+    scored: int
+    flagged: int
+    failed: int
+    states: dict[str, int]
+    queue_depth: int
+    in_progress: int
+    model_name: str | None
+    model_sha256: str | None
+    destinations: list[dict[str, Any]] = field(default_factory=list)
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+
+def overview(session: Session, now: datetime | None = None) -> Overview:
+    """Today's counts (UTC day), the state of the queue and the model that scored last."""
+    now = now or datetime.now(UTC)
+    since = start_of_day(now.date())
+    received = int(session.execute(select(func.count()).where(Study.created_at >= since)).scalar_one())
+    flagged_query = (
+        select(func.count(func.distinct(StudyEvent.study_uid)))
+        .join(Study, Study.study_uid == StudyEvent.study_uid)
+        .where(StudyEvent.to_state == "SCORED", StudyEvent.at >= since, Study.verdict == FLAGGED_VERDICT)
+    )
+    states = count_states(session)
+    last_model = session.execute(
+        select(SeriesResult.model_name, SeriesResult.model_sha256).order_by(SeriesResult.id.desc()).limit(1)
+    ).first()
+    recent = session.execute(
+        select(Study.study_uid, Study.state, Study.verdict, Study.modalities, Study.n_instances, Study.updated_at)
+        .order_by(Study.updated_at.desc())
+        .limit(10)
+    ).all()
+    return Overview(
+        day=now.date(),
+        received=received,
+        scored=_studies_reaching(session, ("SCORED",), since),
+        flagged=int(session.execute(flagged_query).scalar_one()),
+        failed=_studies_reaching(session, FAILED_STATES, since),
+        states=states,
+        queue_depth=sum(states.get(s, 0) for s in WAITING_STATES),
+        in_progress=states.get("SCORING", 0),
+        model_name=last_model.model_name if last_model else None,
+        model_sha256=last_model.model_sha256 if last_model else None,
+        destinations=destination_health(session),
+        recent=[dict(row._mapping) for row in recent],
+    )
+
+
+def destination_health(session: Session) -> list[dict[str, Any]]:
+    """The last delivery attempt to each destination: its outcome, time and error."""
+    attempts = _report_table(session, "delivery_attempts")
+    if attempts is None:
+        return []
+    latest = select(attempts.c.destination, func.max(attempts.c.id).label("id")).group_by(attempts.c.destination)
+    latest = latest.subquery()
+    query = (
+        select(attempts.c.destination, attempts.c.outcome, attempts.c.at, attempts.c.dicom_status, attempts.c.error)
+        .join(latest, latest.c.id == attempts.c.id)
+        .order_by(attempts.c.destination)
+    )
+    try:
+        return [dict(row._mapping) for row in session.execute(query).all()]
+    except SQLAlchemyError:
+        session.rollback()
+        return []
+
+
+@dataclass(frozen=True)
+class StudyFilters:
+    """What the study list can be narrowed by; empty strings mean "any"."""
+
+    state: str = ""
+    verdict: str = ""
+    received_on: date | None = None
+    modality: str = ""
+
+    def as_query(self) -> dict[str, str]:
+        values = {"state": self.state, "verdict": self.verdict, "modality": self.modality}
+        values["date"] = self.received_on.isoformat() if self.received_on else ""
+        return {k: v for k, v in values.items() if v}
+
+
+@dataclass
+class StudyPage:
+    rows: list[dict[str, Any]]
+    total: int
+    page: int
+    pages: int
+
+
+def list_studies(
+    session: Session, filters: StudyFilters, page: int = 1, per_page: int = PAGE_SIZE, with_patient: bool = False
+) -> StudyPage:
+    """One page of studies, newest received first."""
+    columns = [
+        Study.study_uid,
+        Study.state,
+        Study.state_since,
+        Study.verdict,
+        Study.score,
+        Study.modalities,
+        Study.n_instances,
+        Study.study_date,
+        Study.study_description,
+        Study.created_at,
+        Study.error,
+    ]
+    if with_patient:
+        columns += [Study.patient_id, Study.patient_name]
+    conditions = []
+    if filters.state:
+        conditions.append(Study.state == filters.state)
+    if filters.verdict:
+        conditions.append(Study.verdict == filters.verdict)
+    if filters.modality:
+        conditions.append(Study.modalities.contains(filters.modality))
+    if filters.received_on:
+        day = start_of_day(filters.received_on)
+        conditions.append(Study.created_at >= day)
+        conditions.append(Study.created_at < day + timedelta(days=1))
+    total = int(session.execute(select(func.count()).select_from(Study).where(*conditions)).scalar_one())
+    pages = max(1, -(-total // per_page))
+    page = min(max(1, page), pages)
+    query = (
+        select(*columns)
+        .where(*conditions)
+        .order_by(Study.created_at.desc(), Study.id.desc())
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    )
+    rows = [dict(row._mapping) for row in session.execute(query).all()]
+    return StudyPage(rows=rows, total=total, page=page, pages=pages)
+
+
+def _study_columns(with_patient: bool) -> list[Any]:
+    hidden = set() if with_patient else {"patient_id", "patient_name"}
+    return [column for column in Study.__table__.columns if column.name not in hidden]
+
+
+def study_status(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """The small, pollable part of a study: state, since when, verdict, and how far scoring got."""
+    row = session.execute(
+        select(Study.state, Study.state_since, Study.verdict, Study.score, Study.version, Study.n_instances,
+               Study.attempts, Study.error).where(Study.study_uid == study_uid)
+    ).first()
+    if row is None:
+        return None
+    status = dict(row._mapping)
+    scored = session.execute(
+        select(func.count(InstanceResult.id))
+        .join(SeriesResult, SeriesResult.id == InstanceResult.series_result_id)
+        .where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == row.version)
+    ).scalar_one()
+    status["instances_scored"] = int(scored)
+    status["n_events"] = int(
+        session.execute(select(func.count()).where(StudyEvent.study_uid == study_uid)).scalar_one()
+    )
+    return status
+
+
+def study_detail(session: Session, study_uid: str, with_patient: bool = False) -> dict[str, Any] | None:
+    """Everything the study page shows: the study, its history, series results with their suspicious
+    slices and regions, reports and delivery attempts."""
+    study_row = session.execute(select(*_study_columns(with_patient)).where(Study.study_uid == study_uid)).first()
+    if study_row is None:
+        return None
+    study = dict(study_row._mapping)
+    events = [
+        dict(row._mapping)
+        for row in session.execute(
+            select(StudyEvent.at, StudyEvent.from_state, StudyEvent.to_state, StudyEvent.detail)
+            .where(StudyEvent.study_uid == study_uid)
+            .order_by(StudyEvent.at, StudyEvent.id)
+        ).all()
+    ]
+    version = results_version(session, study_uid)
+    return {
+        "study": study,
+        "events": events,
+        "milestones": milestones(events),
+        "received_series": received_series(session, study_uid),
+        "results_version": version,
+        "series": series_results(session, study_uid, version) if version is not None else [],
+        "reports": reports(session, study_uid),
+        "deliveries": delivery_attempts(session, study_uid),
+    }
+
+
+def results_version(session: Session, study_uid: str) -> int | None:
+    """The newest study version that has results: after a rescore the previous verdict stays visible
+    until the new one is written."""
+    return session.execute(
+        select(func.max(SeriesResult.study_version)).where(SeriesResult.study_uid == study_uid)
+    ).scalar_one()
+
+
+def milestones(events: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """When the study last entered each milestone state (None if it never did)."""
+    last: dict[str, datetime] = {}
+    for event in events:
+        last[event["to_state"]] = event["at"]
+    return [{"state": state, "at": last.get(state)} for state in MILESTONES]
+
+
+def received_series(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    """What arrived, per series: instance count, bytes, conflicts and duplicates."""
+    query = (
+        select(
+            Instance.series_uid,
+            Instance.modality,
+            func.count(Instance.id).label("n_instances"),
+            func.sum(Instance.size).label("bytes"),
+            func.sum(Instance.duplicates).label("duplicates"),
+            func.sum(case((Instance.conflict, 1), else_=0)).label("conflicts"),
+            func.max(Instance.received_at).label("last_received"),
+        )
+        .where(Instance.study_uid == study_uid)
+        .group_by(Instance.series_uid, Instance.modality)
+        .order_by(Instance.series_uid)
+    )
+    return [dict(row._mapping) for row in session.execute(query).all()]
+
+
+def series_results(session: Session, study_uid: str, version: int) -> list[dict[str, Any]]:
+    """The current version's series verdicts; each carries its suspicious instances and their regions."""
+    series = [
+        dict(row._mapping)
+        for row in session.execute(
+            select(
+                SeriesResult.id,
+                SeriesResult.series_uid,
+                SeriesResult.modality,
+                SeriesResult.verdict,
+                SeriesResult.score,
+                SeriesResult.reason,
+                SeriesResult.n_instances,
+                SeriesResult.n_assessed,
+                SeriesResult.model_name,
+                SeriesResult.created_at,
+            )
+            .where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == version)
+            .order_by(SeriesResult.id)
+        ).all()
+    ]
+    for entry in series:
+        entry["suspicious"] = suspicious_instances(session, entry["id"])
+    return series
+
+
+def suspicious_instances(session: Session, series_result_id: int) -> list[dict[str, Any]]:
+    """Suspicious slices of one series result, most suspicious first, with their regions."""
+    rows = session.execute(
+        select(InstanceResult.id, InstanceResult.sop_instance_uid, InstanceResult.frame, InstanceResult.score,
+               InstanceResult.map_path)
+        .where(InstanceResult.series_result_id == series_result_id, InstanceResult.verdict == FLAGGED_VERDICT)
+        .order_by(InstanceResult.score.desc())
+    ).all()
+    result = []
+    for row in rows:
+        entry = dict(row._mapping)
+        entry["regions"] = regions_of(session, row.id)
+        result.append(entry)
+    return result
+
+
+def regions_of(session: Session, instance_result_id: int) -> list[dict[str, Any]]:
+    query = (
+        select(Region.x0, Region.y0, Region.x1, Region.y1, Region.score, Region.outline, Region.frame)
+        .where(Region.instance_result_id == instance_result_id)
+        .order_by(Region.score.desc())
+    )
+    return [dict(row._mapping) for row in session.execute(query).all()]
+
+
+@dataclass
+class OverlaySource:
+    """What the overlay PNG is made of: the spool file, the residual map and the regions."""
+
+    spool_path: str
+    modality: str | None
+    map_path: str | None
+    frame: int | None
+    regions: list[dict[str, Any]]
+
+
+def overlay_source(session: Session, study_uid: str, sop_instance_uid: str, frame: int | None) -> OverlaySource | None:
+    """The latest received version of the instance and, for the study's current version, its result."""
+    instance = session.execute(
+        select(Instance.path, Instance.modality)
+        .where(Instance.study_uid == study_uid, Instance.sop_instance_uid == sop_instance_uid)
+        .order_by(Instance.version.desc())
+        .limit(1)
+    ).first()
+    if instance is None:
+        return None
+    version = results_version(session, study_uid)
+    result_query = (
+        select(InstanceResult.id, InstanceResult.map_path, InstanceResult.frame)
+        .join(SeriesResult, SeriesResult.id == InstanceResult.series_result_id)
+        .where(
+            SeriesResult.study_uid == study_uid,
+            SeriesResult.study_version == version,
+            InstanceResult.sop_instance_uid == sop_instance_uid,
+        )
+        .order_by(InstanceResult.id.desc())
+    )
+    if frame is not None:
+        result_query = result_query.where(InstanceResult.frame == frame)
+    result = session.execute(result_query.limit(1)).first()
+    return OverlaySource(
+        spool_path=instance.path,
+        modality=instance.modality,
+        map_path=result.map_path if result else None,
+        frame=frame if frame is not None else (result.frame if result else None),
+        regions=regions_of(session, result.id) if result else [],
+    )
+
+
+def reports(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    table = _report_table(session, "reports")
+    if table is None:
+        return []
+    try:
+        rows = session.execute(select(table).where(table.c.study_uid == study_uid).order_by(table.c.id)).all()
+    except SQLAlchemyError:
+        session.rollback()
+        return []
+    return [dict(row._mapping) for row in rows]
+
+
+def delivery_attempts(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    attempts = _report_table(session, "delivery_attempts")
+    table = _report_table(session, "reports")
+    if attempts is None or table is None:
+        return []
+    query = (
+        select(attempts, table.c.study_version, table.c.sr_sop_instance_uid)
+        .join(table, table.c.id == attempts.c.report_id)
+        .where(table.c.study_uid == study_uid)
+        .order_by(attempts.c.at, attempts.c.id)
+    )
+    try:
+        return [dict(row._mapping) for row in session.execute(query).all()]
+    except SQLAlchemyError:
+        session.rollback()
+        return []
