@@ -27,7 +27,13 @@ import torch
 
 import models
 from models.diffusion import SCHEDULE_BUFFERS, GaussianDiffusion, make_betas
-from models.metadata import MetadataError, ModelMetadata, metadata_path_for, published_defaults
+from models.metadata import (
+    METADATA_FORMAT,
+    MetadataError,
+    ModelMetadata,
+    metadata_path_for,
+    published_defaults,
+)
 from models.unet import Unet
 
 SUPPORTED = (
@@ -52,6 +58,8 @@ class ModelConfig:
     timesteps: int
     beta_schedule: str = "sigmoid"
     full_attn: tuple[bool, ...] | None = None
+    attn_heads: int = 4
+    attn_dim_head: int = 32
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +69,8 @@ class ModelConfig:
             "image_size": self.image_size,
             "timesteps": self.timesteps,
             "beta_schedule": self.beta_schedule,
+            "attn_heads": self.attn_heads,
+            "attn_dim_head": self.attn_dim_head,
         }
 
 
@@ -247,6 +257,31 @@ def _infer_unet(state: dict[str, torch.Tensor], layout: str, path: Path) -> tupl
     return dim, tuple(mults), channels, tuple(full_attn) if layout == "1.8.3" else None
 
 
+def _infer_attention(
+    state: dict[str, torch.Tensor], layout: str, metadata: ModelMetadata | None, path: Path
+) -> tuple[int, int]:
+    """(heads, dim_head). The weights only show heads * dim_head, so the split comes from the metadata;
+    without metadata the library's default of 4 heads is assumed (32 per head in the published models)."""
+    key = "mid_attn.fn.fn.to_qkv.weight" if layout == "1.6.4" else "mid_attn.to_qkv.weight"
+    rows = _shape(state, key, path)[0]
+    if rows % 3:
+        raise CheckpointError(f"{path}: {key} has {rows} rows, not q, k and v of equal size")
+    hidden = rows // 3
+    claims = metadata.unet if metadata is not None else {}
+    heads = int(claims.get("attn_heads", 4))
+    if "attn_dim_head" in claims:
+        dim_head = int(claims["attn_dim_head"])
+    elif hidden % heads == 0:
+        dim_head = hidden // heads
+    else:
+        raise CheckpointError(f"{path}: attention width {hidden} does not split into {heads} heads")
+    if heads * dim_head != hidden:
+        raise CheckpointError(
+            f"{metadata_path_for(path)}: says {heads} attention heads of {dim_head} but the weights have {hidden}"
+        )
+    return heads, dim_head
+
+
 def _detect_schedule(betas: torch.Tensor) -> str:
     timesteps = betas.shape[0]
     for name in ("sigmoid", "linear", "cosine"):
@@ -339,9 +374,18 @@ def load_model(path: str | Path, use_ema: bool = False, modality: str | None = N
             channels=channels,
         )
     _check_metadata_agrees(metadata, dim, dim_mults, channels, layout, path)
+    heads, dim_head = _infer_attention(unet_state, layout, metadata if metadata_from_file else None, path)
 
     try:
-        unet = Unet(dim=dim, dim_mults=dim_mults, channels=channels, layout=layout, full_attn=full_attn)
+        unet = Unet(
+            dim=dim,
+            dim_mults=dim_mults,
+            channels=channels,
+            layout=layout,
+            full_attn=full_attn,
+            attn_heads=heads,
+            attn_dim_head=dim_head,
+        )
         diffusion = GaussianDiffusion(
             unet,
             image_size=metadata.patch_size,
@@ -373,7 +417,9 @@ def load_model(path: str | Path, use_ema: bool = False, modality: str | None = N
         diffusion=diffusion,
         layout=layout,
         version=version,
-        config=ModelConfig(dim, dim_mults, channels, metadata.patch_size, timesteps, beta_schedule, full_attn),
+        config=ModelConfig(
+            dim, dim_mults, channels, metadata.patch_size, timesteps, beta_schedule, full_attn, heads, dim_head
+        ),
         n_params=sum(p.numel() for p in unet.parameters()),
         metadata=metadata,
         weights_sha256=weights_sha256,
@@ -400,13 +446,18 @@ def _check_metadata_agrees(
         )
 
 
-def save_model(diffusion: GaussianDiffusion, path: str | Path, metadata: ModelMetadata, step: int = 0) -> ModelMetadata:
+def save_model(
+    diffusion: GaussianDiffusion, path: str | Path, metadata: ModelMetadata | dict[str, Any], step: int = 0
+) -> ModelMetadata:
     """Write ``NAME.pt`` as the library's Trainer would (1.6.4 layout) and ``NAME.json`` beside it.
 
     Why 1.6.4: it is the layout the BTD authors' training code embeds, so their tools read our models.
-    Returns the metadata as written (architecture fields and weights_sha256 filled in).
+    ``metadata`` may be a ModelMetadata or a plain dict of its fields. Returns the metadata as written
+    (architecture fields, software version and weights_sha256 filled in from the model and the file).
     """
     path = Path(path)
+    if isinstance(metadata, dict):
+        metadata = ModelMetadata.from_dict({"format": METADATA_FORMAT, **metadata})
     unet = diffusion.model
     if getattr(unet, "layout", None) != SAVE_VERSION:
         raise ValueError(f"btd saves models in the {SAVE_VERSION} layout only; this U-Net is {unet.layout!r}")
@@ -417,7 +468,14 @@ def save_model(diffusion: GaussianDiffusion, path: str | Path, metadata: ModelMe
     written = replace(
         metadata,
         channels=unet.channels,
-        unet={"dim": unet.dim, "dim_mults": list(unet.dim_mults), "layout": unet.layout},
+        unet={
+            **metadata.unet,
+            "dim": unet.dim,
+            "dim_mults": list(unet.dim_mults),
+            "layout": unet.layout,
+            "attn_heads": unet.attn_heads,
+            "attn_dim_head": unet.attn_dim_head,
+        },
         timesteps=diffusion.num_timesteps,
         beta_schedule=diffusion.beta_schedule,
         software_version=metadata.software_version or f"btd {models.__version__}",

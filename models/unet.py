@@ -237,6 +237,8 @@ class Unet(nn.Module):
         self.channels = channels
         self.out_dim = channels
         self.self_condition = False
+        self.attn_heads = attn_heads
+        self.attn_dim_head = attn_dim_head
         new = layout == "1.8.3"
         n_stages = len(self.dim_mults)
         if full_attn is None:

@@ -271,7 +271,8 @@ def test_refuses_unknown_dict(tmp_path: Path) -> None:
 @pytest.fixture()
 def small_diffusion() -> GaussianDiffusion:
     torch.manual_seed(3)
-    return GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=2), image_size=32)
+    unet = Unet(dim=8, dim_mults=(1, 2), channels=2, attn_heads=2, attn_dim_head=8)  # as models/training.py
+    return GaussianDiffusion(unet, image_size=32)
 
 
 def our_metadata() -> ModelMetadata:
@@ -293,12 +294,13 @@ def test_save_then_load_round_trip(tmp_path: Path, small_diffusion: GaussianDiff
     sidecar = json.loads((tmp_path / "ours.json").read_text())
     digest = hashlib.sha256((tmp_path / "ours.pt").read_bytes()).hexdigest()
     assert sidecar["weights_sha256"] == digest == written.weights_sha256
-    assert sidecar["unet"] == {"dim": 8, "dim_mults": [1, 2], "layout": "1.6.4"}
+    assert sidecar["unet"] == {"dim": 8, "dim_mults": [1, 2], "layout": "1.6.4", "attn_heads": 2, "attn_dim_head": 8}
     assert sidecar["format"] == "btd-model/1" and sidecar["software_version"].startswith("btd ")
 
     loaded = load_model(tmp_path / "ours.pt")
     assert loaded.metadata_from_file and loaded.metadata == written
     assert loaded.config.channels == 2 and loaded.config.dim_mults == (1, 2) and loaded.config.image_size == 64
+    assert (loaded.config.attn_heads, loaded.config.attn_dim_head) == (2, 8)
     x = torch.rand(1, 2, 16, 24) * 2 - 1
     assert torch.equal(loaded.diffusion.btd_residual(x), small_diffusion.eval().btd_residual(x))
 
@@ -334,3 +336,20 @@ def test_save_refuses_183_layout(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1.6.4 layout only"):
         save_model(diffusion, tmp_path / "x.pt", ModelMetadata(name="x"))
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_save_accepts_a_plain_dict(tmp_path: Path, small_diffusion: GaussianDiffusion) -> None:
+    """models/training.py passes the metadata as a dict of fields."""
+    fields = our_metadata().to_dict()
+    del fields["format"]
+    written = save_model(small_diffusion, tmp_path / "d.pt", fields)
+    assert written.format == "btd-model/1" and written.calibration == {"slice_threshold": 1.5}
+    assert load_model(tmp_path / "d.pt").metadata == written
+
+
+def test_without_metadata_heads_default_to_four(tmp_path: Path, small_diffusion: GaussianDiffusion) -> None:
+    save_model(small_diffusion, tmp_path / "m.pt", our_metadata())
+    (tmp_path / "m.json").unlink()
+    loaded = load_model(tmp_path / "m.pt")  # 16-wide attention: 4 heads of 4, the library default split
+    assert (loaded.config.attn_heads, loaded.config.attn_dim_head) == (4, 4)
+    assert loaded.config.channels == 2 and len(loaded.metadata.windows) == 2
