@@ -200,17 +200,29 @@ def _layout_from_version(version: str, path: Path) -> str:
     )
 
 
-def _layout_from_keys(unet_keys: set[str], path: Path) -> str:
+def _layout_from_keys(unet_state: dict[str, torch.Tensor], path: Path) -> str:
+    unet_keys = set(unet_state)
+    # 2.x is checked first: it also carries mem_kv, but "2.x" is the more useful thing to tell the user.
+    rms_blocks = sorted(k for k in unet_keys if re.search(r"block[12]\.norm\.(g|gamma)$", k))
+    if rms_blocks:
+        raise CheckpointError(
+            f"{path}: found RMSNorm in the ResNet blocks ({rms_blocks[0]}) instead of GroupNorm: this is "
+            f"denoising-diffusion-pytorch 2.x; {SUPPORTED}"
+        )
     mem_kv = sorted(k for k in unet_keys if "mem_kv" in k)
     if mem_kv:
         raise CheckpointError(
             f"{path}: found attention memory key/values ({mem_kv[0]}, {len(mem_kv)} such tensors): this is "
             f"denoising-diffusion-pytorch 1.9 or later; {SUPPORTED}"
         )
-    rms_blocks = sorted(k for k in unet_keys if re.search(r"block[12]\.norm\.(g|gamma)$", k))
-    if rms_blocks:
+    odd_gains = [
+        f"{k} {tuple(v.shape)}"
+        for k, v in unet_state.items()
+        if re.search(r"\.(g|gamma)$", k) and (v.ndim != 4 or v.shape[0] != 1 or v.shape[2:] != (1, 1))
+    ]
+    if odd_gains:
         raise CheckpointError(
-            f"{path}: found RMSNorm in the ResNet blocks ({rms_blocks[0]}) instead of GroupNorm: this is "
+            f"{path}: norm gains shaped unlike 1.6.4/1.8.x ({odd_gains[0]}; expected (1, C, 1, 1)), as in "
             f"denoising-diffusion-pytorch 2.x; {SUPPORTED}"
         )
     if "mid_attn.fn.fn.to_qkv.weight" in unet_keys:
@@ -346,7 +358,7 @@ def load_model(path: str | Path, use_ema: bool = False, modality: str | None = N
         for key in buffers_here:
             others[key] = unet_state.pop(key)
 
-    key_layout = _layout_from_keys(set(unet_state), path)
+    key_layout = _layout_from_keys(unet_state, path)
     layout = key_layout
     if version is not None:
         layout = _layout_from_version(version, path)

@@ -187,6 +187,23 @@ def test_refuses_2x_rmsnorm_blocks(tmp_path: Path) -> None:
         load_model(save_variant(tmp_path, "1.8.3", None, to_rmsnorm_blocks))
 
 
+def test_refuses_2x_even_with_mem_kv_and_says_2x(tmp_path: Path) -> None:
+    def to_2x(state: dict) -> None:
+        state["model.mid_attn.mem_kv"] = torch.zeros(2, 4, 4, 32)
+        state["model.mid_block1.block1.norm.g"] = torch.ones(1, 64, 1, 1)
+
+    with pytest.raises(CheckpointError, match=r"RMSNorm.*2\.x"):
+        load_model(save_variant(tmp_path, "1.8.3", None, to_2x))
+
+
+def test_refuses_norm_gains_of_another_shape(tmp_path: Path) -> None:
+    def flat_gain(state: dict) -> None:
+        state["model.mid_attn.norm.gamma"] = state.pop("model.mid_attn.norm.g").flatten()
+
+    with pytest.raises(CheckpointError, match=r"mid_attn\.norm\.gamma \(64,\).*2\.x"):
+        load_model(save_variant(tmp_path, "1.8.3", None, flat_gain))
+
+
 def test_refuses_2x_version_even_with_old_keys(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"2\.1\.1, which btd does not read"):
         load_model(save_variant(tmp_path, "1.6.4", "2.1.1"))
