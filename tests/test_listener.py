@@ -1,0 +1,231 @@
+"""The DICOM listener with real peers: dcmtk storescu and pynetdicom send to it over loopback.
+
+What the stored SHA-256 covers: the bytes of the file we store, which is pynetdicom's File Meta (built
+from the negotiated context) followed by the dataset bytes exactly as the peer sent them. storescu sends
+a file's dataset unchanged (no transcoding with -xv), so the stored dataset part equals the source file's
+dataset part byte for byte, while the File Meta differs (implementation UID and version of the receiver).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_gateway import free_port, postgres_database
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select, text
+
+from service.db import migrate
+from service.db.models import Instance, Study
+from service.db.session import get_engine, session_scope
+from service.dicom import sender
+from service.dicom.listener import start_listener
+from service.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CT_SMALL = FIXTURES / "pydicom" / "CT_small.dcm"
+
+
+@contextmanager
+def running_listener(data_dir: Path, **overrides: Any) -> Iterator[Settings]:
+    values: dict[str, Any] = {"dicom_host": "127.0.0.1", "dicom_port": free_port(), "min_free_bytes": 0}
+    values.update(overrides)
+    settings = Settings(data_dir=data_dir, **values)
+    migrate.upgrade(settings)
+    server = start_listener(settings)
+    try:
+        yield settings
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    with running_listener(tmp_path_factory.mktemp("listener")) as settings:
+        yield settings
+
+
+def dataset_part(path: Path) -> bytes:
+    """The bytes after the File Meta (explicit VR LE group 0002 with its group length first)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+def rows_for(settings: Settings, **where: str) -> list[Instance]:
+    with session_scope(settings) as session:
+        query = select(Instance).order_by(Instance.sop_instance_uid, Instance.version)
+        for key, value in where.items():
+            query = query.where(getattr(Instance, key) == value)
+        return list(session.scalars(query))
+
+
+def spool_files(settings: Settings) -> list[Path]:
+    return [p for p in settings.spool_dir.rglob("*") if p.is_file()] if settings.spool_dir.exists() else []
+
+
+def fresh_ct(**changes: str) -> Any:
+    """CT_small with new Study/Series/SOP UIDs, so each test owns its study."""
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def storescu(
+    settings: Settings, *files: str, options: tuple[str, ...] = (), aet: str = "STORESCU"
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")  # dcmtk otherwise waits ~40 ms per message on loopback
+    cmd = ["storescu", "-aet", aet, "-aec", settings.ae_title, *options, "127.0.0.1", str(settings.dicom_port), *files]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_storescu_series_every_instance_stored_with_its_sha256(gateway: Settings) -> None:
+    series = FIXTURES / "ct_series_20"
+    sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in series.glob("CT.*")}
+    done = storescu(gateway, str(series), options=("-xv", "+sd", "+r", "+sp", "CT.*"))
+    assert done.returncode == 0, done.stderr
+    study_uid = dcmread(next(iter(sources.values())), stop_before_pixels=True).StudyInstanceUID
+    rows = rows_for(gateway, study_uid=study_uid)
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sources)
+    for row in rows:
+        stored = gateway.spool_dir / row.path
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
+        assert row.size == stored.stat().st_size
+        assert dataset_part(stored) == dataset_part(sources[row.sop_instance_uid])
+        assert row.transfer_syntax == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless, as sent
+        assert (row.version, row.conflict, row.calling_ae, row.modality) == (1, False, "STORESCU", "CT")
+    with session_scope(gateway) as session:
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        assert study is not None and study.state == "RECEIVING" and study.n_instances == 20
+
+
+def test_c_echo(gateway: Settings) -> None:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gateway.dicom_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_every_transfer_syntax_is_stored_as_sent(gateway: Settings) -> None:
+    folder = FIXTURES / "ct_transfer_syntaxes"
+    results = sender.send_files([folder], "127.0.0.1", gateway.dicom_port, gateway.ae_title, "TSTEST")
+    assert len(results) >= 17 and all(r.status == 0 for r in results), [(r.path, r.status) for r in results]
+    for result in results:
+        assert result.path is not None
+        source = Path(result.path)
+        rows = rows_for(gateway, sop_instance_uid=str(result.sop_instance_uid), calling_ae="TSTEST")
+        stored = [r for r in rows if dataset_part(gateway.spool_dir / r.path) == dataset_part(source)]
+        assert len(stored) == 1, source.name
+        assert stored[0].transfer_syntax == str(dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def test_identical_resend_is_a_duplicate_and_new_bytes_a_flagged_version(gateway: Settings) -> None:
+    ds = fresh_ct()
+    port, aet = gateway.dicom_port, gateway.ae_title
+    assert [r.status for r in sender.send_files([ds], "127.0.0.1", port, aet)] == [0]
+    assert [r.status for r in sender.send_files([ds], "127.0.0.1", port, aet)] == [0]
+    rows = rows_for(gateway, sop_instance_uid=ds.SOPInstanceUID)
+    assert [(r.version, r.duplicates, r.conflict) for r in rows] == [(1, 1, False)]
+    ds.StudyDescription = "changed after the first send"
+    assert [r.status for r in sender.send_files([ds], "127.0.0.1", port, aet)] == [0]
+    rows = rows_for(gateway, sop_instance_uid=ds.SOPInstanceUID)
+    assert [(r.version, r.conflict) for r in rows] == [(1, False), (2, True)]
+    assert rows[0].sha256 != rows[1].sha256
+    assert all((gateway.spool_dir / r.path).exists() for r in rows)  # the first bytes are kept
+    assert rows[1].path.endswith(".v2.dcm")
+
+
+def malformed_file(folder: Path) -> Path:
+    """Valid File Meta followed by an unterminated sequence: the dataset cannot be decoded."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, meta)
+    junk = b"\x08\x00\x18\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff\x08\x00\x18\x00UI\xff\x00"
+    path = folder / "malformed.dcm"
+    path.write_bytes(fp.getvalue() + junk)
+    return path
+
+
+def test_malformed_datasets_fail_and_the_association_goes_on(gateway: Settings, tmp_path: Path) -> None:
+    blank_study = fresh_ct(StudyInstanceUID="")
+    good = fresh_ct()
+    results = sender.send_files(
+        [malformed_file(tmp_path), blank_study, good], "127.0.0.1", gateway.dicom_port, gateway.ae_title
+    )
+    assert [r.status for r in results] == [0xC210, 0xC211, 0x0000]  # one association, three C-STOREs
+    assert rows_for(gateway, sop_instance_uid=blank_study.SOPInstanceUID) == []
+    assert len(rows_for(gateway, sop_instance_uid=good.SOPInstanceUID)) == 1
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
+    with running_listener(tmp_path, allowed_aets=["PACS"]) as settings:
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x03)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+        assert assoc.is_established
+        assoc.release()
+
+
+def test_peer_address_outside_the_allow_list_is_rejected(tmp_path: Path) -> None:
+    with running_listener(tmp_path / "a", allowed_ips=["10.255.255.0/24"]) as settings:
+        results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)
+        assert results[0].status is None and results[0].error == "association rejected"
+        assert spool_files(settings) == []
+    with running_listener(tmp_path / "b", allowed_ips=["10.255.255.0/24", "127.0.0.0/8"]) as settings:
+        results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)
+        assert results[0].status == 0
+
+
+def test_below_the_free_space_watermark_nothing_is_written(tmp_path: Path) -> None:
+    with running_listener(tmp_path, min_free_bytes=2**62) as settings:
+        done = storescu(settings, str(CT_SMALL), options=("-v",))
+        assert "Refused: OutOfResources" in done.stderr
+        results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)
+        assert results[0].status == 0xA700
+        assert spool_files(settings) == []
+        assert rows_for(settings) == []
+
+
+@pytest.mark.postgres
+def test_database_unreachable_answers_out_of_resources(tmp_path: Path) -> None:
+    with postgres_database() as url, running_listener(tmp_path, database_url=url) as settings:
+        first = fresh_ct()
+        assert sender.send_files([first], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0
+        with get_engine(settings).connect() as conn:
+            name = conn.execute(text("SELECT current_database()")).scalar_one()
+        from helpers_gateway import drop_postgres_database
+
+        drop_postgres_database(name)  # the database disappears under the running listener
+        second = fresh_ct()
+        assert sender.send_files([second], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0xA700
+        assert [p.name for p in spool_files(settings)] == [f"{first.SOPInstanceUID}.v1.dcm"]

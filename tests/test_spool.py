@@ -1,0 +1,65 @@
+"""The spool writes bytes durably under sanitised names and refuses below the free-space watermark."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from service.spool import Spool, SpoolConflict, SpoolFull, relative_path, sanitise_uid
+
+
+def test_write_stores_the_bytes_under_the_layout_and_reports_their_hash(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    rel = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", 1)
+    assert rel == "1.2.3/1.2.3.4/1.2.3.4.5.v1.dcm"
+    stored = spool.write(rel, b"DICM-bytes")
+    assert stored.created and stored.size == 10
+    assert stored.sha256 == hashlib.sha256(b"DICM-bytes").hexdigest()
+    assert (tmp_path / "spool" / rel).read_bytes() == b"DICM-bytes"
+    assert spool.incoming_leftovers() == []  # the temporary file is gone
+
+
+def test_hostile_uids_cannot_leave_the_spool(tmp_path: Path) -> None:
+    assert sanitise_uid("../../etc/passwd") == ".._.._etc_passwd"
+    assert sanitise_uid("..") not in {"..", "."} and sanitise_uid(".") not in {"..", "."}
+    assert sanitise_uid("") and "/" not in sanitise_uid("a/b")
+    spool = Spool(tmp_path / "spool")
+    rel = relative_path("..", "../x", "/abs", 1)
+    spool.write(rel, b"x")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 1 and (tmp_path / "spool") in written[0].parents
+
+
+def test_same_name_same_bytes_is_accepted_but_not_created(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write("a/b/c.v1.dcm", b"same")
+    again = spool.write("a/b/c.v1.dcm", b"same")
+    assert not again.created
+
+
+def test_same_name_different_bytes_never_overwrites(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write("a/b/c.v1.dcm", b"first")
+    with pytest.raises(SpoolConflict):
+        spool.write("a/b/c.v1.dcm", b"second")
+    assert (tmp_path / "a/b/c.v1.dcm").read_bytes() == b"first"
+    assert spool.incoming_leftovers() == []
+
+
+def test_below_the_watermark_nothing_is_written(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=2**62)
+    with pytest.raises(SpoolFull):
+        spool.check_space()
+    with pytest.raises(SpoolFull):
+        spool.write("a/b/c.v1.dcm", b"x")
+    assert not any(p.is_file() for p in (tmp_path / "spool").rglob("*"))
+
+
+def test_remove_deletes_only_the_named_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write("a/b/c.v1.dcm", b"1")
+    spool.write("a/b/d.v1.dcm", b"2")
+    spool.remove("a/b/c.v1.dcm")
+    assert not (tmp_path / "a/b/c.v1.dcm").exists() and (tmp_path / "a/b/d.v1.dcm").exists()
