@@ -1,0 +1,366 @@
+"""The report tasks: `btd.build_report` (SCORED -> REPORTED) and `btd.deliver_report` (-> DELIVERED).
+
+Why the database decides, not Celery: a message may arrive twice, a worker may die between sending and
+recording. `build_report` reuses the reports row of the study version if one exists (document UIDs are
+derived from the study version, so a rebuild yields the same SR), and writes the row in the same
+transaction as SCORED -> REPORTED. `deliver_report` reads the delivery log first: a destination that
+already succeeded for this report is never sent again, so a retry sends no second copy. Failures of a
+destination are retried with exponential backoff (Celery retries; in-process, a backoff loop in the
+executor's thread) and end in FAILED_DELIVERY, from which `POST /api/studies/{uid}/redeliver` restarts.
+No destinations configured: the study stays REPORTED (the SR is on disk and in the database).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from service.db import states
+from service.db.base import utcnow
+from service.db.models import Instance, Study
+from service.db.reporting import FAILURE, SUCCESS, DeliveryAttempt, Report
+from service.db.repository import transition
+from service.db.session import session_scope
+from service.observability.logs import correlation, log_event
+from service.observability.metrics import DELIVERY_ATTEMPTS
+from service.reports.delivery import Destination, parse_destination, send_report
+from service.reports.findings import load_findings
+from service.reports.kos import build_kos
+from service.reports.sr import build_sr, predecessor_reference
+from service.reports.store import read_document, write_document
+from service.settings import Settings, get_settings
+from worker.celery_app import app
+
+log = logging.getLogger("btd.worker.reports")
+
+BUILD_REPORT = "btd.build_report"
+DELIVER_REPORT = "btd.deliver_report"
+
+# Outcomes
+BUILT = "built"  # SR (+KOS) written, study REPORTED
+REUSED = "reused"  # a report for this study version existed; study REPORTED
+DELIVERED = "delivered"
+NO_DESTINATIONS = "no_destinations"  # stays REPORTED
+RETRY = "retry"
+FAILED = "failed"
+SKIPPED = "skipped"
+
+# Seconds to wait for a destination's answer (association, each C-STORE) before counting it a failure.
+DELIVERY_TIMEOUT_SECONDS = 30.0
+
+
+class SourcesMissing(Exception):
+    """Scored instances are no longer in the spool: an SR must not be built from bytes we cannot show."""
+
+
+@dataclass
+class TaskOutcome:
+    kind: str
+    detail: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# build_report
+
+
+def scored_instances(session: Session, study_uid: str) -> list[Instance]:
+    """The latest version of every instance of the study (what the scoring task scored)."""
+    rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)).all()
+    latest: dict[str, Instance] = {}
+    for row in rows:
+        if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
+            latest[row.sop_instance_uid] = row
+    return sorted(latest.values(), key=lambda r: r.id)
+
+
+def read_sources(settings: Settings, rows: list[Instance]) -> list[Dataset]:
+    """Headers of the scored instances from the spool; SourcesMissing names how many files are gone."""
+    missing = [r for r in rows if not (Path(settings.spool_dir) / r.path).is_file()]
+    if missing or not rows:
+        raise SourcesMissing(f"{len(missing)} of {len(rows)} source instance(s) missing from the spool")
+    return [pydicom.dcmread(Path(settings.spool_dir) / r.path, stop_before_pixels=True) for r in rows]
+
+
+def _previous_sr(session: Session, settings: Settings, study_uid: str, version: int) -> Dataset | None:
+    previous = session.scalar(
+        select(Report)
+        .where(Report.study_uid == study_uid, Report.study_version < version)
+        .order_by(Report.study_version.desc())
+        .limit(1)
+    )
+    if previous is None:
+        return None
+    stored = read_document(settings.data_dir, previous.sr_path)
+    return stored or predecessor_reference(study_uid, previous.sr_series_uid, previous.sr_sop_instance_uid)
+
+
+def _write_report(session: Session, settings: Settings, study: Study) -> Report:
+    findings = load_findings(session, study.study_uid, study.version)
+    sources = read_sources(settings, scored_instances(session, study.study_uid))
+    previous = _previous_sr(session, settings, study.study_uid, study.version)
+    sr = build_sr(sources, findings, previous_sr=previous)
+    report = Report(
+        study_uid=study.study_uid,
+        study_version=study.version,
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        sr_series_uid=str(sr.SeriesInstanceUID),
+        sr_path=write_document(settings.data_dir, sr),
+        predecessor_sop_instance_uid=str(previous.SOPInstanceUID) if previous is not None else None,
+        created_at=utcnow(),
+    )
+    kos = build_kos(sources, findings) if settings.kos_enabled else None
+    if kos is not None:
+        report.kos_sop_instance_uid = str(kos.SOPInstanceUID)
+        report.kos_path = write_document(settings.data_dir, kos)
+    session.add(report)
+    session.flush()
+    return report
+
+
+def run_build_report(study_uid: str, settings: Settings | None = None, *, dispatch_next: bool = True) -> TaskOutcome:
+    """Build (or reuse) the report of the study's current version and move it SCORED -> REPORTED, then
+    dispatch its delivery (`dispatch_next=False`: the caller delivers, e.g. a test or a CLI)."""
+    settings = settings or get_settings()
+    with correlation():
+        try:
+            with session_scope(settings) as session:
+                study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+                if study is None or study.state != states.SCORED:
+                    state = study.state if study else None
+                    log_event(log, "report.skipped", study_uid=study_uid, state=state)
+                    return TaskOutcome(SKIPPED, f"state {state}")
+                existing = session.scalar(
+                    select(Report).where(Report.study_uid == study_uid, Report.study_version == study.version)
+                )
+                report = existing or _write_report(session, settings, study)
+                detail = f"report {report.sr_sop_instance_uid}" + (" (reused)" if existing else "")
+                if not transition(session, study_uid, states.SCORED, states.REPORTED, detail, where=[
+                    Study.version == study.version
+                ]):
+                    session.rollback()
+                    log_event(log, "report.discarded", logging.WARNING, study_uid=study_uid, version=study.version)
+                    return TaskOutcome(SKIPPED, "study changed while the report was built")
+                kind = REUSED if existing else BUILT
+        except (SourcesMissing, ValueError, LookupError, OSError, pydicom.errors.InvalidDicomError) as exc:
+            return _report_failed(settings, study_uid, exc)
+        log_event(log, "report.built", study_uid=study_uid, outcome=kind, sr=report.sr_sop_instance_uid,
+                  kos=report.kos_sop_instance_uid)
+    if dispatch_next:
+        _dispatch(DELIVER_REPORT, study_uid)
+    return TaskOutcome(kind, report.sr_sop_instance_uid)
+
+
+def _report_failed(settings: Settings, study_uid: str, exc: Exception) -> TaskOutcome:
+    """No report can be built: FAILED with the reason; the verdict columns are left as they are."""
+    error = f"cannot build report: {type(exc).__name__}: {exc}"[:2000]
+    with session_scope(settings) as session:
+        transition(session, study_uid, states.SCORED, states.FAILED, error, error=error)
+    log_event(log, "report.failed", logging.ERROR, study_uid=study_uid, error=error)
+    return TaskOutcome(FAILED, error)
+
+
+# --------------------------------------------------------------------------------------------------
+# deliver_report
+
+
+def _succeeded(session: Session, report_id: int) -> set[str]:
+    return set(
+        session.scalars(
+            select(DeliveryAttempt.destination).where(
+                DeliveryAttempt.report_id == report_id, DeliveryAttempt.outcome == SUCCESS
+            )
+        )
+    )
+
+
+def _record_attempt(
+    settings: Settings, report_id: int, destination: str, success: bool, status: int | None, error: str | None
+) -> int:
+    with session_scope(settings) as session:
+        previous = session.scalar(
+            select(func.count(DeliveryAttempt.id)).where(
+                DeliveryAttempt.report_id == report_id, DeliveryAttempt.destination == destination
+            )
+        )
+        attempt = int(previous or 0) + 1
+        session.add(
+            DeliveryAttempt(
+                report_id=report_id,
+                destination=destination,
+                attempt=attempt,
+                at=utcnow(),
+                outcome=SUCCESS if success else FAILURE,
+                dicom_status=status,
+                error=error,
+            )
+        )
+    DELIVERY_ATTEMPTS.labels(outcome=SUCCESS if success else FAILURE).inc()
+    return attempt
+
+
+def _current_report(session: Session, study: Study) -> Report | None:
+    return session.scalar(
+        select(Report).where(Report.study_uid == study.study_uid, Report.study_version == study.version)
+    )
+
+
+def run_deliver_report(
+    study_uid: str,
+    settings: Settings | None = None,
+    *,
+    final_attempt: bool = True,
+    timeout: float = DELIVERY_TIMEOUT_SECONDS,
+) -> TaskOutcome:
+    """Send the current report to every destination that has not yet acknowledged it."""
+    settings = settings or get_settings()
+    with correlation():
+        with session_scope(settings) as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None or study.state not in (states.REPORTED, states.FAILED_DELIVERY):
+                state = study.state if study else None
+                log_event(log, "delivery.skipped", study_uid=study_uid, state=state)
+                return TaskOutcome(SKIPPED, f"state {state}")
+            report = _current_report(session, study)
+            if report is None:
+                log_event(log, "delivery.skipped", logging.WARNING, study_uid=study_uid, state=study.state,
+                          detail="no report for the current version")
+                return TaskOutcome(SKIPPED, "no report for the current version")
+            if study.state == states.FAILED_DELIVERY:
+                transition(session, study_uid, states.FAILED_DELIVERY, states.REPORTED, "delivery restarted")
+            already = _succeeded(session, report.id)
+            report_id, version = report.id, study.version
+            paths = [Path(settings.data_dir) / p for p in (report.sr_path, report.kos_path) if p]
+        if not settings.destinations:
+            log_event(log, "delivery.no_destinations", study_uid=study_uid)
+            return TaskOutcome(NO_DESTINATIONS, "BTD_DESTINATIONS is empty; the study stays REPORTED")
+        failures = _deliver_pending(settings, study_uid, report_id, paths, already, timeout)
+        return _finish_delivery(settings, study_uid, version, failures, final_attempt)
+
+
+def _deliver_pending(
+    settings: Settings, study_uid: str, report_id: int, paths: list[Path], already: set[str], timeout: float
+) -> dict[str, str]:
+    """One association per destination not yet done; returns the failures by destination."""
+    failures: dict[str, str] = {}
+    missing = [p for p in paths if not p.is_file()]
+    for text in settings.destinations:
+        try:
+            destination: Destination | None = parse_destination(text)
+        except ValueError as exc:
+            destination, key = None, text
+            failures[key] = str(exc)
+            _record_attempt(settings, report_id, key, False, None, str(exc))
+            log_event(log, "delivery.attempt", logging.ERROR, study_uid=study_uid, destination=key,
+                      outcome=FAILURE, error=str(exc))
+            continue
+        key = str(destination)
+        if key in already:
+            continue
+        if missing:
+            outcome_error = f"report file(s) missing: {', '.join(p.name for p in missing)}"
+            success, status, error = False, None, outcome_error
+        else:
+            outcome = send_report(paths, destination, settings, timeout=timeout)
+            success, status, error = outcome.success, outcome.dicom_status, outcome.error
+        attempt = _record_attempt(settings, report_id, key, success, status, error)
+        log_event(
+            log, "delivery.attempt", logging.INFO if success else logging.WARNING, study_uid=study_uid,
+            destination=key, attempt=attempt, outcome=SUCCESS if success else FAILURE, dicom_status=status,
+            error=error,
+        )
+        if not success:
+            failures[key] = error or "failed"
+    return failures
+
+
+def _finish_delivery(
+    settings: Settings, study_uid: str, version: int, failures: dict[str, str], final_attempt: bool
+) -> TaskOutcome:
+    guard = [Study.version == version]
+    with session_scope(settings) as session:
+        if not failures:
+            transition(session, study_uid, states.REPORTED, states.DELIVERED, "delivered to every destination",
+                       where=guard, error=None)
+            log_event(log, "delivery.done", study_uid=study_uid)
+            return TaskOutcome(DELIVERED)
+        summary = "; ".join(f"{d}: {e}" for d, e in failures.items())[:2000]
+        if final_attempt:
+            transition(session, study_uid, states.REPORTED, states.FAILED_DELIVERY, f"delivery failed: {summary}",
+                       where=guard, error=summary)
+            log_event(log, "delivery.failed", logging.ERROR, study_uid=study_uid, error=summary)
+            return TaskOutcome(FAILED, summary)
+    log_event(log, "delivery.retry", logging.WARNING, study_uid=study_uid, error=summary)
+    return TaskOutcome(RETRY, summary)
+
+
+def backoff_seconds(settings: Settings, retries_done: int, cap: float = 3600.0) -> float:
+    """base, 2*base, 4*base, ... (BTD_DELIVERY_BACKOFF_SECONDS), capped at an hour."""
+    return min(cap, settings.delivery_backoff_seconds * (2**retries_done))
+
+
+def _dispatch(name: str, study_uid: str) -> None:
+    """Hand the next step over by name; a failed hand-over leaves the study in a state the API shows."""
+    try:
+        from service.queue import dispatch
+
+        dispatch(name, study_uid)
+    except Exception as exc:  # noqa: BLE001 - the study's state is durable; the step can be re-dispatched
+        log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, task=name, error=str(exc))
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points: Celery tasks, and plain functions for the in-process executor
+
+_settings_at_import = get_settings()
+
+
+@app.task(name=BUILD_REPORT, bind=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5,
+          acks_late=True)
+def build_report_task(self: Any, study_uid: str) -> str:
+    return run_build_report(study_uid, get_settings()).kind
+
+
+@app.task(
+    name=DELIVER_REPORT,
+    bind=True,
+    max_retries=_settings_at_import.delivery_retries,
+    autoretry_for=(OperationalError,),
+    acks_late=True,
+)
+def deliver_report_task(self: Any, study_uid: str) -> str:
+    settings = get_settings()
+    final = self.request.retries >= settings.delivery_retries
+    outcome = run_deliver_report(study_uid, settings, final_attempt=final)
+    if outcome.kind == RETRY:
+        delay = backoff_seconds(settings, self.request.retries)
+        raise self.retry(countdown=delay, max_retries=settings.delivery_retries)
+    return outcome.kind
+
+
+def build_report(study_uid: str, settings: Settings | None = None) -> str:
+    """In-process entry (no broker)."""
+    return run_build_report(study_uid, settings or get_settings()).kind
+
+
+def deliver_report(study_uid: str, settings: Settings | None = None) -> str:
+    """In-process entry (no broker): the retries run here, with backoff sleeps in this thread."""
+    settings = settings or get_settings()
+    outcome = TaskOutcome(SKIPPED)
+    for attempt in range(settings.delivery_retries + 1):
+        outcome = run_deliver_report(study_uid, settings, final_attempt=attempt >= settings.delivery_retries)
+        if outcome.kind != RETRY:
+            return outcome.kind
+        time.sleep(backoff_seconds(settings, attempt))
+    return outcome.kind
+
+
+TASKS = {BUILD_REPORT: build_report, DELIVER_REPORT: deliver_report}
