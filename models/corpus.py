@@ -31,8 +31,15 @@ HU_MIN = -1024.0
 HU_MAX = 3071.0
 
 # Held-out patients: never used for training or calibration. One LIDC patient (nodule outlines), two COVID
-# patients (other vendor: Toshiba/GE), plus the TotalSegmentator series in tests/fixtures (Siemens).
-DEFAULT_TEST_PATIENTS: tuple[str, ...] = ("LIDC-IDRI-0002", "A048383", "A058062", "TOTALSEG-EXAMPLE")
+# patients (GE/Toshiba), the pyradiomics volume (tumour label map: removals), plus the TotalSegmentator
+# series in tests/fixtures (Siemens).
+DEFAULT_TEST_PATIENTS: tuple[str, ...] = (
+    "LIDC-IDRI-0002",
+    "A048383",
+    "A058062",
+    "pyradiomics-lung1",
+    "TOTALSEG-EXAMPLE",
+)
 
 PYRADIOMICS_PATIENT = "pyradiomics-lung1"
 
