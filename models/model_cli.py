@@ -51,7 +51,8 @@ def run_info(args: argparse.Namespace) -> int:
         f"version:     {version}",
         f"weights:     {loaded.source}",
         f"config:      Unet(dim={config.dim}, dim_mults={config.dim_mults}, channels={config.channels}); "
-        f"{config.timesteps} timesteps, {config.beta_schedule} schedule, image size {config.image_size}",
+        f"{config.timesteps} timesteps, {config.beta_schedule} schedule, image size {config.image_size}, "
+        f"attention {config.attn_heads} heads x {config.attn_dim_head}",
         f"parameters:  {loaded.n_params:,}",
         f"sha256:      {loaded.weights_sha256}",
     ]

@@ -19,7 +19,7 @@ def test_info_text(capsys) -> None:
     out = capsys.readouterr().out
     assert "layout:      denoising-diffusion-pytorch 1.8.3" in out
     assert "dim=8, dim_mults=(1, 2, 4, 8), channels=1" in out
-    assert "parameters:  673,809" in out
+    assert "parameters:  673,809" in out and "attention 4 heads x 32" in out
     assert "published defaults" in out and "[-700, 2000]" in out
 
 
