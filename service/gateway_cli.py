@@ -1,9 +1,73 @@
-"""Sub-commands of `btd` for this area (registered by service.cli)."""
+"""Sub-commands of `btd` for the gateway (registered by service.cli): serve, worker, send, db upgrade.
+
+Heavy imports (pynetdicom, uvicorn, Celery, the worker's model code) happen inside the commands, so
+`btd --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands."""
+    serve = subparsers.add_parser("serve", help="run the gateway: DICOM listener, REST API, stability monitor")
+    serve.set_defaults(func=_serve)
+
+    worker = subparsers.add_parser("worker", help="run a Celery worker for BTD_QUEUE_NAME (needs BTD_BROKER_URL)")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments passed to celery worker")
+    worker.set_defaults(func=_worker)
+
+    send = subparsers.add_parser("send", help="send DICOM files or folders with C-STORE (test a deployment)")
+    send.add_argument("paths", nargs="+", help="files or folders (walked recursively; non-DICOM files skipped)")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=11112)
+    send.add_argument("--aet", default="BTD", help="called AE title (the receiver's)")
+    send.add_argument("--calling-aet", default="BTDSEND", help="our AE title")
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.set_defaults(func=_send)
+
+    db = subparsers.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    upgrade = db_sub.add_parser("upgrade", help="apply every migration up to head (also done by `btd serve`)")
+    upgrade.add_argument("--revision", default="head")
+    upgrade.set_defaults(func=_db_upgrade)
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.server import run_worker
+
+    return run_worker(extra_args=list(args.celery_args or []))
+
+
+def _send(args: argparse.Namespace) -> int:
+    from service.dicom.sender import send_files
+
+    results = send_files(args.paths, args.host, args.port, args.aet, args.calling_aet, timeout=args.timeout)
+    failed = 0
+    for result in results:
+        ok = result.ok
+        failed += not ok
+        status = "----" if result.status is None else f"0x{result.status:04X}"
+        where = result.path or result.sop_instance_uid or "?"
+        detail = f"  {result.error}" if result.error else ""
+        print(f"{'OK  ' if ok else 'FAIL'} {status} {where}{detail}")
+    print(f"{len(results) - failed} sent, {failed} failed", file=sys.stderr)
+    return 1 if failed or not results else 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from service.db import migrate
+    from service.settings import get_settings
+
+    settings = get_settings()
+    migrate.upgrade(settings, args.revision)
+    print(f"database at {', '.join(migrate.current_heads(settings)) or 'base'}")
+    return 0

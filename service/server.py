@@ -1,0 +1,99 @@
+"""`btd serve`: the whole gateway in one process.
+
+Start order: migrate the database (so a fresh install works with one command), the DICOM listener, the
+in-process task executor (only without a broker), the stability monitor (which may dispatch at once),
+then the REST API in the foreground (uvicorn). SIGTERM or SIGINT stops uvicorn gracefully; then the
+listener stops accepting (an instance in flight finishes its handler first), the monitor and the executor
+stop (a task still running after the timeout is abandoned: its study stays SCORING under a lease that
+the next start picks up), and the database pools close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+from service import queue
+from service.db import migrate
+from service.db.session import dispose_engines
+from service.observability.logs import configure_logging, log_event
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("btd.server")
+
+
+def _quiet_signal_handlers() -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down; with the default SIGTERM
+    handler that would kill the process before the listener and the monitor are stopped. Handlers that
+    do nothing let the re-raised signal fall through to our own shutdown."""
+
+    def ignore(_signum: int, _frame: FrameType | None) -> None:
+        return None
+
+    signal.signal(signal.SIGTERM, ignore)
+    signal.signal(signal.SIGINT, ignore)
+
+
+def serve(settings: Settings | None = None) -> int:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    migrate.upgrade(settings)
+    log_event(log, "database.migrated")
+
+    from service.dicom.listener import start_listener
+    from service.stability import StabilityMonitor
+
+    executor = queue.start_executor() if not settings.broker_url else None
+    listener = start_listener(settings)
+    monitor = StabilityMonitor(settings).start()
+    try:
+        import uvicorn
+
+        from service.api.app import create_app
+
+        config = uvicorn.Config(
+            create_app(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,  # keep our JSON logging
+            access_log=False,
+            lifespan="on",
+        )
+        _quiet_signal_handlers()
+        uvicorn.Server(config).run()
+    finally:
+        log_event(log, "gateway.stopping")
+        listener.shutdown()
+        monitor.stop()
+        if executor is not None:
+            queue.stop_executor(timeout=5.0)
+        dispose_engines()
+        log_event(log, "gateway.stopped")
+    return 0
+
+
+def run_worker(settings: Settings | None = None, extra_args: list[str] | None = None) -> int:
+    """`btd worker`: a Celery worker on BTD_QUEUE_NAME, one task at a time (the model holds the GPU)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    if not settings.broker_url:
+        log_event(log, "worker.no_broker", logging.ERROR, hint="set BTD_BROKER_URL (btd serve runs tasks itself)")
+        return 2
+    from worker.celery_app import app  # the worker process may import worker code; the gateway never does
+
+    argv: list[Any] = [
+        "worker",
+        "-Q",
+        settings.queue_name,
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        settings.log_level,
+        *(extra_args or []),
+    ]
+    app.worker_main(argv=argv)
+    return 0
