@@ -196,8 +196,14 @@ def test_since_filter(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"state": "BOGUS"}, {"verdict": "maybe"}, {"since": "yesterday"}, {"limit": 0}, {"offset": -1},
-     {"modality": "ct;drop"}],
+    [
+        {"state": "BOGUS"},
+        {"verdict": "maybe"},
+        {"since": "yesterday"},
+        {"limit": 0},
+        {"offset": -1},
+        {"modality": "ct;drop"},
+    ],
 )
 def test_bad_filters_are_422(client: TestClient, params: dict) -> None:
     assert client.get("/api/studies", params=params).status_code == 422
@@ -224,6 +230,7 @@ def test_study_detail_has_history_series_instances_and_regions(client: TestClien
     ]
     assert flagged["map_path"].endswith(".npy")
     assert by_sop[db.flagged_sops[1]]["regions"] == []
+    assert body["reports"] == []  # the reporting tables exist (0002_reports); nothing reported yet
 
 
 def test_failed_study_shows_its_error(client: TestClient, db: SimpleNamespace) -> None:
@@ -267,9 +274,49 @@ def test_rescore_refuses_a_study_being_received(client: TestClient, db: SimpleNa
     assert client.post(f"/api/studies/{db.receiving}/rescore").status_code == 409
 
 
+def test_rescore_requeues_a_failed_study_as_a_new_version(db: SimpleNamespace) -> None:
+    """With a broker configured the rescore is a real Celery message in Redis (no worker consumes it here)."""
+    redis = pytest.importorskip("redis")
+    queue_name = f"btd-test-api-{uuid.uuid4().hex[:8]}"
+    settings = db.settings.model_copy(
+        update={"api_token": "s3cret", "broker_url": "redis://127.0.0.1:6379/0", "queue_name": queue_name}
+    )
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        broker.ping()
+    except redis.RedisError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    study_uid = uid()
+    with session_scope(settings) as session:
+        _record(session, settings, study_uid, study_uid + ".1")
+    claim = _to_scoring(settings, study_uid)
+    assert tasks._release(settings, claim, states.FAILED, "failed: boom", "boom")
+
+    client = TestClient(create_app(settings))
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        resp = client.post(f"/api/studies/{study_uid}/rescore", headers=auth)
+        assert resp.status_code == 202, resp.text
+        assert resp.json() == {"study_uid": study_uid, "state": "QUEUED", "version": 2, "dispatched": "btd.score_study"}
+        assert broker.llen(queue_name) == 1
+        message = json.loads(broker.lindex(queue_name, 0))
+        assert message["headers"]["task"] == "btd.score_study" and study_uid in message["headers"]["argsrepr"]
+
+        detail = client.get(f"/api/studies/{study_uid}").json()
+        assert detail["history"][-1]["to_state"] == "QUEUED" and detail["attempts"] == 0 and detail["error"] is None
+        stats = client.get("/api/stats").json()
+        assert stats["queue_mode"] == "celery" and stats["queue_depth"] == 1
+        # Queued again: a second rescore must not queue it twice.
+        assert client.post(f"/api/studies/{study_uid}/rescore", headers=auth).status_code == 409
+        assert broker.llen(queue_name) == 1
+    finally:
+        broker.delete(queue_name)
+        broker.close()
+
+
 def test_stats_counts_states_and_verdicts(client: TestClient, db: SimpleNamespace) -> None:
     body = client.get("/api/stats").json()
-    assert body["by_state"]["SCORED"] >= 2 and body["by_state"]["RECEIVING"] == 1 and body["by_state"]["FAILED"] == 1
+    assert body["by_state"]["SCORED"] == 2 and body["by_state"]["RECEIVING"] == 1 and body["by_state"]["FAILED"] == 1
     assert body["by_verdict"]["suspicious"] == 1 and body["by_verdict"]["no_evidence"] >= 1
     assert body["total"] == sum(body["by_state"].values())
     assert body["queue_mode"] == "in-process"

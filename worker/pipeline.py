@@ -61,7 +61,7 @@ def get_detector(settings: Settings) -> Any:
     key = (settings.model, settings.device)
     with _detector_lock:
         if _detector is None or _detector_key != key:
-            from models import Detector  # torch is heavy: import it only in processes that score
+            from models.detector import Detector  # torch is heavy: import it only in processes that score
 
             started = time.perf_counter()
             _detector = Detector.load(path=settings.model, device=settings.device)
@@ -137,9 +137,7 @@ def verify_spool_files(series: Sequence[SeriesInput]) -> None:
         raise PermanentScoringError("study has no instances in the spool")
     missing = [f for f in files if not f.path.is_file()]
     if missing:
-        raise PermanentScoringError(
-            f"spool files missing: {len(missing)} of {len(files)} (first: {missing[0].path})"
-        )
+        raise PermanentScoringError(f"spool files missing: {len(missing)} of {len(files)} (first: {missing[0].path})")
     for f in files:
         if f.sha256 and _sha256_of(f.path) != f.sha256:
             raise PermanentScoringError(f"spool file altered since receipt (SHA-256 differs): {f.path}")
@@ -221,7 +219,6 @@ def score_study_files(
         on_progress(0, total)
     for item in series:
         map_paths: dict[tuple[str, int | None], str] = {}
-        seen_in_series: set[tuple[str, int | None]] = set()
 
         def on_map(instance_result: Any, residual_map: np.ndarray, _paths: dict = map_paths) -> None:
             key = (instance_result.sop_instance_uid, instance_result.frame)
@@ -230,11 +227,14 @@ def score_study_files(
                 save_map(data_dir, relpath, residual_map)
                 _paths[key] = relpath
 
-        def progress(*args: Any, _offset: int = done_before, _n: int = len(item.files)) -> None:
-            # models reports (done, total) within the series; turn it into study-wide counts.
-            done = int(args[0]) if args else 0
+        done_in_series = 0
+
+        def progress(n_done: int, _offset: int = done_before, _n: int = len(item.files)) -> None:
+            # models reports slices finished since its last call; turn that into study-wide counts.
+            nonlocal done_in_series
+            done_in_series += int(n_done)
             if on_progress:
-                on_progress(_offset + min(done, _n), total)
+                on_progress(_offset + min(done_in_series, _n), total)
 
         started = time.perf_counter()
         result = detector.score_series([str(f.path) for f in item.files], on_map=on_map, progress=progress)
@@ -242,7 +242,6 @@ def score_study_files(
         n_slices = max(1, len(getattr(result, "instances", []) or []))
         for _ in range(n_slices):
             SCORING_SECONDS_PER_SLICE.observe(elapsed / n_slices)
-        seen_in_series.update(map_paths)
         done_before += len(item.files)
         if on_progress:
             on_progress(done_before, total)

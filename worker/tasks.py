@@ -253,9 +253,16 @@ def _finite(value: Any) -> float | None:
 
 
 def run_score_study(
-    study_uid: str, settings: Settings | None = None, *, final_attempt: bool = True, owner: str | None = None
+    study_uid: str,
+    settings: Settings | None = None,
+    *,
+    final_attempt: bool = True,
+    owner: str | None = None,
+    dispatch_next: bool = True,
 ) -> ScoreOutcome:
     """Do (or decline) the scoring of one study; never raises for the study's own faults.
+
+    `dispatch_next=False` leaves the study SCORED without asking for its report (tests of this step).
 
     Database errors while claiming propagate (the caller retries the message: nothing was done yet).
     """
@@ -279,19 +286,23 @@ def run_score_study(
             error = f"{type(exc).__name__}: {exc}"[:2000]
             if final_attempt:
                 _release(
-                    settings, claimed, states.FAILED, f"failed after {claimed.attempts} attempts: {error}",
+                    settings,
+                    claimed,
+                    states.FAILED,
+                    f"failed after {claimed.attempts} attempts: {error}",
                     f"{error} (attempt {claimed.attempts})",
                 )
-                log_event(log, "score.failed", logging.ERROR, study_uid=study_uid, error=error,
-                          attempt=claimed.attempts)
+                log_event(
+                    log, "score.failed", logging.ERROR, study_uid=study_uid, error=error, attempt=claimed.attempts
+                )
                 return ScoreOutcome(FAILED, error)
             _release(settings, claimed, states.QUEUED, f"retry after error: {error}", error)
             log_event(log, "score.retry", logging.WARNING, study_uid=study_uid, error=error, attempt=claimed.attempts)
             return ScoreOutcome(RETRY, error)
         finally:
             pipeline.clear_progress(settings.data_dir, study_uid)
-        if outcome.kind == SCORED:
-            _dispatch_report(study_uid)
+        if outcome.kind == SCORED and dispatch_next:
+            _dispatch_report(study_uid, settings)
         return outcome
 
 
@@ -335,12 +346,12 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
     return ScoreOutcome(SCORED, result.verdict)
 
 
-def _dispatch_report(study_uid: str) -> None:
+def _dispatch_report(study_uid: str, settings: Settings) -> None:
     """Hand the study to the reports area; SCORED is durable, so a failure here loses no result."""
     try:
         from service.queue import dispatch
 
-        dispatch(BUILD_REPORT, study_uid)
+        dispatch(BUILD_REPORT, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study stays SCORED and visible; a report can be rebuilt
         log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
 

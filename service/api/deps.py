@@ -78,26 +78,7 @@ def read_progress(data_dir: Path, study_uid: str) -> dict[str, Any] | None:
 
 
 def queue_depth(settings: Settings) -> int | None:
-    """Messages waiting: Redis LLEN of the Celery queue, or the in-process queue's size; None if unknown."""
-    if settings.broker_url:
-        import redis
+    """Messages waiting: Redis LLEN of the Celery queue, or the in-process executor's; None if unknown."""
+    from service.queue import queue_depth as depth
 
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            return int(client.llen(settings.queue_name))
-        except redis.RedisError:
-            return None
-        finally:
-            client.close()
-    try:
-        from service import queue as local_queue
-    except ImportError:
-        return None
-    for name in ("queue_depth", "pending", "qsize"):
-        func = getattr(local_queue, name, None)
-        if callable(func):
-            try:
-                return int(func())
-            except Exception:  # noqa: BLE001 - a depth we cannot read is reported as unknown
-                return None
-    return None
+    return depth(settings)

@@ -40,15 +40,29 @@ log = logging.getLogger("btd.api")
 router = APIRouter(prefix="/api", tags=["studies"])
 
 StateName = Literal[
-    "RECEIVING", "STABLE", "QUEUED", "SCORING", "SCORED", "REPORTED", "DELIVERED", "FAILED", "FAILED_DELIVERY",
+    "RECEIVING",
+    "STABLE",
+    "QUEUED",
+    "SCORING",
+    "SCORED",
+    "REPORTED",
+    "DELIVERED",
+    "FAILED",
+    "FAILED_DELIVERY",
     "REJECTED",
 ]
 VerdictName = Literal["no_evidence", "suspicious", "not_assessed"]
 
 SCORE_TASK = "btd.score_study"
 # A study may be sent back to scoring only once nothing is working on it.
-RESCORABLE_STATES = (states.SCORED, states.REPORTED, states.DELIVERED, states.FAILED, states.FAILED_DELIVERY,
-                     states.REJECTED)
+RESCORABLE_STATES = (
+    states.SCORED,
+    states.REPORTED,
+    states.DELIVERED,
+    states.FAILED,
+    states.FAILED_DELIVERY,
+    states.REJECTED,
+)
 
 
 def _summary_fields(study: Study, settings: Settings) -> dict[str, Any]:
@@ -261,7 +275,7 @@ def rescore_study(
     from service.queue import dispatch
 
     try:
-        dispatch(SCORE_TASK, study_uid)
+        dispatch(SCORE_TASK, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is QUEUED in the db; say that the hand-over failed
         log_event(log, "api.rescore_dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"study queued but not dispatched: {exc}") from exc

@@ -1,0 +1,289 @@
+"""The scoring task on a real SQLite database, real spool files and a real (tiny, random) BTD model: the
+study is claimed, scored once, its results and maps stored; duplicates, expired leases, reopened studies,
+missing files and a broken model each end in the state the state machine promises."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from sqlalchemy import func, select, update
+
+from service.db import migrate, repository, states
+from service.db.models import InstanceResult, Region, SeriesResult, Study, StudyEvent
+from service.db.session import dispose_engines, session_scope
+from service.settings import Settings
+from worker import celery_app, pipeline, tasks
+
+CT_SMALL = Path(__file__).parent / "fixtures" / "pydicom" / "CT_small.dcm"
+SUSPICIOUS_EVERYWHERE = -1e9  # a threshold every slice passes: exercises the "suspicious" path (maps, regions)
+
+
+def make_tiny_model(path: Path, slice_threshold: float = SUSPICIOUS_EVERYWHERE) -> Path:
+    """A random BTD model small enough to score 512x512 CT on a shared CPU in seconds per slice.
+
+    Random weights are fine here: these tests check the plumbing around the model, not its science.
+    A low region threshold in the anomaly statistics makes regions appear, so they flow to the db too.
+    """
+    from models.checkpoint import save_model
+    from models.diffusion import GaussianDiffusion
+    from models.metadata import ModelMetadata
+    from models.unet import Unet
+
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=32)
+    metadata = ModelMetadata(
+        name="tiny-test",
+        modality="CT",
+        channels=1,
+        patch_size=32,
+        calibration={"slice_threshold": slice_threshold, "series_threshold": slice_threshold},
+        anomaly={"energy_mean": -12.0, "energy_std": 1.0, "region_threshold": 3.0},
+    )
+    save_model(diffusion, path, metadata)
+    return path
+
+
+def uid() -> str:
+    return f"2.25.{uuid.uuid4().int}"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    torch.set_num_threads(1)
+    data_dir = tmp_path_factory.mktemp("worker")
+    model = make_tiny_model(data_dir / "tiny.pt")
+    settings = Settings(data_dir=data_dir, model=str(model), device="cpu", visibility_timeout=60)
+    migrate.upgrade(settings)
+    yield SimpleNamespace(settings=settings, data_dir=data_dir)
+    dispose_engines()
+
+
+def receive(settings: Settings, study_uid: str, source: Path = CT_SMALL, sop_uid: str | None = None) -> str:
+    """Store a copy of a real DICOM file in the spool under new UIDs and record it, as the listener does."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = study_uid + ".1"
+    ds.SOPInstanceUID = sop_uid or uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    received = repository.ReceivedInstance(
+        study_uid=study_uid,
+        series_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        transfer_syntax=ds.file_meta.TransferSyntaxUID,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        modality=ds.Modality,
+    )
+
+    def store(version: int) -> str:
+        rel = f"{study_uid}/{ds.SOPInstanceUID}.v{version}.dcm"
+        (settings.spool_dir / study_uid).mkdir(parents=True, exist_ok=True)
+        (settings.spool_dir / rel).write_bytes(data)
+        return rel
+
+    with session_scope(settings) as session:
+        repository.record_instance(session, received, stable_seconds=30, store=store)
+    return ds.SOPInstanceUID
+
+
+def queue(settings: Settings, study_uid: str) -> None:
+    with session_scope(settings) as session:
+        assert repository.transition(session, study_uid, states.RECEIVING, states.STABLE, "quiet")
+        assert repository.transition(
+            session, study_uid, states.STABLE, states.QUEUED, "queued", queued_at=datetime.now(UTC)
+        )
+
+
+def study_row(settings: Settings, study_uid: str) -> Study:
+    with session_scope(settings) as session:
+        study = repository.get_study(session, study_uid)
+        assert study is not None
+        return study
+
+
+def count(settings: Settings, model: type, *where) -> int:
+    with session_scope(settings) as session:
+        return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def scored_events(settings: Settings, study_uid: str) -> int:
+    return count(settings, StudyEvent, StudyEvent.study_uid == study_uid, StudyEvent.to_state == states.SCORED)
+
+
+def test_study_verdict_is_the_worst_series_and_the_max_score() -> None:
+    s = SimpleNamespace
+    assert pipeline.study_verdict([]) == ("not_assessed", None)
+    assert pipeline.study_verdict([s(verdict="not_assessed", score=None)]) == ("not_assessed", None)
+    assert pipeline.study_verdict([s(verdict="no_evidence", score=2.0), s(verdict="not_assessed", score=None)]) == (
+        "no_evidence",
+        2.0,
+    )
+    assert pipeline.study_verdict([s(verdict="no_evidence", score=9.0), s(verdict="suspicious", score=5.0)]) == (
+        "suspicious",
+        9.0,
+    )
+
+
+def test_celery_app_is_configured_for_long_jobs_that_must_not_be_lost() -> None:
+    app = celery_app.create_celery_app(Settings(broker_url="redis://127.0.0.1:6379/0", queue_name="q-test"))
+    conf = app.conf
+    assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 7200
+    assert conf.task_default_queue == "q-test" and conf.task_serializer == "json"
+    assert "worker.tasks" in conf.include
+    assert tasks.SCORE_STUDY in celery_app.app.tasks
+    assert set(tasks.TASKS) >= {"btd.score_study", "btd.build_report", "btd.deliver_report"}
+    settings = Settings()
+    delays = [celery_app.backoff_delay(settings, n) for n in range(3)]
+    assert delays[1] == 2 * delays[0] and delays[2] == 4 * delays[0]
+
+
+def test_scores_a_study_once_and_stores_everything(env: SimpleNamespace) -> None:
+    settings = env.settings
+    study_uid = uid()
+    sops = [receive(settings, study_uid) for _ in range(2)]
+    queue(settings, study_uid)
+
+    outcome = tasks.run_score_study(study_uid, settings, owner="w1", dispatch_next=False)
+    assert outcome.kind == tasks.SCORED, outcome
+
+    study = study_row(settings, study_uid)
+    assert study.verdict == "suspicious" and study.score is not None and study.attempts == 1
+    assert study.lease_owner is None and study.error is None
+    assert scored_events(settings, study_uid) == 1
+    with session_scope(settings) as session:
+        (series,) = session.scalars(select(SeriesResult).where(SeriesResult.study_uid == study_uid)).all()
+        assert series.study_version == 1 and series.n_instances == 2 and series.n_assessed == 2
+        assert series.model_name == "tiny-test" and len(series.model_sha256 or "") == 64
+        results = session.scalars(select(InstanceResult).where(InstanceResult.series_result_id == series.id)).all()
+        assert sorted(r.sop_instance_uid for r in results) == sorted(sops)
+        n_regions = session.scalar(
+            select(func.count()).select_from(Region).where(Region.instance_result_id.in_([r.id for r in results]))
+        )
+    assert n_regions and n_regions > 0
+    for r in results:
+        assert r.verdict == "suspicious"
+        assert r.map_path == f"maps/{study_uid}/{r.sop_instance_uid}.npy"
+        residual = np.load(env.data_dir / r.map_path)
+        assert residual.dtype == np.float16 and residual.shape == (128, 128)
+    assert not pipeline.progress_path(settings.data_dir, study_uid).exists()  # cleared when done
+
+    # A duplicate delivery of the same message does nothing.
+    again = tasks.run_score_study(study_uid, settings, owner="w2", dispatch_next=False)
+    assert again.kind == tasks.SKIPPED
+    assert scored_events(settings, study_uid) == 1
+    assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 1
+
+
+def test_live_lease_is_respected_and_an_expired_one_taken_over(env: SimpleNamespace) -> None:
+    settings = env.settings
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    with session_scope(settings) as session:
+        claim = tasks.claim_study(session, study_uid, "dead-worker", settings)
+    assert isinstance(claim, tasks.Claim) and claim.attempts == 1
+
+    busy = tasks.run_score_study(study_uid, settings, owner="w2", dispatch_next=False)
+    assert busy.kind == tasks.BUSY and busy.retry_in and busy.retry_in > 0
+    assert study_row(settings, study_uid).lease_owner == "dead-worker"
+
+    # The dead worker's lease runs out (its worker was SIGKILLed); the re-delivered message takes over.
+    with session_scope(settings) as session:
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == study_uid)
+            .values(lease_until=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    outcome = tasks.run_score_study(study_uid, settings, owner="w2", dispatch_next=False)
+    assert outcome.kind == tasks.SCORED
+    study = study_row(settings, study_uid)
+    assert study.state == states.SCORED and study.attempts == 2
+    assert scored_events(settings, study_uid) == 1
+    assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 1
+    with session_scope(settings) as session:
+        details = session.scalars(select(StudyEvent.detail).where(StudyEvent.study_uid == study_uid)).all()
+    assert any("expired; taken over by w2" in (d or "") for d in details)
+
+
+def test_results_of_a_study_reopened_while_scoring_are_discarded(env: SimpleNamespace) -> None:
+    settings = env.settings
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    with session_scope(settings) as session:
+        claim = tasks.claim_study(session, study_uid, "w1", settings)
+    assert isinstance(claim, tasks.Claim)
+    receive(settings, study_uid)  # a late instance: SCORING -> RECEIVING, version 2
+
+    outcome = tasks._score_claimed(settings, claim)
+    assert outcome.kind == tasks.DISCARDED
+    study = study_row(settings, study_uid)
+    assert study.state == states.RECEIVING and study.version == 2 and study.verdict is None
+    assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 0
+
+
+def test_missing_spool_file_fails_the_study_with_a_clear_error(env: SimpleNamespace) -> None:
+    settings = env.settings
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    shutil.rmtree(settings.spool_dir / study_uid)
+
+    outcome = tasks.run_score_study(study_uid, settings, owner="w1", dispatch_next=False)
+    assert outcome.kind == tasks.FAILED
+    study = study_row(settings, study_uid)
+    assert study.state == states.FAILED and study.attempts == 1
+    assert "spool files missing: 1 of 1" in (study.error or "")
+
+
+def test_altered_spool_file_fails_the_study(env: SimpleNamespace) -> None:
+    settings = env.settings
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    (spooled,) = (settings.spool_dir / study_uid).iterdir()
+    spooled.write_bytes(spooled.read_bytes()[:-2] + b"\x00\x01")
+
+    assert tasks.run_score_study(study_uid, settings, owner="w1").kind == tasks.FAILED
+    assert "SHA-256 differs" in (study_row(settings, study_uid).error or "")
+
+
+def test_transient_error_is_retried_then_fails_with_attempt_count(env: SimpleNamespace, tmp_path: Path) -> None:
+    broken_model = tmp_path / "broken.pt"
+    broken_model.write_bytes(b"this is not a checkpoint")
+    settings = env.settings.model_copy(update={"model": str(broken_model)})
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+
+    first = tasks.run_score_study(study_uid, settings, final_attempt=False, owner="w1", dispatch_next=False)
+    assert first.kind == tasks.RETRY
+    study = study_row(settings, study_uid)
+    assert study.state == states.QUEUED and study.error and study.lease_owner is None
+
+    last = tasks.run_score_study(study_uid, settings, final_attempt=True, owner="w1", dispatch_next=False)
+    assert last.kind == tasks.FAILED
+    study = study_row(settings, study_uid)
+    assert study.state == states.FAILED and study.attempts == 2 and "attempt 2" in (study.error or "")
+
+
+def test_unknown_study_is_skipped(env: SimpleNamespace) -> None:
+    assert tasks.run_score_study(uid(), env.settings).kind == tasks.SKIPPED
