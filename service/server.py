@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from types import FrameType
 from typing import Any
 
@@ -24,20 +25,31 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("btd.server")
 
 
-def _quiet_signal_handlers() -> None:
-    """uvicorn re-raises the signal that stopped it once it has shut down; with the default SIGTERM
-    handler that would kill the process before the listener and the monitor are stopped. Handlers that
-    do nothing let the re-raised signal fall through to our own shutdown."""
+class _StopSignals:
+    """SIGTERM/SIGINT at any moment mean "shut down cleanly". While uvicorn runs it handles them itself
+    and, once stopped, re-raises the signal to the handler that was there before: ours, which only
+    records it (the default SIGTERM action would kill the process before the listener and the monitor
+    are stopped). A signal during start-up is remembered, and uvicorn is then told to exit or not run."""
 
-    def ignore(_signum: int, _frame: FrameType | None) -> None:
-        return None
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.server: Any = None
 
-    signal.signal(signal.SIGTERM, ignore)
-    signal.signal(signal.SIGINT, ignore)
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        self.requested.set()
+        if self.server is not None:
+            self.server.should_exit = True
 
 
 def serve(settings: Settings | None = None) -> int:
     settings = settings or get_settings()
+    stop = _StopSignals()
+    stop.install()
     configure_logging(settings.log_level)
     migrate.upgrade(settings)
     log_event(log, "database.migrated")
@@ -61,8 +73,9 @@ def serve(settings: Settings | None = None) -> int:
             access_log=False,
             lifespan="on",
         )
-        _quiet_signal_handlers()
-        uvicorn.Server(config).run()
+        stop.server = uvicorn.Server(config)
+        if not stop.requested.is_set():
+            stop.server.run()
     finally:
         log_event(log, "gateway.stopping")
         listener.shutdown()

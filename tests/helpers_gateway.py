@@ -147,6 +147,7 @@ class GatewayProcess:
         log.close()
         if wait:
             wait_for_port(self.dicom_port, timeout=timeout, proc=self.proc)
+            wait_for_port(self.http_port, timeout=timeout, proc=self.proc)
         return self
 
     def stop(self, timeout: float = 20.0) -> int | None:
