@@ -4,7 +4,8 @@ Files are sent exactly as they are on disk (pynetdicom's chunked mode: the File 
 class, instance and transfer syntax, and the dataset bytes stream unchanged), so what the peer stores is
 what we hold. Each association proposes one presentation context per (SOP class, transfer syntax) pair
 found in the input; more than 128 pairs (the DICOM limit per association) are split over several
-associations. The socket gets TCP_NODELAY so a small request PDU never waits for a delayed ACK.
+associations. A deflated file whose dataset has odd length is sent with one zero pad byte (the only
+change ever made). The socket gets TCP_NODELAY so a small request PDU never waits for a delayed ACK.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
 MAX_CONTEXTS = 128
@@ -46,6 +48,7 @@ class _Item:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    pad: bool = False  # a deflated file whose dataset has odd length (see _padded_copy)
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -81,11 +84,29 @@ def _describe(source: str | Path | Dataset) -> _Item | SendResult:
         return SendResult(None, None, "not a DICOM Part 10 file", str(path))
     try:
         meta = read_file_meta_info(path)
-        return _Item(
-            path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
-        )
+        ts = str(meta.TransferSyntaxUID)
+        pad = ts == DeflatedExplicitVRLittleEndian and _dataset_length(path) % 2 == 1
+        return _Item(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), ts, pad)
     except Exception as exc:
         return SendResult(None, None, f"unreadable File Meta: {type(exc).__name__}: {exc}"[:300], str(path))
+
+
+def _dataset_length(path: Path) -> int:
+    """Bytes after the File Meta (its group length element comes first in a Part 10 file)."""
+    with path.open("rb") as handle:
+        head = handle.read(144)
+    meta_end = 144 + int.from_bytes(head[140:144], "little")
+    return path.stat().st_size - meta_end
+
+
+@contextlib.contextmanager
+def _padded_copy(path: Path) -> Iterator[Path]:
+    """A deflated dataset stored with odd length, padded with one zero byte as DICOM requires of every
+    PDV fragment (dcmtk aborts the association on an odd fragment; zlib ignores the trailing byte)."""
+    with tempfile.TemporaryDirectory(prefix="btd-send-") as folder:
+        copy = Path(folder) / path.name
+        copy.write_bytes(path.read_bytes() + b"\x00")
+        yield copy
 
 
 def _batches(items: list[_Item]) -> Iterator[tuple[list[tuple[str, list[str]]], list[_Item]]]:
@@ -178,7 +199,11 @@ def _send_batch(
                 results.append(_result(item, None, "association ended before this instance"))
                 continue
             try:
-                status = assoc.send_c_store(item.source, msg_id=message_id % 65536)
+                if item.pad and isinstance(item.source, Path):
+                    with _padded_copy(item.source) as padded:
+                        status = assoc.send_c_store(padded, msg_id=message_id % 65536)
+                else:
+                    status = assoc.send_c_store(item.source, msg_id=message_id % 65536)
             except (ValueError, AttributeError, OSError) as exc:
                 results.append(_result(item, None, f"{type(exc).__name__}: {exc}"[:300]))
                 continue

@@ -1,0 +1,138 @@
+"""`btd send` and service.dicom.sender against dcmtk storescp (a real peer), and TCP_NODELAY on both
+ends of our own associations."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_gateway import PYTHON, REPO_ROOT, free_port, wait_for_port
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from service.db import migrate
+from service.db.session import dispose_engines
+from service.dicom import sender
+from service.dicom.listener import start_listener
+from service.settings import Settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SERIES = FIXTURES / "ct_series_20"
+
+
+def dataset_part(path: Path) -> bytes:
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+@pytest.fixture(scope="module")
+def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """dcmtk storescp accepting every transfer syntax (+xa), writing what it receives to a folder."""
+    out = tmp_path_factory.mktemp("storescp")
+    port = free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen(
+        ["storescp", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def btd_send(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "service.cli", "send", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_btd_send_a_folder_to_storescp(storescp: tuple[int, Path]) -> None:
+    port, out = storescp
+    done = btd_send(str(SERIES), "--host", "127.0.0.1", "--port", str(port), "--aet", "STORESCP")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "20 sent, 0 failed" in done.stderr
+    assert done.stdout.count("OK   0x0000") == 20
+    sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in SERIES.glob("CT.*")}
+    received = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
+    assert set(sources) <= set(received)
+    for uid, source in sources.items():  # sent as stored: JPEG 2000 bytes unchanged
+        assert dataset_part(received[uid]) == dataset_part(source)
+
+
+def test_btd_send_fails_loudly(storescp: tuple[int, Path], tmp_path: Path) -> None:
+    port, _ = storescp
+    not_dicom = tmp_path / "notes.txt"
+    not_dicom.write_text("not an image")
+    done = btd_send(
+        str(not_dicom), str(FIXTURES / "pydicom" / "CT_small.dcm"), "--port", str(port), "--aet", "STORESCP"
+    )
+    assert done.returncode == 1
+    assert "FAIL ---- " in done.stdout and "not a DICOM Part 10 file" in done.stdout
+    assert "OK   0x0000" in done.stdout  # the good file still went
+    nobody = btd_send(str(FIXTURES / "pydicom" / "CT_small.dcm"), "--port", str(free_port()), "--timeout", "5")
+    assert nobody.returncode == 1 and "association aborted or peer unreachable" in nobody.stdout
+
+
+def test_send_files_datasets_and_mixed_syntaxes(storescp: tuple[int, Path]) -> None:
+    port, out = storescp
+    ds = dcmread(FIXTURES / "pydicom" / "MR_small.dcm")
+    results = sender.send_files(
+        [ds, FIXTURES / "ct_transfer_syntaxes"], "127.0.0.1", port, "STORESCP", "BTDTEST", timeout=30
+    )
+    assert results[0].sop_instance_uid == ds.SOPInstanceUID and results[0].status == 0
+    refused = {Path(r.path or "").name for r in results if not r.ok}
+    # storescp +xa does not accept the JPEG processes 6/8, 10/12 and 14 (non-SV1): the peer's choice,
+    # reported per file; everything else (the deflated file included) is stored.
+    assert refused == {
+        "CTImage.dcm_JPEGProcess6_8TransferSyntax_1.2.840.10008.1.2.4.53.dcm",
+        "CTImage.dcm_JPEGProcess10_12TransferSyntax_1.2.840.10008.1.2.4.55.dcm",
+        "CTImage.dcm_JPEGProcess14TransferSyntax_1.2.840.10008.1.2.4.57.dcm",
+    }
+    assert all("No presentation context" in (r.error or "") for r in results if not r.ok)
+    assert sum(r.ok for r in results) == len(results) - 3 >= 15
+
+
+def test_more_than_128_contexts_are_split_over_associations() -> None:
+    items = [sender._Item(Path(f"/x/{i}"), f"1.2.3.{i}", f"2.25.{i}", "1.2.840.10008.1.2.1") for i in range(130)]
+    batches = list(sender._batches(items))
+    assert [len(contexts) for contexts, _ in batches] == [128, 2]
+    assert sum(len(batch) for _, batch in batches) == 130
+
+
+def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
+    """pynetdicom sets no TCP_NODELAY itself; our handlers do, so small PDUs never wait for an ACK."""
+    settings = Settings(data_dir=tmp_path, dicom_host="127.0.0.1", dicom_port=free_port(), min_free_bytes=0)
+    migrate.upgrade(settings)
+    server = start_listener(settings)
+    try:
+        ae = AE(ae_title="NODELAY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(
+            "127.0.0.1", settings.dicom_port, ae_title="BTD", evt_handlers=[(evt.EVT_CONN_OPEN, sender._on_conn_open)]
+        )
+        assert assoc.is_established
+        ours = assoc.dul.socket.socket
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        acceptors = server.active_associations
+        assert acceptors, "the listener holds the association"
+        theirs = acceptors[0].dul.socket.socket
+        assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assoc.release()
+    finally:
+        server.shutdown()
+        dispose_engines()
