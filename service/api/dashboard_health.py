@@ -3,7 +3,7 @@
 Why cached: the overview is reloaded by several people and polled; a Celery ping waits for replies and a
 C-ECHO opens an association, so each answer is kept for a few seconds instead of being redone per view.
 The gateway never imports worker code, so Celery workers are pinged through a bare Celery client on the
-same broker, and the in-process worker thread is found by asking `service.queue` (or by thread name).
+same broker, and the in-process executor thread is asked about through `service.queue`.
 """
 
 from __future__ import annotations
@@ -65,20 +65,16 @@ def _ping_celery(broker_url: str) -> WorkerHealth:
 
 
 def _in_process_worker() -> WorkerHealth:
-    try:
-        from service import queue as local_queue
-    except ImportError:
-        local_queue = None
-    for name in ("worker_alive", "is_worker_alive", "worker_is_alive"):
-        probe = getattr(local_queue, name, None)
-        if callable(probe):
-            alive = bool(probe())
-            return WorkerHealth("in-process", alive, "worker thread alive" if alive else "worker thread stopped")
-    # Our own worker threads are named "btd-worker..." (not AnyIO's or uvicorn's "worker" threads).
-    threads = [t.name for t in threading.enumerate() if t.name.lower().startswith("btd-worker") and t.is_alive()]
-    if threads:
-        return WorkerHealth("in-process", True, "worker thread alive", tuple(threads))
-    return WorkerHealth("in-process", False, "no worker thread in this process")
+    """`btd serve` without a broker runs tasks in its executor thread (service.queue); is it alive?"""
+    from service import queue as local_queue
+
+    executor = local_queue.current_executor()
+    if executor is None:
+        return WorkerHealth("in-process", False, "no task executor runs in this process")
+    if not executor.alive:
+        return WorkerHealth("in-process", False, "the task executor thread has stopped")
+    detail = f"executor thread alive: {executor.completed} task(s) done, {executor.failures} failed"
+    return WorkerHealth("in-process", True, detail)
 
 
 def worker_health(settings: Settings) -> WorkerHealth:
