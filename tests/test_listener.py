@@ -133,7 +133,9 @@ def test_every_transfer_syntax_is_stored_as_sent(gateway: Settings) -> None:
         assert result.path is not None
         source = Path(result.path)
         rows = rows_for(gateway, sop_instance_uid=str(result.sop_instance_uid), calling_ae="TSTEST")
-        stored = [r for r in rows if dataset_part(gateway.spool_dir / r.path) == dataset_part(source)]
+        # The sender pads an odd-length deflated dataset with one zero byte (DICOM wants even fragments).
+        sent = dataset_part(source) + (b"\0" if len(dataset_part(source)) % 2 else b"")
+        stored = [r for r in rows if dataset_part(gateway.spool_dir / r.path) == sent]
         assert len(stored) == 1, source.name
         assert stored[0].transfer_syntax == str(dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
