@@ -4,4 +4,33 @@ This package knows nothing about networks, databases or queues, so it can be use
 Python or from the `btd` command line.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = ["Detector", "InstanceResult", "ModelInfo", "Region", "SeriesResult", "__version__"]
+
+if TYPE_CHECKING:
+    from models.detector import Detector
+    from models.results import InstanceResult, ModelInfo, Region, SeriesResult
+
+# Resolved on first use so that `import models` (e.g. by the CLI dispatcher) stays cheap: the Detector
+# pulls in torch, which takes seconds to import.
+_LAZY = {
+    "Detector": "models.detector",
+    "InstanceResult": "models.results",
+    "ModelInfo": "models.results",
+    "Region": "models.results",
+    "SeriesResult": "models.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name)

@@ -173,13 +173,16 @@ def normalise_mr(values: np.ndarray, percentiles: tuple[float, float] = MR_PERCE
     return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-def to_unit(values: np.ndarray, modality: str, windows: Sequence[Window], channels: int = 1) -> np.ndarray:
+def to_unit(values: np.ndarray, normalization: str, windows: Sequence[Window], channels: int = 1) -> np.ndarray:
     """One slice of modality units (H, W) -> the model's [0, 1] channels (C, H, W).
 
-    CT uses the model's intensity windows (one per channel); MR, which has no absolute scale, uses the
-    per-slice percentile normalisation, repeated to fill the model's channels.
+    "window" (CT) applies the model's intensity windows, one per channel; "minmax" (MR, which has no
+    absolute scale) stretches the slice's own range, with the percentile tails clipped (module docstring),
+    repeated to fill the model's channels.
     """
-    if modality == "CT" and windows:
+    if normalization == "window":
+        if not windows:
+            raise ValueError("a window-normalised model needs at least one window")
         return to_unit_channels(values, windows)
     unit = normalise_mr(values)
     return np.repeat(unit[None], max(1, channels), axis=0)

@@ -112,12 +112,12 @@ def test_mr_normalisation_clips_percentiles_into_unit_range():
     # 0.5 % of pixels at each end are clipped, the rest spread between
     assert 0.003 < np.mean(unit == 1.0) < 0.02
     assert np.all(np.diff(unit.ravel()[np.argsort(values.ravel(), kind="stable")]) >= 0)  # order kept
-    channels = to_unit(values, "MR", [], channels=3)
+    channels = to_unit(values, "minmax", [], channels=3)
     assert channels.shape == (3, 64, 64) and np.array_equal(channels[2], unit)
 
 
 def test_ct_unit_input_uses_the_btd_window(reference_hu):
-    unit = to_unit(reference_hu[0], "CT", [BTD_CT_WINDOW])
+    unit = to_unit(reference_hu[0], "window", [BTD_CT_WINDOW])
     assert unit.shape == (1, 512, 512)
     assert unit.min() == 0.0 and unit.max() <= 1.0
     assert np.all(unit[0][reference_hu[0] <= -700] == 0.0)

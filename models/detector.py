@@ -1,0 +1,329 @@
+"""The BTD detector: a model loaded once, scoring whole series slice by slice.
+
+Per slice: modality units -> the model's [0, 1] channels -> [-1, 1] -> one reverse diffusion step at
+t = 0 -> residual map (float32, computed from the noise prediction so that a bf16 U-Net cannot erase it)
+-> `AnomalyModel.anomaly_map` -> regions and a slice score. A series scores the max of its slices, a
+study the max of its series (`models.results.study_verdict`). Verdicts come only from the calibration
+stored with the model; an uncalibrated model gives "not assessed", never a pass.
+
+Streaming: slices are decoded, scored and handed to `on_map` a batch at a time; nothing keeps the maps
+of a series, and results hold only scores and regions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.anomaly import AnomalyModel
+from models.diffusion import GaussianDiffusion
+from models.metadata import ModelMetadata
+from models.preprocess import PathOrDataset, to_unit
+from models.regions import DEFAULT_MAX_REGIONS, find_regions
+from models.results import (
+    NOT_ASSESSED,
+    UNCALIBRATED_REASON,
+    InstanceResult,
+    ModelInfo,
+    SeriesResult,
+    verdict_for,
+)
+from models.series import SeriesGroup, SliceRef, expand_paths, group_series, iter_slices
+from models.tiling import residual_tiles, residual_whole
+from models.windowing import Window, unit_to_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "btd-ct-default.pt"
+MODES = ("tiles", "whole")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+OnMap = Callable[[InstanceResult, np.ndarray], None]
+Progress = Callable[[int], None]
+
+
+class DetectorError(RuntimeError):
+    """The detector cannot be built (missing default model, bad option); the message says what to do."""
+
+
+@dataclass
+class ScoringOptions:
+    """How slices are run through the model; defaults chosen by the measurements in docs/bench/scoring.md."""
+
+    mode: str = "tiles"
+    overlap: int | None = None  # tiles: pixels shared by neighbours; None = a quarter of the patch
+    batch_size: int = 8  # tiles (or whole slices) per forward pass
+    skip_air: bool = True  # CT: do not run tiles (or the whole-slice crop) outside the body
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    max_regions: int = DEFAULT_MAX_REGIONS
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise DetectorError(f"mode {self.mode!r} unknown; use one of {', '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            raise DetectorError(f"precision {self.precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise DetectorError("batch_size must be at least 1")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DetectorError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+class Detector:
+    """A BTD model ready to score DICOM series; build it with `Detector.load` (or from a diffusion model)."""
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        metadata: ModelMetadata,
+        *,
+        device: str | torch.device = "auto",
+        weights_sha256: str = "",
+        path: Path | None = None,
+        options: ScoringOptions | None = None,
+    ) -> None:
+        self.options = options or ScoringOptions()
+        self.options.validate()
+        self.device = resolve_device(device)
+        self.diffusion = diffusion.to(self.device).eval()
+        self.metadata = metadata
+        self.anomaly = AnomalyModel.from_metadata(metadata.anomaly)
+        self.windows = [Window.from_dict(w) for w in metadata.windows]
+        unet = diffusion.model
+        self.info = ModelInfo(
+            name=metadata.name,
+            version=metadata.software_version,
+            weights_sha256=weights_sha256 or metadata.weights_sha256,
+            modality=metadata.modality,
+            layout=str(getattr(unet, "layout", "")),
+            channels=int(unet.channels),
+            patch_size=int(metadata.patch_size),
+            calibrated=self.slice_threshold is not None,
+            path=str(path) if path else None,
+        )
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "auto",
+        use_ema: bool = False,
+        **options: Any,
+    ) -> Detector:
+        """Load a checkpoint (None = the default CT model shipped in models/weights/) safely."""
+        from models.checkpoint import load_model
+
+        model_path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+        if not model_path.is_file():
+            hint = " (the default CT model has not been trained and shipped yet)" if path is None else ""
+            raise DetectorError(f"model file {model_path} not found{hint}; pass --model / BTD_MODEL")
+        loaded = load_model(model_path, use_ema=use_ema)
+        return cls(
+            loaded.diffusion,
+            loaded.metadata,
+            device=device,
+            weights_sha256=loaded.weights_sha256,
+            path=model_path,
+            options=ScoringOptions(**options),
+        )
+
+    # --- calibration -------------------------------------------------------------------------------
+    @property
+    def slice_threshold(self) -> float | None:
+        value = (self.metadata.calibration or {}).get("slice_threshold")
+        return None if value is None else float(value)
+
+    @property
+    def series_threshold(self) -> float | None:
+        value = (self.metadata.calibration or {}).get("series_threshold")
+        return None if value is None else float(value)
+
+    # --- the model ---------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        precision = self.options.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def residual_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] -> float32 residual; only the U-Net runs under autocast."""
+        with torch.inference_mode():
+            with self._autocast():
+                eps = self.diffusion.predict_noise(x, 0)
+            return self.diffusion.btd_residual(x.float(), eps.float())
+
+    def model_input(self, values: np.ndarray) -> np.ndarray:
+        """Modality units (H, W) -> (C, H, W) float32 in [-1, 1]."""
+        unit = to_unit(values, self.metadata.normalization, self.windows, self.info.channels)
+        return unit_to_model(unit).astype(np.float32)
+
+    def body_mask(self, values: np.ndarray) -> np.ndarray | None:
+        """Where to run the model: the body for CT (air cannot hide tampering worth flagging); all of MR."""
+        if not self.options.skip_air or self.metadata.normalization != "window":
+            return None
+        return self.anomaly.body_mask(values)
+
+    def residual_maps(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+        """Residual maps (C, H, W) float32 of slices in modality units (H, W), batched."""
+        inputs = [self.model_input(values) for values in slices]
+        masks = [self.body_mask(values) for values in slices]
+        opts = self.options
+        if opts.mode == "whole":
+            multiple = int(self.diffusion.model.downsample_factor)
+            return residual_whole(inputs, masks, self.residual_batch, multiple, opts.batch_size, self.device)
+        patch = int(self.metadata.patch_size)
+        overlap = patch // 4 if opts.overlap is None else int(opts.overlap)
+        return residual_tiles(inputs, masks, self.residual_batch, patch, overlap, opts.batch_size, self.device)
+
+    # --- scoring -----------------------------------------------------------------------------------
+    def group(self, paths_or_datasets: Iterable[PathOrDataset]) -> list[SeriesGroup]:
+        """Files, folders or Datasets -> series (headers only), in the order first seen."""
+        sources = [s for s in paths_or_datasets]
+        expanded: list[PathOrDataset] = []
+        for source in sources:
+            if isinstance(source, str | Path) and Path(source).is_dir():
+                expanded.extend(expand_paths([source]))
+            else:
+                expanded.append(source)
+        return group_series(expanded)
+
+    def score_series(
+        self,
+        paths_or_datasets: Iterable[PathOrDataset],
+        on_map: OnMap | None = None,
+        progress: Progress | None = None,
+    ) -> SeriesResult:
+        """Score the images of ONE series (unreadable files among them are reported as not assessed)."""
+        groups = self.group(paths_or_datasets)
+        readable = [g for g in groups if g.modality or g.series_instance_uid]
+        if len(readable) > 1:
+            uids = ", ".join(g.series_instance_uid or "(blank)" for g in readable)
+            raise ValueError(f"score_series got {len(readable)} series ({uids}); use score_paths for several")
+        merged = readable[0] if readable else groups[0]
+        for extra in groups:
+            if extra is not merged:
+                merged.slices.extend(extra.slices)
+        return self.score_group(merged, on_map=on_map, progress=progress)
+
+    def score_paths(
+        self,
+        paths: Iterable[PathOrDataset],
+        on_map: OnMap | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[SeriesResult]:
+        """Group files and folders into series and yield one SeriesResult per series."""
+        for group in self.group(paths):
+            yield self.score_group(group, on_map=on_map, progress=progress)
+
+    def score_group(
+        self, group: SeriesGroup, on_map: OnMap | None = None, progress: Progress | None = None
+    ) -> SeriesResult:
+        """Score one series' slices in order, a batch at a time."""
+        mismatch = None
+        if group.modality and group.modality != self.metadata.modality:
+            mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
+        instances: list[InstanceResult] = []
+        pending: list[tuple[SliceRef, np.ndarray]] = []
+
+        def flush() -> None:
+            if pending:
+                instances.extend(self._score_batch(pending, on_map))
+                if progress:
+                    progress(len(pending))
+                pending.clear()
+
+        for ref, values, reason in iter_slices(group):
+            if mismatch and not reason:
+                reason = mismatch
+            if reason or values is None:
+                instances.append(_not_assessed(ref, reason or "no pixels"))
+                if progress:
+                    progress(1)
+                continue
+            pending.append((ref, values))
+            if len(pending) >= self.options.batch_size:
+                flush()
+        flush()
+        return self._series_result(group, instances)
+
+    def _score_batch(self, batch: list[tuple[SliceRef, np.ndarray]], on_map: OnMap | None) -> list[InstanceResult]:
+        residuals = self.residual_maps([values for _, values in batch])
+        results = []
+        for (ref, values), residual in zip(batch, residuals, strict=True):
+            amap = self.anomaly.anomaly_map(residual, values)
+            score = self.anomaly.slice_score(amap)
+            verdict, reason = verdict_for(score, self.slice_threshold)
+            regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
+            result = InstanceResult(
+                path=ref.path,
+                sop_instance_uid=ref.sop_instance_uid,
+                sop_class_uid=ref.sop_class_uid,
+                frame=ref.frame,
+                rows=ref.rows,
+                columns=ref.columns,
+                score=score,
+                verdict=verdict,
+                regions=regions,
+                reason=reason,
+            )
+            if on_map is not None:
+                on_map(result, residual.mean(axis=0).astype(np.float32))
+            results.append(result)
+        return results
+
+    def _series_result(self, group: SeriesGroup, instances: list[InstanceResult]) -> SeriesResult:
+        scored = [i for i in instances if i.score is not None]
+        score = max((i.score for i in scored), default=None)  # type: ignore[type-var]
+        skipped = [i for i in instances if i.score is None]
+        if not scored:
+            reasons = sorted({i.reason or "not assessed" for i in instances})
+            verdict, reason = NOT_ASSESSED, "no assessable images: " + "; ".join(reasons[:3])
+        else:
+            verdict, reason = verdict_for(score, self.series_threshold)
+            if reason is None and skipped:
+                reason = f"{len(skipped)} of {len(instances)} images not assessed ({skipped[0].reason})"
+        return SeriesResult(
+            study_instance_uid=group.study_instance_uid,
+            series_instance_uid=group.series_instance_uid,
+            modality=group.modality,
+            verdict=verdict,
+            score=score,
+            reason=reason,
+            instances=instances,
+            n_assessed=len(scored),
+            model=self.info.name,
+        )
+
+
+def _not_assessed(ref: SliceRef, reason: str) -> InstanceResult:
+    return InstanceResult(
+        path=ref.path,
+        sop_instance_uid=ref.sop_instance_uid,
+        sop_class_uid=ref.sop_class_uid,
+        frame=ref.frame,
+        rows=ref.rows,
+        columns=ref.columns,
+        score=None,
+        verdict=NOT_ASSESSED,
+        regions=[],
+        reason=reason,
+    )
+
+
+__all__ = ["DEFAULT_MODEL_PATH", "Detector", "DetectorError", "ScoringOptions", "UNCALIBRATED_REASON"]
