@@ -22,7 +22,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
-from helpers_gateway import free_port, postgres_database, wait_for_port
+from helpers_gateway import free_port, postgres_database, wait_for_port, wait_until
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import KeyObjectSelectionDocumentStorage
 from sqlalchemy import select
@@ -409,21 +409,47 @@ def test_in_process_delivery_retries_with_backoff_then_fails(tmp_path: Path) -> 
 # REST
 
 
-def test_reports_api_lists_the_delivery_log_and_redeliver_needs_the_token(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, destinations=[f"GONE@127.0.0.1:{free_port()}"], api_token="s3cret")
+@pytest.fixture
+def env_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings that the in-process executor (which reads the environment) shares with the test."""
+    from service import queue
+    from service.settings import get_settings
+
+    down_port = free_port()
+    for key, value in {"DATA_DIR": tmp_path / "data", "DESTINATIONS": f"LATER@127.0.0.1:{down_port}",
+                       "KOS_ENABLED": "true", "API_TOKEN": "s3cret", "DELIVERY_RETRIES": "0"}.items():
+        monkeypatch.setenv(f"BTD_{key}", str(value))
+    get_settings.cache_clear()
+    settings = get_settings()
+    migrate.upgrade(settings)
+    yield settings
+    queue.stop_executor()
+    get_settings.cache_clear()
+    dispose_engines()
+
+
+def test_reports_api_lists_the_delivery_log_and_redeliver_sends_after_a_failure(env_settings: Settings) -> None:
+    settings = env_settings
     study_uid = reported_study(settings)
-    report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=2)
+    assert report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=2).kind == "failed"
     client = TestClient(create_app(settings))
 
     listed = client.get(f"/api/studies/{study_uid}/reports").json()
-    assert len(listed) == 1 and listed[0]["deliveries"][0]["outcome"] == "failure"
+    assert len(listed) == 1 and [d["outcome"] for d in listed[0]["deliveries"]] == ["failure"]
     assert client.get("/api/studies/1.2.3/reports").status_code == 404
 
-    assert client.post(f"/api/studies/{study_uid}/redeliver").status_code == 401
-    assert client.post(f"/api/studies/{study_uid}/redeliver", headers={"Authorization": "Bearer no"}).status_code == 403
-    response = client.post(f"/api/studies/{study_uid}/redeliver", headers={"Authorization": "Bearer s3cret"})
-    assert response.status_code in (202, 503), response.text  # 503: accepted in the db, no queue to hand it to
-    assert study_row(settings, study_uid).state in (states.REPORTED, states.FAILED_DELIVERY, states.DELIVERED)
-    again = client.post(f"/api/studies/{study_uid}/redeliver", headers={"Authorization": "Bearer s3cret"})
-    assert again.status_code in (409, 202)
-    dispose_engines()
+    url = f"/api/studies/{study_uid}/redeliver"
+    assert client.post(url).status_code == 401
+    assert client.post(url, headers={"Authorization": "Bearer no"}).status_code == 403
+    assert study_row(settings, study_uid).state == states.FAILED_DELIVERY
+    port = int(settings.destinations[0].rsplit(":", 1)[1])
+    with CountingSCP("LATER", port=port) as later:
+        response = client.post(url, headers={"Authorization": "Bearer s3cret"})
+        assert response.status_code == 202, response.text
+        assert response.json()["state"] == states.REPORTED
+        wait_until(lambda: study_row(settings, study_uid).state == states.DELIVERED, timeout=60, what="DELIVERED")
+        assert len(later.received) == 2  # SR + KOS
+    again = client.post(url, headers={"Authorization": "Bearer s3cret"})
+    assert again.status_code == 409  # DELIVERED is not redelivered
+    listed = client.get(f"/api/studies/{study_uid}/reports").json()
+    assert [(d["attempt"], d["outcome"]) for d in listed[0]["deliveries"]] == [(1, "failure"), (2, "success")]

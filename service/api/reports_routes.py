@@ -16,12 +16,13 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import get_session, require_token
+from service.api.deps import get_session, get_settings, require_token
 from service.db import states
 from service.db.models import Study
 from service.db.reporting import DeliveryAttempt, Report
 from service.db.repository import transition
 from service.observability.logs import log_event
+from service.settings import Settings
 
 log = logging.getLogger("btd.api.reports")
 
@@ -93,7 +94,9 @@ def list_reports(study_uid: str, session: Session = Depends(get_session)) -> lis
     dependencies=[Depends(require_token)],
     responses={401: {}, 403: {}, 404: {}, 409: {"description": "the study is not in FAILED_DELIVERY"}},
 )
-def redeliver(study_uid: str, session: Session = Depends(get_session)) -> RedeliverAccepted:
+def redeliver(
+    study_uid: str, session: Session = Depends(get_session), settings: Settings = Depends(get_settings)
+) -> RedeliverAccepted:
     """Retry the delivery of a study whose report could not be delivered (FAILED_DELIVERY -> REPORTED)."""
     study = _study_or_404(session, study_uid)
     if study.state != states.FAILED_DELIVERY:
@@ -105,7 +108,7 @@ def redeliver(study_uid: str, session: Session = Depends(get_session)) -> Redeli
     try:
         from service.queue import dispatch
 
-        dispatch(DELIVER_TASK, study_uid)
+        dispatch(DELIVER_TASK, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is REPORTED in the db; say the hand-over failed
         log_event(log, "api.redeliver_dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"study reported but not dispatched: {exc}") from exc
