@@ -370,3 +370,15 @@ def test_without_metadata_heads_default_to_four(tmp_path: Path, small_diffusion:
     loaded = load_model(tmp_path / "m.pt")  # 16-wide attention: 4 heads of 4, the library default split
     assert (loaded.config.attn_heads, loaded.config.attn_dim_head) == (4, 4)
     assert loaded.config.channels == 2 and len(loaded.metadata.windows) == 2
+
+
+def test_183_stages_with_full_attention_are_read_from_the_keys(tmp_path: Path) -> None:
+    """A 1.8.x model trained with another `full_attn` must be rebuilt with the same attention per stage."""
+    torch.manual_seed(4)
+    unet = Unet(dim=8, dim_mults=(1, 2, 2), layout="1.8.3", full_attn=(False, True, True))
+    diffusion = GaussianDiffusion(unet, image_size=32).eval()
+    torch.save({"step": 1, "model": diffusion.state_dict(), "version": "1.8.0"}, tmp_path / "full.pt")
+    loaded = load_model(tmp_path / "full.pt")
+    assert loaded.layout == "1.8.3" and loaded.config.full_attn == (False, True, True)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.equal(loaded.diffusion.btd_residual(x), diffusion.btd_residual(x))
