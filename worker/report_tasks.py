@@ -5,15 +5,15 @@ recording. `build_report` reuses the reports row of the study version if one exi
 derived from the study version, so a rebuild yields the same SR), and writes the row in the same
 transaction as SCORED -> REPORTED. `deliver_report` reads the delivery log first: a destination that
 already succeeded for this report is never sent again, so a retry sends no second copy. Failures of a
-destination are retried with exponential backoff (Celery retries; in-process, a backoff loop in the
-executor's thread) and end in FAILED_DELIVERY, from which `POST /api/studies/{uid}/redeliver` restarts.
+destination are retried with exponential backoff (Celery retries; in-process, a timer that dispatches
+the next round) and end in FAILED_DELIVERY, from which `POST /api/studies/{uid}/redeliver` restarts.
 No destinations configured: the study stays REPORTED (the SR is on disk and in the database).
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,9 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
                     log_event(log, "report.discarded", logging.WARNING, study_uid=study_uid, version=study.version)
                     return TaskOutcome(SKIPPED, "study changed while the report was built")
                 kind = REUSED if existing else BUILT
-        except (SourcesMissing, ValueError, LookupError, OSError, pydicom.errors.InvalidDicomError) as exc:
+        except OperationalError:
+            raise  # the database is away: nothing was written; the task is retried
+        except Exception as exc:  # noqa: BLE001 - missing sources, unreadable headers, an SR we cannot build
             return _report_failed(settings, study_uid, exc)
         log_event(log, "report.built", study_uid=study_uid, outcome=kind, sr=report.sr_sop_instance_uid,
                   kos=report.kos_sop_instance_uid)
@@ -307,12 +309,12 @@ def backoff_seconds(settings: Settings, retries_done: int, cap: float = 3600.0) 
     return min(cap, settings.delivery_backoff_seconds * (2**retries_done))
 
 
-def _dispatch(name: str, study_uid: str) -> None:
+def _dispatch(name: str, study_uid: str, *extra: Any) -> None:
     """Hand the next step over by name; a failed hand-over leaves the study in a state the API shows."""
     try:
         from service.queue import dispatch
 
-        dispatch(name, study_uid)
+        dispatch(name, study_uid, *extra)
     except Exception as exc:  # noqa: BLE001 - the study's state is durable; the step can be re-dispatched
         log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, task=name, error=str(exc))
 
@@ -351,15 +353,20 @@ def build_report(study_uid: str, settings: Settings | None = None) -> str:
     return run_build_report(study_uid, settings or get_settings()).kind
 
 
-def deliver_report(study_uid: str, settings: Settings | None = None) -> str:
-    """In-process entry (no broker): the retries run here, with backoff sleeps in this thread."""
+def deliver_report(study_uid: str, retries_done: int = 0, settings: Settings | None = None) -> str:
+    """In-process entry (no broker): one delivery round; after a failure the next round is dispatched
+    again after the backoff by a timer, so the single executor thread is not blocked while a PACS is down.
+    A timer lost with the process is harmless: at start-up the stability monitor re-dispatches every
+    REPORTED study."""
     settings = settings or get_settings()
-    outcome = TaskOutcome(SKIPPED)
-    for attempt in range(settings.delivery_retries + 1):
-        outcome = run_deliver_report(study_uid, settings, final_attempt=attempt >= settings.delivery_retries)
-        if outcome.kind != RETRY:
-            return outcome.kind
-        time.sleep(backoff_seconds(settings, attempt))
+    final = retries_done >= settings.delivery_retries
+    outcome = run_deliver_report(study_uid, settings, final_attempt=final)
+    if outcome.kind == RETRY:
+        delay = backoff_seconds(settings, retries_done)
+        timer = threading.Timer(delay, _dispatch, args=(DELIVER_REPORT, study_uid, retries_done + 1))
+        timer.daemon = True
+        timer.start()
+        log_event(log, "delivery.retry_scheduled", study_uid=study_uid, seconds=delay, retry=retries_done + 1)
     return outcome.kind
 
 
