@@ -8,9 +8,11 @@ dataset part byte for byte, while the File Meta differs (implementation UID and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +27,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from service.db import migrate
 from service.db.models import Instance, Study
@@ -231,3 +233,51 @@ def test_database_unreachable_answers_out_of_resources(tmp_path: Path) -> None:
         second = fresh_ct()
         assert sender.send_files([second], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0xA700
         assert [p.name for p in spool_files(settings)] == [f"{first.SOPInstanceUID}.v1.dcm"]
+
+
+@pytest.mark.postgres
+def test_a_row_that_cannot_be_committed_leaves_no_file_behind(tmp_path: Path) -> None:
+    """The bytes are written before the row; if the row then fails, the file is removed again."""
+    with postgres_database() as url, running_listener(tmp_path, database_url=url) as settings:
+        with get_engine(settings).begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ "
+                    "LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text("CREATE TRIGGER refuse BEFORE INSERT ON instances FOR EACH ROW EXECUTE FUNCTION refuse()")
+            )
+        ds = fresh_ct()
+        assert sender.send_files([ds], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0xA700
+        assert spool_files(settings) == []
+        with get_engine(settings).begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse ON instances"))
+        assert sender.send_files([ds], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0
+        assert [p.name for p in spool_files(settings)] == [f"{ds.SOPInstanceUID}.v1.dcm"]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_concurrent_associations_for_one_study(database: str, tmp_path: Path) -> None:
+    """Four PACS threads send one study's slices at once: one study row, every instance counted once."""
+    files = sorted((FIXTURES / "ct_series_20").glob("CT.*"))
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database()) if database == "postgres" else None
+        settings = stack.enter_context(running_listener(tmp_path, database_url=url))
+        results: list[list[sender.SendResult]] = [[] for _ in range(4)]
+
+        def send(k: int) -> None:
+            results[k] = sender.send_files(files[k::4], "127.0.0.1", settings.dicom_port, "BTD", f"PACS{k}")
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(r.status for batch in results for r in batch) == [0] * 20
+        with session_scope(settings) as session:
+            studies = session.scalars(select(Study)).all()
+            assert len(studies) == 1 and studies[0].n_instances == 20
+            assert session.scalar(select(func.count()).select_from(Instance)) == 20
+        assert len(spool_files(settings)) == 20
