@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +134,52 @@ def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
         theirs = acceptors[0].dul.socket.socket
         assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assoc.release()
+    finally:
+        server.shutdown()
+        dispose_engines()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it serves as its own CA, for both ends)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_dicom_tls_with_client_certificates(tls_files: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, key = tls_files
+    settings = Settings(
+        data_dir=tmp_path,
+        dicom_host="127.0.0.1",
+        dicom_port=free_port(),
+        min_free_bytes=0,
+        tls_cert=cert,
+        tls_key=key,
+        tls_ca=cert,
+    )
+    migrate.upgrade(settings)
+    server = start_listener(settings)
+    ct = FIXTURES / "pydicom" / "CT_small.dcm"
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        trusted.load_cert_chain(str(cert), str(key))
+        ok = sender.send_files([ct], "127.0.0.1", settings.dicom_port, "BTD", "TLSOK", ssl_context=trusted, timeout=10)
+        assert ok[0].status == 0
+        anonymous = ssl.create_default_context(cafile=str(cert))  # no client certificate
+        refused = sender.send_files(
+            [ct], "127.0.0.1", settings.dicom_port, "BTD", "NOCERT", ssl_context=anonymous, timeout=10
+        )
+        assert refused[0].status is None
+        plain = sender.send_files([ct], "127.0.0.1", settings.dicom_port, "BTD", "PLAIN", timeout=10)
+        assert plain[0].status is None
+        assert len([p for p in settings.spool_dir.rglob("*.dcm")]) == 1
     finally:
         server.shutdown()
         dispose_engines()
