@@ -453,3 +453,47 @@ def test_reports_api_lists_the_delivery_log_and_redeliver_sends_after_a_failure(
     assert again.status_code == 409  # DELIVERED is not redelivered
     listed = client.get(f"/api/studies/{study_uid}/reports").json()
     assert [(d["attempt"], d["outcome"]) for d in listed[0]["deliveries"]] == [(1, "failure"), (2, "success")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Celery: the deliver task's retries with backoff, through Redis and a real `btd worker`
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_celery_worker_retries_delivery_until_the_pacs_is_back(tmp_path: Path) -> None:
+    import uuid
+
+    import redis
+    from helpers_gateway import gateway_env
+    from test_e2e_celery import REDIS_URL, Worker, redis_available
+
+    from service.queue import dispatch
+
+    if not redis_available():
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    port = free_port()
+    values = {"broker_url": REDIS_URL, "queue_name": f"btd-delivery-{uuid.uuid4().hex[:10]}",
+              "destinations": f"LATER@127.0.0.1:{port}", "delivery_retries": 6, "delivery_backoff_seconds": 1,
+              "kos_enabled": "true"}
+    settings = make_settings(tmp_path, broker_url=REDIS_URL, queue_name=values["queue_name"],
+                             destinations=[values["destinations"]], delivery_retries=6, delivery_backoff_seconds=1)
+    study_uid = reported_study(settings)
+    worker = Worker(gateway_env(settings.data_dir, **values), tmp_path / "worker.log")
+    try:
+        dispatch(report_tasks.DELIVER_REPORT, study_uid, settings=settings)
+        wait_until(lambda: attempts(settings), timeout=120, what="a first (failed) delivery attempt")
+        assert study_row(settings, study_uid).state == states.REPORTED  # waiting for its retry, not failed
+        with CountingSCP("LATER", port=port) as later:
+            wait_until(lambda: study_row(settings, study_uid).state == states.DELIVERED, timeout=120,
+                       what=f"DELIVERED; worker log:\n{worker.log_text()[-3000:]}")
+            assert len(later.received) == 2
+    finally:
+        worker.stop()
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(values["queue_name"])
+        client.close()
+        dispose_engines()
+    log = attempts(settings)
+    assert log[0][2] == "failure" and log[-1][2] == "success"
+    assert [a[1] for a in log] == list(range(1, len(log) + 1))
