@@ -260,3 +260,24 @@ def test_times_are_timezone_aware_utc(settings: Settings, tmp_path: Path) -> Non
     found = study(settings, study_uid)
     for value in (found.created_at, found.updated_at, found.state_since, found.quiet_deadline):
         assert value is not None and value.utcoffset() == timedelta(0)
+
+
+def test_btd_db_upgrade_works_from_any_directory(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from helpers_gateway import PYTHON, REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTD_")}
+    env.update(BTD_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run(
+        [PYTHON, "-m", "service.cli", "db", "upgrade"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("database at 0")  # a numbered revision, not "base"
+    assert (tmp_path / "data" / "btd.sqlite3").exists()
