@@ -145,7 +145,9 @@ def test_celery_app_is_configured_for_long_jobs_that_must_not_be_lost() -> None:
     conf = app.conf
     assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.broker_transport_options["visibility_timeout"] == 7200
+    options = conf.broker_transport_options
+    assert options["visibility_timeout"] == 7200 and options["unacked_restore_interval"] == 60
+    assert options["unacked_key"] == "q-test.unacked"  # not shared with other deployments on the same Redis
     assert conf.task_default_queue == "q-test" and conf.task_serializer == "json"
     assert "worker.tasks" in conf.include
     assert tasks.SCORE_STUDY in celery_app.app.tasks

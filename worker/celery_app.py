@@ -44,6 +44,29 @@ def available_task_modules() -> list[str]:
     return [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
 
 
+def transport_options(settings: Settings) -> dict[str, object]:
+    """Redis transport options: when and how an unacknowledged message comes back.
+
+    - `visibility_timeout`: a message not acked this long after delivery is re-delivered (its worker is
+      presumed dead), so it must exceed the longest job; the study lease (worker/tasks.py) stops a
+      re-delivery of a live job from scoring twice.
+    - the sweep that re-delivers runs by default only every ~100 s (10 s x a throttle of 10); we sweep
+      every quarter of the timeout (at most a minute) so a killed worker's study comes back promptly.
+    - the bookkeeping keys carry the queue name: kombu's default keys are shared by every Celery app
+      on the Redis database, and a worker with a short timeout would re-deliver other deployments'
+      long-running messages.
+    """
+    queue = settings.queue_name
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+        "unacked_key": f"{queue}.unacked",
+        "unacked_index_key": f"{queue}.unacked_index",
+        "unacked_mutex_key": f"{queue}.unacked_mutex",
+    }
+
+
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """Build the Celery app from the settings (tests build their own with a unique queue name)."""
     settings = settings or get_settings()
@@ -52,7 +75,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.queue_name,
         task_serializer="json",
