@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -124,7 +125,8 @@ class CountingSCP:
     """A pynetdicom Storage SCP that records what it stores and answers `status`."""
 
     def __init__(self, ae_title: str = "PACS", status: int = 0x0000, kos_only: bool = False,
-                 require_calling_aet: list[str] | None = None, port: int | None = None) -> None:
+                 require_calling_aet: list[str] | None = None, port: int | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.ae_title, self.status = ae_title, status
         self.port = port or free_port()
         self.received: list[tuple[str, str]] = []  # (SOP Class UID, SOP Instance UID)
@@ -136,6 +138,7 @@ class CountingSCP:
         if require_calling_aet:
             self.ae.require_calling_aet = require_calling_aet
         self.server = None
+        self.ssl_context = ssl_context
 
     def _on_store(self, event) -> int:
         if self.status in (0x0000, 0xB000):
@@ -148,7 +151,7 @@ class CountingSCP:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
     def __enter__(self) -> CountingSCP:
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=self.ssl_context,
                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         return self
 
@@ -497,3 +500,61 @@ def test_celery_worker_retries_delivery_until_the_pacs_is_back(tmp_path: Path) -
     log = attempts(settings)
     assert log[0][2] == "failure" and log[-1][2] == "success"
     assert [a[1] for a in log] == list(range(1, len(log) + 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM TLS
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _issue(folder: Path, name: str, ca: str | None) -> None:
+    """A key and certificate `name`, signed by the CA `ca` (or self-signed when None)."""
+    key, crt = str(folder / f"{name}.key"), str(folder / f"{name}.crt")
+    if ca is None:
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt, "-days", "2",
+                 "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
+        return
+    csr = str(folder / f"{name}.csr")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", csr, "-CA", str(folder / f"{ca}.crt"), "-CAkey", str(folder / f"{ca}.key"),
+             "-CAcreateserial", "-out", crt, "-days", "2")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("pki")
+    _issue(folder, "ca", None)
+    _issue(folder, "pacs", "ca")
+    _issue(folder, "btd", "ca")
+    _issue(folder, "rogue", None)  # a PACS certificate our CA never signed
+    return folder
+
+
+def server_context(pki: Path, name: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(pki / f"{name}.crt"), str(pki / f"{name}.key"))
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: btd must present a certificate of our CA
+    context.load_verify_locations(str(pki / "ca.crt"))
+    return context
+
+
+@pytest.mark.parametrize(("server_cert", "delivered"), [("pacs", True), ("rogue", False)])
+def test_delivery_over_mutual_tls_verifies_the_pacs(tmp_path: Path, pki: Path, server_cert: str,
+                                                     delivered: bool) -> None:
+    with CountingSCP("SECURE", ssl_context=server_context(pki, server_cert)) as pacs:
+        settings = make_settings(tmp_path, destinations=[pacs.destination], tls_ca=pki / "ca.crt",
+                                 tls_cert=pki / "btd.crt", tls_key=pki / "btd.key")
+        study_uid = reported_study(settings)
+        outcome = report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=5)
+    if delivered:
+        assert outcome.kind == report_tasks.DELIVERED and len(pacs.received) == 2
+    else:
+        assert outcome.kind == report_tasks.FAILED and pacs.received == []
+        assert study_row(settings, study_uid).state == states.FAILED_DELIVERY
+    dispose_engines()
