@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+from models.metadata import ModelMetadata
 from service.api.app import create_app
 from service.db import migrate, repository, states
 from service.db.session import dispose_engines, session_scope
@@ -104,7 +105,8 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """Four studies: scored suspicious (CT), scored clean (MR), still receiving (CT), failed (CT)."""
     data_dir = tmp_path_factory.mktemp("api")
     settings = Settings(data_dir=data_dir, model=str(data_dir / "model.pt"))
-    (data_dir / "model.pt").write_bytes(b"not loaded by the probe")
+    (data_dir / "model.pt").write_bytes(b"weights are not loaded by the probe")
+    ModelMetadata(name="probe-model").write(data_dir / "model.json")
     migrate.upgrade(settings)
     ns = SimpleNamespace(settings=settings)
 
@@ -147,6 +149,7 @@ def test_readyz_ok_then_names_what_failed(client: TestClient, db: SimpleNamespac
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["failed"] == []
+    assert ready.json()["checks"]["model"]["detail"] == "probe-model (model.pt)"
 
     broken = db.settings.model_copy(
         update={"model": str(tmp_path / "missing.pt"), "broker_url": "redis://127.0.0.1:1/0"}
@@ -157,6 +160,13 @@ def test_readyz_ok_then_names_what_failed(client: TestClient, db: SimpleNamespac
     assert set(body["failed"]) == {"model", "broker"}
     assert "missing.pt" in body["checks"]["model"]["detail"]
     assert body["checks"]["database"]["ok"] is True
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"x")
+    (tmp_path / "bad.json").write_text('{"name": "x", "modality": "XR"}')
+    resp = TestClient(create_app(db.settings.model_copy(update={"model": str(bad)}))).get("/readyz")
+    assert resp.status_code == 503 and resp.json()["failed"] == ["model"]
+    assert "metadata invalid" in resp.json()["checks"]["model"]["detail"]
 
 
 def test_list_pages_and_totals(client: TestClient, db: SimpleNamespace) -> None:
@@ -177,6 +187,7 @@ def test_list_pages_and_totals(client: TestClient, db: SimpleNamespace) -> None:
         ({"state": "RECEIVING"}, "receiving"),
         ({"verdict": "suspicious"}, "flagged"),
         ({"modality": "MR"}, "clean"),
+        ({"modality": "mr"}, "clean"),
         ({"state": "FAILED", "modality": "CT"}, "failed"),
     ],
 )

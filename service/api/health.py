@@ -7,7 +7,6 @@ it checks each dependency and names the ones that failed in a 503 body.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -66,29 +65,31 @@ def check_spool(settings: Settings) -> ReadyCheck:
         return ReadyCheck(ok=False, detail=f"spool not writable: {exc}"[:300])
 
 
+# The default model's file, as models.detector.DEFAULT_MODEL_PATH names it (that module imports torch,
+# which a probe of the gateway must not load).
+DEFAULT_MODEL_FILE = "btd-ct-default.pt"
+
+
 def check_model(settings: Settings) -> ReadyCheck:
-    """The model file the worker will load exists and its metadata parses (without loading torch here).
+    """The model file the worker will load exists and its metadata is valid (without loading torch here).
 
     Why not load it: the gateway does not run models (workers do), and a probe must stay cheap.
     """
-    if settings.model:
-        weights = Path(settings.model)
-    else:
-        import models
+    import models
+    from models.metadata import MetadataError, ModelMetadata, metadata_path_for
 
-        candidates = sorted((Path(models.__file__).parent / "weights").glob("*.pt"))
-        if not candidates:
-            return ReadyCheck(ok=False, detail="no default model in models/weights and BTD_MODEL unset")
-        weights = candidates[0]
+    weights = Path(settings.model) if settings.model else Path(models.__file__).parent / "weights" / DEFAULT_MODEL_FILE
     if not weights.is_file():
-        return ReadyCheck(ok=False, detail=f"model file not found: {weights}")
-    sidecar = weights.with_suffix(".json")
-    if sidecar.exists():
-        try:
-            json.loads(sidecar.read_text())
-        except (OSError, ValueError) as exc:
-            return ReadyCheck(ok=False, detail=f"model metadata unreadable: {sidecar}: {exc}"[:300])
-    return ReadyCheck(ok=True, detail=weights.name)
+        hint = "" if settings.model else " (default model not shipped; set BTD_MODEL)"
+        return ReadyCheck(ok=False, detail=f"model file not found: {weights}{hint}")
+    sidecar = metadata_path_for(weights)
+    if not sidecar.is_file():
+        return ReadyCheck(ok=False, detail=f"model metadata missing: {sidecar}")
+    try:
+        metadata = ModelMetadata.read(sidecar)
+    except (OSError, ValueError, TypeError, MetadataError) as exc:
+        return ReadyCheck(ok=False, detail=f"model metadata invalid: {sidecar}: {exc}"[:300])
+    return ReadyCheck(ok=True, detail=f"{metadata.name} ({weights.name})")
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})

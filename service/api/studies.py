@@ -102,7 +102,7 @@ def list_studies(
     state: StateName | None = None,
     verdict: VerdictName | None = None,
     since: datetime | None = Query(None, description="studies first received at or after this time (ISO 8601)"),
-    modality: str | None = Query(None, pattern=r"^[A-Z]{2,16}$"),
+    modality: str | None = Query(None, pattern=r"^[A-Za-z]{2,16}$"),
     session: Session = Depends(get_session),
     settings: Settings = Depends(get_settings),
 ) -> StudyList:
@@ -117,7 +117,7 @@ def list_studies(
     if modality:
         # `modalities` is a sorted comma-separated set ("CT,SR"): match one whole element.
         padded = literal(",", String) + func.coalesce(Study.modalities, "") + literal(",", String)
-        conditions.append(padded.like(f"%,{modality},%"))
+        conditions.append(padded.like(f"%,{modality.upper()},%"))
     total = session.scalar(select(func.count()).select_from(Study).where(*conditions)) or 0
     rows = session.scalars(
         select(Study).where(*conditions).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset)
