@@ -58,9 +58,11 @@ def serve(settings: Settings | None = None) -> int:
     from service.stability import StabilityMonitor
 
     executor = queue.start_executor() if not settings.broker_url else None
-    listener = start_listener(settings)
-    monitor = StabilityMonitor(settings).start()
+    listener: Any = None
+    monitor: StabilityMonitor | None = None
     try:
+        listener = start_listener(settings)
+        monitor = StabilityMonitor(settings).start()
         import uvicorn
 
         from service.api.app import create_app
@@ -78,8 +80,10 @@ def serve(settings: Settings | None = None) -> int:
             stop.server.run()
     finally:
         log_event(log, "gateway.stopping")
-        listener.shutdown()
-        monitor.stop()
+        if listener is not None:
+            listener.shutdown()
+        if monitor is not None:
+            monitor.stop()
         if executor is not None:
             queue.stop_executor(timeout=5.0)
         dispose_engines()

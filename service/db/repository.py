@@ -185,7 +185,7 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     values = {m for m in (current or "").split(",") if m}
     if modality:
         values.add(modality)
-    return ",".join(sorted(values)) or None
+    return ",".join(sorted(values))[:64] or None  # the column holds 64 characters
 
 
 def record_instance(
