@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from helpers_gateway import free_port, postgres_database
+from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -34,6 +36,7 @@ from service.db.models import Instance, Study
 from service.db.session import get_engine, session_scope
 from service.dicom import sender
 from service.dicom.listener import start_listener
+from service.observability.logs import JsonFormatter
 from service.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -210,7 +213,12 @@ def test_peer_address_outside_the_allow_list_is_rejected(tmp_path: Path) -> None
         assert results[0].status == 0
 
 
+def refused_count() -> float:
+    return REGISTRY.get_sample_value("btd_instances_received_total", {"status": "0xA700"}) or 0.0
+
+
 def test_below_the_free_space_watermark_nothing_is_written(tmp_path: Path) -> None:
+    before = refused_count()
     with running_listener(tmp_path, min_free_bytes=2**62) as settings:
         done = storescu(settings, str(CT_SMALL), options=("-v",))
         assert "Refused: OutOfResources" in done.stderr
@@ -218,6 +226,21 @@ def test_below_the_free_space_watermark_nothing_is_written(tmp_path: Path) -> No
         assert results[0].status == 0xA700
         assert spool_files(settings) == []
         assert rows_for(settings) == []
+    assert refused_count() == before + 2  # counted in the Prometheus metrics
+
+
+def test_logs_carry_uids_never_patient_identity(gateway: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    ds = fresh_ct(PatientName="Secret^Patient", PatientID="PID-SECRET-42")
+    with caplog.at_level(logging.INFO, logger="btd.listener"):
+        assert sender.send_files([ds], "127.0.0.1", gateway.dicom_port, gateway.ae_title)[0].status == 0
+    stored = [r for r in caplog.records if getattr(r, "event", "") == "instance.stored"]
+    assert stored and stored[-1].fields["study_uid"] == ds.StudyInstanceUID  # type: ignore[attr-defined]
+    rendered = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert ds.SOPInstanceUID in rendered
+    assert "Secret" not in rendered and "PID-SECRET-42" not in rendered
+    with session_scope(gateway) as session:  # kept in the database only, for the SR
+        study = session.scalar(select(Study).where(Study.study_uid == ds.StudyInstanceUID))
+        assert study is not None and study.patient_id == "PID-SECRET-42"
 
 
 @pytest.mark.postgres
