@@ -8,6 +8,7 @@ that accepts and never answers plays the PACS that hangs.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -271,6 +272,25 @@ def test_build_report_writes_valid_sr_and_kos_and_moves_to_reported(settings: Se
     assert kos_refs == [flagged]
     if shutil.which("dciodvfy") and shutil.which("dsrdump"):
         assert validation_errors(sr_path) == [] and validation_errors(kos_path) == []
+
+
+def test_sr_names_the_model_version_from_its_metadata(tmp_path: Path) -> None:
+    (tmp_path / "m.json").write_text(json.dumps({"weights_sha256": "e" * 64, "software_version": "btd 9.9.9"}))
+    settings = make_settings(tmp_path, model=str(tmp_path / "m.pt"))
+    reported_study(settings)
+    with session_scope(settings) as session:
+        report = session.scalars(select(Report)).one()
+    sr = pydicom.dcmread(settings.data_dir / report.sr_path)
+    versions = {i.TextValue for i in walk_items(sr.ContentSequence) if i.get("ValueType") == "TEXT"
+                and i.ConceptNameCodeSequence[0].CodeValue == "111003"}  # Algorithm Version
+    assert versions == {"btd 9.9.9"}
+    dispose_engines()
+
+
+def walk_items(items) -> Iterator:
+    for item in items:
+        yield item
+        yield from walk_items(item.get("ContentSequence", []))
 
 
 def test_clean_study_gets_an_sr_and_no_kos(settings: Settings) -> None:

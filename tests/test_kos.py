@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from service.reports.findings import RegionFinding, StudyFindings
 from service.reports.kos import build_kos
+from service.reports.sr import is_btd_document
 from service.reports.validate import validation_errors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -53,6 +54,7 @@ def test_kos_lists_flagged_images_once_each(ct: list[Dataset]) -> None:
     assert kos.StudyInstanceUID == ct[0].StudyInstanceUID
     assert kos.SeriesInstanceUID != ct[0].SeriesInstanceUID
     assert referenced_uids(kos) == [a, b]
+    assert is_btd_document(kos)
     title = kos.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("113000", "DCM")  # "Of Interest"
     description = [i.TextValue for i in kos.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "113012"]

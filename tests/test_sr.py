@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.reports.findings import RegionFinding, SeriesFinding, StudyFindings
-from service.reports.sr import build_sr, predecessor_reference
+from service.reports.sr import build_sr, is_btd_document, predecessor_reference
 from service.reports.validate import dciodvfy_errors, dsrdump_errors, validation_errors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -184,6 +184,14 @@ def test_same_study_version_gives_same_uids(ct: list[Dataset]) -> None:
     a = build_sr(ct, findings_for(ct, "CT", flagged=True))
     b = build_sr(ct, findings_for(ct, "CT", flagged=True))
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+
+
+def test_btd_documents_are_recognised_and_images_are_not(ct: list[Dataset]) -> None:
+    sr = build_sr(ct, findings_for(ct, "CT", flagged=True))
+    assert is_btd_document(sr)
+    assert not is_btd_document(ct[0])
+    sr.Manufacturer = "Another AI vendor"
+    assert not is_btd_document(sr)
 
 
 def test_region_on_an_image_not_in_the_sources_is_refused(ct: list[Dataset]) -> None:

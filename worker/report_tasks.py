@@ -12,6 +12,7 @@ No destinations configured: the study stays REPORTED (the SR is on disk and in t
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import models
 from service.db import states
 from service.db.base import utcnow
 from service.db.models import Instance, Study
@@ -53,6 +55,8 @@ NO_DESTINATIONS = "no_destinations"  # stays REPORTED
 RETRY = "retry"
 FAILED = "failed"
 SKIPPED = "skipped"
+
+DEFAULT_MODEL = "btd-ct-default.pt"  # models/weights/, as models.detector.DEFAULT_MODEL_PATH (no torch import)
 
 # Seconds to wait for a destination's answer (association, each C-STORE) before counting it a failure.
 DELIVERY_TIMEOUT_SECONDS = 30.0
@@ -103,8 +107,25 @@ def _previous_sr(session: Session, settings: Settings, study_uid: str, version: 
     return stored or predecessor_reference(study_uid, previous.sr_series_uid, previous.sr_sop_instance_uid)
 
 
+def model_version(settings: Settings, model_name: str, weights_sha256: str | None) -> str:
+    """The scoring model's version from its metadata (NAME.json beside BTD_MODEL, or the default model's),
+    if that file describes the weights that scored (same SHA-256); else the model name, the closest thing
+    to a version the database keeps."""
+    from models.metadata import metadata_path_for
+
+    weights = Path(settings.model) if settings.model else Path(models.__file__).parent / "weights" / DEFAULT_MODEL
+    try:
+        meta = json.loads(metadata_path_for(weights).read_text())
+    except (OSError, ValueError):
+        return model_name
+    if weights_sha256 and meta.get("weights_sha256") == weights_sha256 and meta.get("software_version"):
+        return str(meta["software_version"])
+    return model_name
+
+
 def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     findings = load_findings(session, study.study_uid, study.version)
+    findings.model_version = model_version(settings, findings.model_name, findings.model_sha256)
     sources = read_sources(settings, scored_instances(session, study.study_uid))
     previous = _previous_sr(session, settings, study.study_uid, study.version)
     sr = build_sr(sources, findings, previous_sr=previous)

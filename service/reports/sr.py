@@ -27,6 +27,7 @@ MANUFACTURER = "btd project"
 MODEL_NAME = "btd forensic gateway"
 SR_SERIES_NUMBER = 9901
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SERIES_DESCRIPTION_PREFIX = "BTD forensic report"
 
 VERDICT_WORDS = {
@@ -264,6 +265,18 @@ def build_sr(
     sr.CompletionFlagDescription = completion_text(findings)
     sr.CodingSchemeIdentificationSequence = [btd_codes.coding_scheme_identification()]
     return sr
+
+
+def is_btd_document(ds: Dataset) -> bool:
+    """True for an SR or KOS that btd wrote itself (its SOP class and Manufacturer).
+
+    Why: a PACS rule that forwards whole studies sends btd's own reports back to it; the listener can
+    use this to store them without reopening the study, or the study would be scored again, its new
+    report forwarded again, and so on.
+    """
+    return str(ds.get("SOPClassUID", "")) in (COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION) and (
+        str(ds.get("Manufacturer", "")) == MANUFACTURER
+    )
 
 
 def predecessor_reference(study_uid: str, series_uid: str, sop_instance_uid: str) -> Dataset:
