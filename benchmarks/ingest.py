@@ -122,6 +122,17 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc: a measure that a busy
+    shared machine distorts far less than wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
 def files_under(root: Path, min_size: int) -> int:
     return sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size >= min_size)
 
@@ -225,13 +236,60 @@ def btd_serve(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
     proc = subprocess.Popen([str(VENV_BIN / "btd"), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_echo(port, timeout=180, process=proc)
-        yield Receiver("btd serve", port, proc, lambda: files_under(data_dir, 100_000))
+        yield Receiver("btd serve", port, proc, lambda: files_under(data_dir / "spool", 100_000))
+    finally:
+        stop(proc)
+        log.close()
+
+
+# The listener alone, in its own process: what `btd serve` costs beyond it (API, monitor) shows as the
+# difference between the two btd rows.
+LISTENER_ONLY = """
+import signal, threading
+from service.db.migrate import upgrade
+from service.dicom.listener import start_listener
+from service.settings import Settings
+settings = Settings()
+upgrade(settings)
+server = start_listener(settings)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+server.shutdown()
+"""
+
+
+@contextlib.contextmanager
+def btd_listener(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    """service.dicom.listener.start_listener in a process of its own (SQLite, same data dir layout)."""
+    data_dir = root / "btd-data"
+    data_dir.mkdir()
+    port = free_port()
+    env = {k: v for k, v in dcmtk_env(nodelay).items() if not k.startswith("BTD_")}
+    env.update(
+        {
+            "BTD_DATA_DIR": str(data_dir),
+            "BTD_DICOM_HOST": "127.0.0.1",
+            "BTD_DICOM_PORT": str(port),
+            "BTD_AE_TITLE": RECEIVER_AET,
+            "BTD_MIN_FREE_BYTES": "0",
+            "BTD_LOG_LEVEL": "WARNING",
+        }
+    )
+    log = open(root / "btd-listener.log", "wb")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LISTENER_ONLY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
+    try:
+        wait_for_echo(port, timeout=120, process=proc)
+        yield Receiver("btd listener (start_listener)", port, proc, lambda: files_under(data_dir / "spool", 100_000))
     finally:
         stop(proc)
         log.close()
 
 
 RECEIVERS: dict[str, Callable[[Path, bool], contextlib.AbstractContextManager[Receiver]]] = {
+    "btd-listener": btd_listener,
     "btd": btd_serve,
     "storescp": storescp,
     "orthanc": orthanc,
@@ -261,7 +319,35 @@ def send_btd(files: list[Path], port: int, nodelay: bool = True) -> subprocess.C
     )
 
 
-SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {"storescu": send_storescu, "btd send": send_btd}
+# service.dicom.sender.send_files timed inside its process: the transfer without interpreter start-up.
+SEND_FILES_TIMED = """
+import json, sys, time
+from service.dicom.sender import send_files
+port, aet, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+start = time.perf_counter()
+results = send_files(files, "127.0.0.1", port, aet, calling_aet="BENCH_SCU")
+elapsed = time.perf_counter() - start
+failed = [r for r in results if not r.ok]
+print(json.dumps({"elapsed": elapsed, "failed": len(failed)}))
+sys.exit(1 if failed else 0)
+"""
+
+
+def send_files_inprocess(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    return subprocess.run(
+        [sys.executable, "-c", SEND_FILES_TIMED, str(port), RECEIVER_AET, *map(str, files)],
+        capture_output=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {
+    "storescu": send_storescu,
+    "btd send": send_btd,
+    "send_files": send_files_inprocess,
+}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -275,12 +361,18 @@ class Result:
     n: int
     megabytes: float
     seconds: list[float] = field(default_factory=list)
+    receiver_cpu_s: list[float] = field(default_factory=list)  # CPU time the receiver spent on the send
+    load: list[float] = field(default_factory=list)  # 1-minute load average when the send started
     stored: list[int] = field(default_factory=list)
     error: str | None = None
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        return 1000 * statistics.median(self.receiver_cpu_s) / self.n if self.receiver_cpu_s else float("nan")
 
     @property
     def instances_per_s(self) -> float:
@@ -295,39 +387,40 @@ class Result:
             "median_s": self.median_s,
             "instances_per_s": self.instances_per_s,
             "mb_per_s": self.mb_per_s,
+            "receiver_cpu_ms_per_instance": self.cpu_ms_per_instance,
         }
 
 
-def run_case(
-    receiver_key: str, sender_key: str, nodelay: bool, files: list[Path], warmup: list[Path], base: Path, repeats: int
-) -> Result:
-    """Start a fresh receiver per repeat (fresh storage), warm it with one instance, then time one send of all."""
-    megabytes = sum(f.stat().st_size for f in files) / 1e6
-    result = Result("", sender_key, nodelay, len(files), megabytes)
-    for _ in range(repeats):
-        root = Path(tempfile.mkdtemp(prefix=f"ingest-{receiver_key}-", dir=base))
-        try:
-            with RECEIVERS[receiver_key](root, nodelay) as receiver:
-                result.receiver = receiver.name
-                warm = send_storescu(warmup, receiver.port)
-                if warm.returncode != 0:
-                    raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
-                before = receiver.count()
-                start = time.perf_counter()
-                done = SENDERS[sender_key](files, receiver.port, nodelay=nodelay)
-                elapsed = time.perf_counter() - start
-                if done.returncode != 0:
-                    raise RuntimeError(f"{sender_key} exited {done.returncode}: {done.stderr.decode()[-800:]}")
-                stored = wait_for_count(receiver, before + len(files)) - before
-                result.seconds.append(elapsed)
-                result.stored.append(stored)
-        except Exception as exc:  # a receiver that cannot run is reported, the others still are measured
-            result.error = f"{type(exc).__name__}: {exc}"
-            result.receiver = result.receiver or receiver_key
-            break
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    return result
+def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[Path], base: Path) -> None:
+    """One timed send into a fresh receiver (fresh storage), warmed first with one instance; adds to `result`."""
+    if result.error:
+        return
+    root = Path(tempfile.mkdtemp(prefix=f"ingest-{receiver_key}-", dir=base))
+    try:
+        with RECEIVERS[receiver_key](root, result.tcp_nodelay) as receiver:
+            result.receiver = receiver.name
+            warm = send_storescu(warmup, receiver.port)
+            if warm.returncode != 0:
+                raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
+            before = receiver.count()
+            result.load.append(load_average())
+            cpu_before = cpu_seconds(receiver.process.pid)
+            start = time.perf_counter()
+            done = SENDERS[result.sender](files, receiver.port, nodelay=result.tcp_nodelay)
+            elapsed = time.perf_counter() - start
+            cpu = cpu_seconds(receiver.process.pid) - cpu_before
+            if done.returncode != 0:
+                raise RuntimeError(f"{result.sender} exited {done.returncode}: {done.stderr.decode()[-800:]}")
+            if result.sender == "send_files":  # timed inside the sender's process
+                elapsed = float(json.loads(done.stdout.decode().strip().splitlines()[-1])["elapsed"])
+            result.stored.append(wait_for_count(receiver, before + len(files)) - before)
+            result.seconds.append(elapsed)
+            result.receiver_cpu_s.append(cpu)
+    except Exception as exc:  # a receiver that cannot run is reported, the others still are measured
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.receiver = result.receiver or receiver_key
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_for_count(receiver: Receiver, expected: int, timeout: float = 10.0) -> int:
@@ -343,9 +436,13 @@ def wait_for_count(receiver: Receiver, expected: int, timeout: float = 10.0) -> 
 CASES: list[tuple[str, str, bool]] = [
     ("storescp", "storescu", True),
     ("orthanc", "storescu", True),
+    ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd", "btd send", True),
+    ("btd", "send_files", True),
     ("storescp", "btd send", True),
+    ("storescp", "send_files", True),
+    ("orthanc", "send_files", True),
     # The delayed-ACK trap, for reference: TCP_NODELAY unset for both dcmtk ends.
     ("storescp", "storescu", False),
     ("orthanc", "storescu", False),
@@ -370,17 +467,21 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"Measured {meta['date']} on {meta['machine']}; N = {meta['n']} instances, "
         f"{meta['megabytes']:.1f} MB, {meta['repeats']} repeats (median shown), storage under {meta['base']}.",
         "",
-        "| receiver | sender | TCP_NODELAY | median s | instances/s | MB/s | all runs (s) | stored |",
-        "|---|---|---|---|---|---|---|---|",
+        "| receiver | sender | TCP_NODELAY | median s | instances/s | MB/s | receiver CPU ms/instance | "
+        "all runs (s) | load avg | stored |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        nodelay = "1" if r.tcp_nodelay else "unset"
         if r.error:
-            lines.append(f"| {r.receiver} | {r.sender} | {r.tcp_nodelay} | — | — | — | error: {r.error} | — |")
+            error = " ".join(r.error.split()).replace("|", "/")[:160]
+            lines.append(f"| {r.receiver} | {r.sender} | {nodelay} | — | — | — | — | error: {error} | — | — |")
             continue
         runs = ", ".join(f"{s:.2f}" for s in r.seconds)
+        loads = ", ".join(f"{x:.1f}" for x in r.load)
         lines.append(
-            f"| {r.receiver} | {r.sender} | {'1' if r.tcp_nodelay else 'unset'} | {r.median_s:.2f} | "
-            f"{r.instances_per_s:.0f} | {r.mb_per_s:.0f} | {runs} | {min(r.stored)}/{r.n} |"
+            f"| {r.receiver} | {r.sender} | {nodelay} | {r.median_s:.2f} | {r.instances_per_s:.0f} | "
+            f"{r.mb_per_s:.0f} | {r.cpu_ms_per_instance:.1f} | {runs} | {loads} | {min(r.stored)}/{r.n} |"
         )
     return "\n".join(lines)
 
@@ -390,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=128, help="instances per send (default 128)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base", type=Path, default=Path(tempfile.gettempdir()), help="file system for all")
-    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd storescp orthanc")
+    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd btd-listener storescp orthanc")
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
@@ -398,18 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ingest-src-", dir=args.base) as src:
         files = make_instances(Path(src) / "series", args.n)
         warmup = make_instances(Path(src) / "warmup", 1)
-        results = []
-        for receiver_key, sender_key, nodelay in CASES:
-            if args.only and receiver_key not in args.only:
-                continue
-            result = run_case(receiver_key, sender_key, nodelay, files, warmup, args.base, args.repeats)
-            print(json.dumps(result.to_dict()), file=sys.stderr, flush=True)
-            results.append(result)
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        cases = [c for c in CASES if not args.only or c[0] in args.only]
+        results = [Result(key, sender, nodelay, len(files), megabytes) for key, sender, nodelay in cases]
+        # Round-robin over the cases, so that the load of a shared machine falls on all of them alike.
+        for repeat in range(args.repeats):
+            for (receiver_key, _, _), result in zip(cases, results, strict=True):
+                run_once(result, receiver_key, files, warmup, args.base)
+                last = f"{result.seconds[-1]:.2f} s" if result.seconds and not result.error else result.error
+                print(f"[{repeat + 1}/{args.repeats}] {result.receiver} <- {result.sender}: {last}", file=sys.stderr)
         meta = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
             "n": args.n,
-            "megabytes": sum(f.stat().st_size for f in files) / 1e6,
+            "megabytes": megabytes,
             "repeats": args.repeats,
             "base": str(args.base),
         }
