@@ -179,11 +179,17 @@ def malformed_file(folder: Path) -> Path:
 
 def test_malformed_datasets_fail_and_the_association_goes_on(gateway: Settings, tmp_path: Path) -> None:
     blank_study = fresh_ct(StudyInstanceUID="")
+    blank_sop = fresh_ct()
+    blank_sop.SOPInstanceUID = ""  # the File Meta (used for the C-STORE request) keeps its UID
+    blank_sop.save_as(tmp_path / "blank_sop.dcm", enforce_file_format=False)
     good = fresh_ct()
     results = sender.send_files(
-        [malformed_file(tmp_path), blank_study, good], "127.0.0.1", gateway.dicom_port, gateway.ae_title
+        [malformed_file(tmp_path), blank_study, tmp_path / "blank_sop.dcm", good],
+        "127.0.0.1",
+        gateway.dicom_port,
+        gateway.ae_title,
     )
-    assert [r.status for r in results] == [0xC210, 0xC211, 0x0000]  # one association, three C-STOREs
+    assert [r.status for r in results] == [0xC210, 0xC211, 0xC211, 0x0000]  # one association, four C-STOREs
     assert rows_for(gateway, sop_instance_uid=blank_study.SOPInstanceUID) == []
     assert len(rows_for(gateway, sop_instance_uid=good.SOPInstanceUID)) == 1
 
