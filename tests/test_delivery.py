@@ -316,6 +316,14 @@ def test_rescore_builds_a_new_sr_naming_the_previous_as_predecessor(settings: Se
     with session_scope(settings) as session:
         first = session.scalars(select(Report)).one()
         session.execute(Study.__table__.update().values(state=states.SCORED, version=2, verdict="no_evidence"))
+        # the PACS routed btd's first SR back to it: it is in the spool and the instances table now
+        sr_rel = relative_path(study_uid, first.sr_series_uid, first.sr_sop_instance_uid, 1)
+        (settings.spool_dir / sr_rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(settings.data_dir / first.sr_path, settings.spool_dir / sr_rel)
+        session.add(Instance(study_uid=study_uid, series_uid=first.sr_series_uid,
+                             sop_instance_uid=first.sr_sop_instance_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                             modality="SR", transfer_syntax="1.2.840.10008.1.2.1", size=1, sha256="1" * 64,
+                             path=sr_rel))
     seed_scored_study(settings, flagged=False, version=2)
     assert report_tasks.run_build_report(study_uid, settings, dispatch_next=False).kind == report_tasks.BUILT
     with session_scope(settings) as session:
@@ -325,6 +333,9 @@ def test_rescore_builds_a_new_sr_naming_the_previous_as_predecessor(settings: Se
     ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == first.sr_sop_instance_uid
     assert sr.SOPInstanceUID != first.sr_sop_instance_uid
+    evidence = {r.ReferencedSOPInstanceUID for st in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert len(evidence) == 4 and first.sr_sop_instance_uid not in evidence
 
 
 def test_sources_deleted_from_the_spool_fail_clearly_and_keep_the_verdict(

@@ -77,10 +77,16 @@ class TaskOutcome:
 
 
 def scored_instances(session: Session, study_uid: str) -> list[Instance]:
-    """The latest version of every instance of the study (what the scoring task scored)."""
+    """The latest version of every instance of the study (what the scoring task scored), without btd's own
+    earlier reports should a PACS have routed them back: a report is not evidence for its successor."""
     rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)).all()
+    ours = set()
+    for report in session.scalars(select(Report).where(Report.study_uid == study_uid)):
+        ours.update(uid for uid in (report.sr_sop_instance_uid, report.kos_sop_instance_uid) if uid)
     latest: dict[str, Instance] = {}
     for row in rows:
+        if row.sop_instance_uid in ours:
+            continue
         if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
             latest[row.sop_instance_uid] = row
     return sorted(latest.values(), key=lambda r: r.id)
