@@ -98,6 +98,7 @@ def assert_scored_result(body: dict, data_dir: Path) -> None:
     for inst in series["instances"]:
         assert inst["verdict"] == "suspicious" and inst["score"] is not None
         assert (data_dir / inst["map_path"]).is_file()
+        assert inst["regions"] and inst["regions"][0]["outline"]  # the tiny model's threshold flags a region
     assert "TOTALSEG" not in str(body)  # the fixture's PatientID never leaves the gateway by default
 
 

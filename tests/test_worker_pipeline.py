@@ -31,7 +31,8 @@ def make_tiny_model(path: Path, slice_threshold: float = SUSPICIOUS_EVERYWHERE) 
     """A random BTD model small enough to score 512x512 CT on a shared CPU in seconds per slice.
 
     Random weights are fine here: these tests check the plumbing around the model, not its science.
-    A low region threshold in the anomaly statistics makes regions appear, so they flow to the db too.
+    A region threshold below any anomaly value makes a region appear on every slice whatever the anomaly
+    statistics do, so regions flow to the db (and to the SR) too.
     """
     from models.checkpoint import save_model
     from models.diffusion import GaussianDiffusion
@@ -46,7 +47,7 @@ def make_tiny_model(path: Path, slice_threshold: float = SUSPICIOUS_EVERYWHERE) 
         channels=1,
         patch_size=32,
         calibration={"slice_threshold": slice_threshold, "series_threshold": slice_threshold},
-        anomaly={"energy_mean": -12.0, "energy_std": 1.0, "region_threshold": 3.0},
+        anomaly={"region_threshold": -1e9},
     )
     save_model(diffusion, path, metadata)
     return path
@@ -289,3 +290,26 @@ def test_transient_error_is_retried_then_fails_with_attempt_count(env: SimpleNam
 
 def test_unknown_study_is_skipped(env: SimpleNamespace) -> None:
     assert tasks.run_score_study(uid(), env.settings).kind == tasks.SKIPPED
+
+
+def test_lease_keeper_renews_a_live_claim_and_notices_when_it_is_lost(env: SimpleNamespace) -> None:
+    """A live worker must never look dead however slow its slices are; a lost claim must stop the work."""
+    from helpers_gateway import wait_until
+
+    settings = env.settings.model_copy(update={"visibility_timeout": 3})  # lease 1.5 s, renewed every 0.5 s
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    with session_scope(settings) as session:
+        claim = tasks.claim_study(session, study_uid, "slow-worker", settings)
+    assert isinstance(claim, tasks.Claim)
+    first_until = study_row(settings, study_uid).lease_until
+    keeper = tasks.LeaseKeeper(settings, claim).start()
+    try:
+        wait_until(lambda: study_row(settings, study_uid).lease_until > first_until, timeout=20, what="renewal")
+        assert not keeper.lost
+        receive(settings, study_uid)  # reopened: the claim is no longer ours
+        wait_until(lambda: keeper.lost, timeout=20, what="lost lease noticed")
+    finally:
+        keeper.stop()
+    assert study_row(settings, study_uid).state == states.RECEIVING

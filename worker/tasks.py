@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +142,44 @@ def renew_lease(settings: Settings, claim: Claim) -> bool:
             .execution_options(synchronize_session=False)
         )
         return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+class LeaseLostError(Exception):
+    """Our claim on the study is gone; whatever we were computing will not be stored."""
+
+
+class LeaseKeeper:
+    """Renews a claim's lease from a background thread for as long as this process scores the study.
+
+    Why a thread, not the progress callback: one batch of slices can take longer than a lease on a slow
+    CPU, and a live worker must never look dead. A killed process renews nothing, so its lease runs out
+    and the study is taken over. `lost` turns True when a renewal finds the claim no longer ours.
+    """
+
+    def __init__(self, settings: Settings, claim: Claim) -> None:
+        self.settings = settings
+        self.claim = claim
+        self.interval = lease_seconds(settings) / 3
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.study_uid[-12:]}", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not renew_lease(self.settings, self.claim):
+                    self.lost = True
+                    return
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next interval
+                log_event(log, "lease.renew_failed", logging.WARNING, study_uid=self.claim.study_uid, error=str(exc))
 
 
 def _ours(claim: Claim) -> list[Any]:
@@ -312,17 +351,19 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
     pipeline.verify_spool_files(series)
     detector = pipeline.get_detector(settings)
 
-    renew_every = lease_seconds(settings) / 3
-    last_renewal = time.monotonic()
-
     def on_progress(done: int, total: int) -> None:
-        nonlocal last_renewal
+        if keeper.lost:
+            raise LeaseLostError("lease lost while scoring (taken over, or the study was reopened)")
         pipeline.write_progress(settings.data_dir, claim.study_uid, done, total)
-        if time.monotonic() - last_renewal >= renew_every:
-            last_renewal = time.monotonic()
-            renew_lease(settings, claim)
 
-    result = pipeline.score_study_files(detector, claim.study_uid, series, settings.data_dir, on_progress)
+    keeper = LeaseKeeper(settings, claim).start()
+    try:
+        result = pipeline.score_study_files(detector, claim.study_uid, series, settings.data_dir, on_progress)
+    except LeaseLostError as exc:
+        log_event(log, "score.discarded", logging.WARNING, study_uid=claim.study_uid, version=claim.version)
+        return ScoreOutcome(DISCARDED, str(exc))
+    finally:
+        keeper.stop()
     with session_scope(settings) as session:
         store_results(session, claim, result)
         finished = transition(
