@@ -51,8 +51,12 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def relative_folder(study_uid: str, series_uid: str) -> str:
+    return f"{sanitise_uid(study_uid)}/{sanitise_uid(series_uid)}"
+
+
 def relative_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -> str:
-    return f"{sanitise_uid(study_uid)}/{sanitise_uid(series_uid)}/{sanitise_uid(sop_uid)}.v{version}.dcm"
+    return f"{relative_folder(study_uid, series_uid)}/{sanitise_uid(sop_uid)}.v{version}.dcm"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -98,30 +102,54 @@ class Spool:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def write(self, relative: str, data: bytes, sha256: str | None = None) -> StoredFile:
-        """Write `data` durably at `relative`; the same bytes already there count as written."""
+    def stage(self, folder: str, data: bytes) -> Path:
+        """Write `data` to a fsynced temporary file in `folder` (relative), ready for `publish`.
+
+        Why two steps: the slow part (writing and fsyncing the bytes) can happen before the database
+        transaction, which then only publishes the name; the transaction holds its locks shorter.
+        """
         self.check_space(len(data))
-        digest = sha256 or sha256_hex(data)
-        final = self.root / relative
-        _makedirs_durable(final.parent, self.root)
-        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=final.parent)
-        tmp = Path(tmp_name)
-        created = True
+        target = self.root / folder
+        _makedirs_durable(target, self.root)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            try:
-                os.link(tmp, final)  # atomic, and never replaces an existing file
-            except FileExistsError:
-                if sha256_hex(final.read_bytes()) != digest:
-                    raise SpoolConflict(f"{relative} already holds different bytes") from None
-                created = False
-        finally:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return Path(tmp_name)
+
+    def publish(self, staged: Path, relative: str, sha256: str, size: int) -> StoredFile:
+        """Give a staged file its final name (in the same folder) without ever replacing another file."""
+        final = self.root / relative
+        if final.parent != staged.parent:
+            raise ValueError("a staged file is published in the folder it was staged in")
+        created = True
+        try:
+            os.link(staged, final)  # atomic, and never replaces an existing file
+        except FileExistsError:
+            if sha256_hex(final.read_bytes()) != sha256:
+                raise SpoolConflict(f"{relative} already holds different bytes") from None
+            created = False
         _fsync_dir(final.parent)
-        return StoredFile(relative, len(data), digest, created)
+        return StoredFile(relative, size, sha256, created)
+
+    @staticmethod
+    def discard(staged: Path) -> None:
+        """Remove a staged temporary file (after publishing it, or when it is not needed)."""
+        staged.unlink(missing_ok=True)
+
+    def write(self, relative: str, data: bytes, sha256: str | None = None) -> StoredFile:
+        """Write `data` durably at `relative`; the same bytes already there count as written."""
+        digest = sha256 or sha256_hex(data)
+        staged = self.stage(str(Path(relative).parent), data)
+        try:
+            return self.publish(staged, relative, digest, len(data))
+        finally:
+            self.discard(staged)
 
     def remove(self, relative: str) -> None:
         """Remove a file this process just wrote whose database row could not be committed."""

@@ -115,9 +115,14 @@ class RecordOutcome:
     reopened: bool = False
 
 
-def _ensure_study(session: Session, received: ReceivedInstance, now: datetime, deadline: datetime) -> None:
-    if session.scalar(select(Study.id).where(Study.study_uid == received.study_uid)) is not None:
-        return
+def _ensure_study(
+    session: Session, received: ReceivedInstance, now: datetime, deadline: datetime
+) -> tuple[str, str | None]:
+    """The study's (state, modalities), creating it RECEIVING (with its quiet deadline) if it is new."""
+    query = select(Study.state, Study.modalities).where(Study.study_uid == received.study_uid)
+    row = session.execute(query).first()
+    if row is not None:
+        return row.state, row.modalities
     try:
         with session.begin_nested():
             session.add(
@@ -127,7 +132,7 @@ def _ensure_study(session: Session, received: ReceivedInstance, now: datetime, d
                     state_since=now,
                     quiet_deadline=deadline,
                     version=1,
-                    modalities=received.modality,
+                    modalities=None,
                     n_instances=0,
                     patient_id=received.patient_id,
                     patient_name=received.patient_name,
@@ -138,27 +143,30 @@ def _ensure_study(session: Session, received: ReceivedInstance, now: datetime, d
                 )
             )
             add_event(session, received.study_uid, None, states.RECEIVING, "first instance received")
+        return states.RECEIVING, None
     except IntegrityError:
-        pass  # another connection created it at the same time; use theirs
+        row = session.execute(query).one()  # another connection created it at the same time; use theirs
+        return row.state, row.modalities
 
 
-def _restart_timer(session: Session, study_uid: str, deadline: datetime) -> bool:
-    """Restart the quiet timer of a RECEIVING study, or move a later study back to RECEIVING. Returns
-    True if the study was reopened as a new version."""
+def _touch_study(session: Session, study_uid: str, seen: str, deadline: datetime, **values: Any) -> bool:
+    """Restart the quiet timer of a RECEIVING study, or move a later study back to RECEIVING, setting
+    `values` (counters) in the same UPDATE. `seen` is the state the caller read; if it changed meanwhile
+    the row is re-read. Returns True if the study was reopened as a new version."""
+    state: str | None = seen
     for _ in range(_CAS_ATTEMPTS):
-        state = session.scalar(select(Study.state).where(Study.study_uid == study_uid))
         if state == states.RECEIVING:
             result = session.execute(
                 update(Study)
                 .where(Study.study_uid == study_uid, Study.state == states.RECEIVING)
-                .values(quiet_deadline=deadline, updated_at=utcnow())
+                .values(quiet_deadline=deadline, updated_at=utcnow(), **values)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 return False
         elif state in states.RESUMABLE_STATES:
             if transition(
-                session, study_uid, state, states.RECEIVING, "more instances arrived", quiet_deadline=deadline
+                session, study_uid, state, states.RECEIVING, "more instances arrived", quiet_deadline=deadline, **values
             ):
                 return False
         elif state is not None and transition(
@@ -176,8 +184,10 @@ def _restart_timer(session: Session, study_uid: str, deadline: datetime) -> bool
             lease_owner=None,
             lease_until=None,
             queued_at=None,
+            **values,
         ):
             return True
+        state = session.scalar(select(Study.state).where(Study.study_uid == study_uid))
     raise RuntimeError(f"could not update study {study_uid}: its state kept changing")
 
 
@@ -209,10 +219,12 @@ def record_instance(
     """
     now = now or utcnow()
     deadline = now + timedelta(seconds=stable_seconds)
-    _ensure_study(session, received, now, deadline)
+    state, modalities = _ensure_study(session, received, now, deadline)
 
-    known = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == received.sop_instance_uid).order_by(Instance.version)
+    known = session.execute(
+        select(Instance.id, Instance.version, Instance.sha256, Instance.path).where(
+            Instance.sop_instance_uid == received.sop_instance_uid
+        )
     ).all()
     for row in known:
         if row.sha256 == received.sha256:
@@ -228,11 +240,16 @@ def record_instance(
                 .values(quiet_deadline=deadline, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
-            session.flush()
             return RecordOutcome("duplicate", row.version, row.path)
 
-    version = known[-1].version + 1 if known else 1
-    reopened = _restart_timer(session, received.study_uid, deadline)
+    version = max((row.version for row in known), default=0) + 1
+    counters: dict[str, Any] = {}
+    if version == 1:
+        counters["n_instances"] = Study.n_instances + 1
+    merged = _merge_modalities(modalities, received.modality)
+    if merged != modalities:
+        counters["modalities"] = merged
+    reopened = _touch_study(session, received.study_uid, state, deadline, **counters)
     path = store(version)
     session.add(
         Instance(
@@ -252,18 +269,6 @@ def record_instance(
             peer=received.peer,
             received_at=now,
         )
-    )
-    study = session.scalar(select(Study).where(Study.study_uid == received.study_uid))
-    assert study is not None
-    session.execute(
-        update(Study)
-        .where(Study.study_uid == received.study_uid)
-        .values(
-            n_instances=Study.n_instances + (1 if version == 1 else 0),
-            modalities=_merge_modalities(study.modalities, received.modality),
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
     )
     session.flush()
     return RecordOutcome("conflict" if version > 1 else "stored", version, path, reopened)

@@ -49,7 +49,7 @@ from service.db.session import session_factory
 from service.observability.logs import log_event
 from service.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
 from service.settings import Settings
-from service.spool import Spool, SpoolConflict, SpoolFull, relative_path, sha256_hex
+from service.spool import Spool, SpoolConflict, SpoolFull, relative_folder, relative_path, sha256_hex
 
 log = logging.getLogger("btd.listener")
 
@@ -230,13 +230,15 @@ class StoreHandler:
         raise AssertionError("unreachable")
 
     def _store(self, parsed: ParsedInstance) -> str:
-        """Spool the bytes and commit the row; on any failure remove the file this call created."""
+        """Stage the bytes (fsync) before the transaction; inside it publish the name and commit the row.
+        On any failure remove the file this call created; a staged temporary file is always removed."""
         received = parsed.received
         created: list[str] = []
+        staged = self.spool.stage(relative_folder(received.study_uid, received.series_uid), parsed.data)
 
         def store(version: int) -> str:
             rel = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
-            stored = self.spool.write(rel, parsed.data, received.sha256)
+            stored = self.spool.publish(staged, rel, received.sha256, received.size)
             if stored.created:
                 created.append(rel)
             return rel
@@ -260,6 +262,7 @@ class StoreHandler:
             raise
         finally:
             session.close()
+            self.spool.discard(staged)
 
 
 def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
