@@ -75,7 +75,9 @@ def calibrate_detector(
         series_scores.append(max(scores))
     if not slice_scores:
         raise ValueError("none of the given scans could be scored; nothing to calibrate on")
-    return calibration_record(slice_scores, series_scores, fpr, series_fpr, source=f"{len(series_scores)} series")
+    record = calibration_record(slice_scores, series_scores, fpr, series_fpr, source=f"{len(series_scores)} series")
+    record["scoring"] = detector.options.calibration_key()  # thresholds hold only for this way of scoring
+    return record
 
 
 def write_calibration(model_path: str | Path, calibration: dict[str, Any]) -> Path:

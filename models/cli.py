@@ -51,7 +51,9 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool = False) ->
         "--model", type=Path, required=required, help="model .pt (default: the shipped CT model in models/weights)"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--mode", choices=("tiles", "whole"), default="tiles", help="tile the slice or run it whole")
+    parser.add_argument(
+        "--mode", choices=("tiles", "whole"), help="tile the slice or run it whole (default: as calibrated)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of a Trainer checkpoint")
@@ -86,10 +88,8 @@ def _progress_bar(total: int, description: str) -> Any:
 
 
 def is_failure(instance: Any) -> bool:
-    """Not assessed because of the item itself (not because the model lacks a calibration)."""
-    from models.results import NOT_ASSESSED, UNCALIBRATED_REASON
-
-    return instance.verdict == NOT_ASSESSED and instance.reason != UNCALIBRATED_REASON
+    """Could not be scored because of the item itself (an uncalibrated model still gives scores)."""
+    return instance.score is None
 
 
 def instance_record(instance: Any, series: Any) -> dict[str, Any]:

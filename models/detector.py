@@ -57,12 +57,16 @@ class DetectorError(RuntimeError):
 class ScoringOptions:
     """How slices are run through the model; defaults chosen by the measurements in docs/bench/scoring.md."""
 
-    mode: str = "tiles"
+    mode: str = "tiles"  # see DEFAULT_MODE and docs/bench/scoring.md
     overlap: int | None = None  # tiles: pixels shared by neighbours; None = a quarter of the patch
     batch_size: int = 8  # tiles (or whole slices) per forward pass
     skip_air: bool = True  # CT: do not run tiles (or the whole-slice crop) outside the body
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     max_regions: int = DEFAULT_MAX_REGIONS
+
+    def calibration_key(self) -> dict[str, Any]:
+        """What must be the same at calibration and at scoring for the thresholds to apply."""
+        return {"mode": self.mode, "overlap": self.overlap, "skip_air": self.skip_air}
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -132,25 +136,54 @@ class Detector:
             hint = " (the default CT model has not been trained and shipped yet)" if path is None else ""
             raise DetectorError(f"model file {model_path} not found{hint}; pass --model / BTD_MODEL")
         loaded = load_model(model_path, use_ema=use_ema)
+        # The scoring the model was calibrated with is its default: thresholds only hold for it.
+        calibrated_with = dict((loaded.metadata.calibration or {}).get("scoring") or {})
+        chosen = {k: v for k, v in {**calibrated_with, **options}.items() if v is not None or k == "overlap"}
+        unknown = sorted(set(chosen) - set(ScoringOptions.__dataclass_fields__))
+        if unknown:
+            raise DetectorError(f"unknown scoring options: {', '.join(unknown)}")
         return cls(
             loaded.diffusion,
             loaded.metadata,
             device=device,
             weights_sha256=loaded.weights_sha256,
             path=model_path,
-            options=ScoringOptions(**options),
+            options=ScoringOptions(**chosen),
         )
 
     # --- calibration -------------------------------------------------------------------------------
     @property
+    def calibration_mismatch(self) -> str | None:
+        """Why the stored thresholds do not apply to the chosen scoring options (None when they do)."""
+        scoring = (self.metadata.calibration or {}).get("scoring")
+        if not scoring:
+            return None
+        mine = self.options.calibration_key()
+        different = [k for k in mine if k in scoring and scoring[k] != mine[k]]
+        if not different:
+            return None
+        return (
+            "model calibrated for other scoring options ("
+            + ", ".join(f"{k}={scoring[k]!r}, not {mine[k]!r}" for k in different)
+            + ")"
+        )
+
+    def _threshold(self, key: str) -> float | None:
+        value = (self.metadata.calibration or {}).get(key)
+        if value is None or self.calibration_mismatch:
+            return None
+        return float(value)
+
+    @property
     def slice_threshold(self) -> float | None:
-        value = (self.metadata.calibration or {}).get("slice_threshold")
-        return None if value is None else float(value)
+        return self._threshold("slice_threshold")
 
     @property
     def series_threshold(self) -> float | None:
-        value = (self.metadata.calibration or {}).get("series_threshold")
-        return None if value is None else float(value)
+        return self._threshold("series_threshold")
+
+    def uncalibrated_reason(self) -> str:
+        return self.calibration_mismatch or UNCALIBRATED_REASON
 
     # --- the model ---------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -269,6 +302,8 @@ class Detector:
             amap = self.anomaly.anomaly_map(residual, values)
             score = self.anomaly.slice_score(amap)
             verdict, reason = verdict_for(score, self.slice_threshold)
+            if reason == UNCALIBRATED_REASON:
+                reason = self.uncalibrated_reason()
             regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
             result = InstanceResult(
                 path=ref.path,
@@ -296,6 +331,8 @@ class Detector:
             verdict, reason = NOT_ASSESSED, "no assessable images: " + "; ".join(reasons[:3])
         else:
             verdict, reason = verdict_for(score, self.series_threshold)
+            if reason == UNCALIBRATED_REASON:
+                reason = self.uncalibrated_reason()
             if reason is None and skipped:
                 reason = f"{len(skipped)} of {len(instances)} images not assessed ({skipped[0].reason})"
         return SeriesResult(

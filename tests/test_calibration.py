@@ -83,6 +83,12 @@ def test_calibrate_writes_thresholds_that_pass_the_genuine_scans(model_path, tmp
     assert {i.verdict for i in result.instances} == {NO_EVIDENCE}
     assert NOT_ASSESSED not in {i.verdict for i in result.instances}
 
+    # thresholds hold only for the scoring they were set with: another mode is not judged by them
+    assert calibration["scoring"]["mode"] == calibrated.options.mode
+    other = "whole" if calibrated.options.mode == "tiles" else "tiles"
+    mismatched = next(Detector.load(model_path, device="cpu", mode=other).score_paths([data]))
+    assert mismatched.verdict == NOT_ASSESSED and "calibrated for other scoring options" in mismatched.reason
+
     # a threshold below the scores flags them: verdicts really come from the stored calibration
     write_calibration(model_path, {**calibration, "slice_threshold": -1e9, "series_threshold": -1e9})
     assert next(Detector.load(model_path, device="cpu").score_paths([data])).verdict == SUSPICIOUS
