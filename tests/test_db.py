@@ -262,22 +262,20 @@ def test_times_are_timezone_aware_utc(settings: Settings, tmp_path: Path) -> Non
         assert value is not None and value.utcoffset() == timedelta(0)
 
 
-def test_btd_db_upgrade_works_from_any_directory(tmp_path: Path) -> None:
-    import os
-    import subprocess
+def test_btd_db_upgrade_works_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+    from service.settings import get_settings
 
-    from helpers_gateway import PYTHON, REPO_ROOT
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BTD_")}
-    env.update(BTD_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO_ROOT))
-    done = subprocess.run(
-        [PYTHON, "-m", "service.cli", "db", "upgrade"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("database at 0")  # a numbered revision, not "base"
+    monkeypatch.chdir(tmp_path)  # nowhere near the repository's migrations folder
+    monkeypatch.delenv("BTD_DATABASE_URL", raising=False)
+    monkeypatch.setenv("BTD_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        assert main(["db", "upgrade"]) == 0
+    finally:
+        get_settings.cache_clear()
+        dispose_engines()
+    assert capsys.readouterr().out.startswith("database at 0")  # a numbered revision, not "base"
     assert (tmp_path / "data" / "btd.sqlite3").exists()

@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from service.cli import main as cli_main
 from service.db import migrate
 from service.db.session import dispose_engines
 from service.dicom import sender
@@ -75,18 +76,17 @@ def test_btd_send_a_folder_to_storescp(storescp: tuple[int, Path]) -> None:
         assert dataset_part(received[uid]) == dataset_part(source)
 
 
-def test_btd_send_fails_loudly(storescp: tuple[int, Path], tmp_path: Path) -> None:
+def test_btd_send_fails_loudly(storescp: tuple[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port, _ = storescp
     not_dicom = tmp_path / "notes.txt"
     not_dicom.write_text("not an image")
-    done = btd_send(
-        str(not_dicom), str(FIXTURES / "pydicom" / "CT_small.dcm"), "--port", str(port), "--aet", "STORESCP"
-    )
-    assert done.returncode == 1
-    assert "FAIL ---- " in done.stdout and "not a DICOM Part 10 file" in done.stdout
-    assert "OK   0x0000" in done.stdout  # the good file still went
-    nobody = btd_send(str(FIXTURES / "pydicom" / "CT_small.dcm"), "--port", str(free_port()), "--timeout", "5")
-    assert nobody.returncode == 1 and "association aborted or peer unreachable" in nobody.stdout
+    ct = str(FIXTURES / "pydicom" / "CT_small.dcm")
+    assert cli_main(["send", str(not_dicom), ct, "--port", str(port), "--aet", "STORESCP"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL ---- " in out and "not a DICOM Part 10 file" in out
+    assert "OK   0x0000" in out  # the good file still went
+    assert cli_main(["send", ct, "--port", str(free_port()), "--timeout", "2"]) == 1
+    assert "association aborted or peer unreachable" in capsys.readouterr().out
 
 
 def test_send_files_datasets_and_mixed_syntaxes(storescp: tuple[int, Path]) -> None:
