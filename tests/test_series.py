@@ -81,3 +81,24 @@ def test_blank_uids_fall_back_to_file_meta():
     assert series.slices[0].sop_instance_uid == "1.3.12.2.1107.5.1.4.60064.30000022120808113428000016573"
     ((_, hu, reason),) = list(iter_slices(series))
     assert reason is None and hu.shape == (512, 512)
+
+
+def test_slices_are_decoded_one_file_at_a_time(monkeypatch):
+    """Streaming: a file's pixels are read only when its slice is reached, and only one file is held."""
+    import models.series as series_module
+
+    reads = []
+    real_read_hu = series_module.read_hu
+
+    def counting_read_hu(source, **kwargs):
+        reads.append(source)
+        return real_read_hu(source, **kwargs)
+
+    monkeypatch.setattr(series_module, "read_hu", counting_read_hu)
+    (series,) = [g for g in group_series(expand_paths([FIXTURES / "ct_series_20"])) if g.series_instance_uid]
+    assert reads == []  # grouping reads headers only
+    stream = iter_slices(series)
+    next(stream)
+    next(stream)
+    assert len(reads) == 2
+    assert sum(1 for _ in stream) == 18 and len(reads) == 20
