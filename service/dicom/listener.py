@@ -193,6 +193,8 @@ class StoreHandler:
                 size=parsed.received.size,
                 calling_ae=parsed.received.calling_ae,
             )
+        else:  # refused before the dataset was read: the request's own UID still says which one
+            fields["sop_instance_uid"] = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         if status.Status == SUCCESS:
             log_event(log, f"instance.{kind}", **fields)
         else:
