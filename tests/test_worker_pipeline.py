@@ -313,3 +313,35 @@ def test_lease_keeper_renews_a_live_claim_and_notices_when_it_is_lost(env: Simpl
     finally:
         keeper.stop()
     assert study_row(settings, study_uid).state == states.RECEIVING
+
+
+def test_celery_task_retries_with_backoff_then_fails(
+    env: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Celery entry point itself (run eagerly: Celery's own local executor, retries without waiting)."""
+    from service.settings import get_settings
+
+    broken_model = tmp_path / "broken.pt"
+    broken_model.write_bytes(b"this is not a checkpoint")
+    monkeypatch.setenv("BTD_DATA_DIR", str(env.data_dir))
+    monkeypatch.setenv("BTD_MODEL", str(broken_model))
+    monkeypatch.setenv("BTD_DEVICE", "cpu")
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        study_uid = uid()
+        receive(settings, study_uid)
+        queue(settings, study_uid)
+        tasks.score_study_task.app.conf.task_always_eager = True
+        tasks.score_study_task.apply(args=(study_uid,))
+    finally:
+        tasks.score_study_task.app.conf.task_always_eager = False
+        get_settings.cache_clear()
+
+    study = study_row(env.settings, study_uid)
+    max_retries = tasks.score_study_task.max_retries
+    assert study.state == states.FAILED and study.attempts == max_retries + 1
+    with session_scope(env.settings) as session:
+        details = session.scalars(select(StudyEvent.detail).where(StudyEvent.study_uid == study_uid)).all()
+    assert sum(1 for d in details if (d or "").startswith("retry after error")) == max_retries
+    assert f"attempt {max_retries + 1}" in (study.error or "")
