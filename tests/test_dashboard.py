@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,9 +20,11 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from helpers_gateway import REPO_ROOT, free_port, gateway_env, wait_for_port, wait_until
 from PIL import Image
 from sqlalchemy import inspect, text
 
+from service.api import dashboard_health
 from service.api.app import create_app
 from service.db.migrate import upgrade
 from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
@@ -274,3 +279,72 @@ def test_render_overlay_without_map_is_plain_windowed_slice(ct_series_dir: Path)
     assert plain.min() < 70 and plain.max() == 255 and plain.std() > 30
     boxed = np.asarray(render_overlay(path, regions=[RegionBox(10, 10, 50, 50, 3.0)]))
     assert tuple(boxed[10, 30]) == REGION_COLOUR[:3]
+
+
+def test_action_buttons_follow_the_state(client: TestClient) -> None:
+    delivered = client.get(f"/ui/studies/{FLAGGED_UID}").text
+    assert "disabled" not in _button(delivered, "rescore")
+    assert "disabled" in _button(delivered, "redeliver")  # only a FAILED_DELIVERY study can be redelivered
+    receiving = client.get("/ui/studies/1.2.826.0.1.3680043.8.498.9000").text
+    assert "disabled" in _button(receiving, "rescore")
+
+
+def _button(html: str, name: str) -> str:
+    match = re.search(rf'<button[^>]*id="{name}-button"[^>]*>', html)
+    assert match, name
+    return match.group(0)
+
+
+def test_destination_echo_against_a_real_storescp(env: dict[str, object]) -> None:
+    if shutil.which("storescp") is None:
+        pytest.skip("dcmtk storescp is not installed")
+    port, dead_port = free_port(), free_port()
+    scp = subprocess.Popen(["storescp", "-aet", "ECHOSCP", str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=scp)
+        settings: Settings = env["settings"]  # type: ignore[assignment]
+        destinations = [f"ECHOSCP@127.0.0.1:{port}", f"NOBODY@127.0.0.1:{dead_port}"]
+        app = create_app(settings.model_copy(update={"destinations": destinations}))
+        answers = TestClient(app).get("/ui/destinations/echo.json").json()["destinations"]
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    by_name = {a["destination"]: a for a in answers}
+    assert by_name[destinations[0]]["ok"] is True
+    assert by_name[destinations[1]]["ok"] is False
+
+
+@pytest.mark.redis
+def test_celery_worker_health_from_a_real_worker(env: dict[str, object], tmp_path: Path) -> None:
+    """A real `btd worker` on its own Redis database answers the overview's ping (mode celery)."""
+    import redis
+
+    broker = "redis://127.0.0.1:6379/14"  # a database of its own: other tests' workers must not answer
+    try:
+        redis.Redis.from_url(broker, socket_connect_timeout=2).ping()
+    except redis.RedisError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    settings: Settings = env["settings"]  # type: ignore[assignment]
+    with_broker = settings.model_copy(update={"broker_url": broker, "queue_name": "dashboard-health"})
+    dashboard_health._cache.clear()
+    assert dashboard_health.worker_health(with_broker).ok is False  # nobody listens yet
+    dashboard_health._cache.clear()
+    worker_env = gateway_env(tmp_path, broker_url=broker, queue_name="dashboard-health",
+                             database_url=settings.resolved_database_url)
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=REPO_ROOT, env=worker_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        health = wait_until(lambda: _fresh_ping(with_broker), timeout=90, interval=1.0, what="worker ping")
+        html = TestClient(create_app(with_broker)).get("/").text
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert health.mode == "celery" and len(health.workers) == 1
+    assert 'id="worker-health" class="health ok"' in html and "1 worker(s) answered" in html
+
+
+def _fresh_ping(settings: Settings) -> dashboard_health.WorkerHealth | None:
+    dashboard_health._cache.clear()
+    health = dashboard_health.worker_health(settings)
+    return health if health.ok else None
