@@ -52,7 +52,9 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool = False) ->
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument(
-        "--mode", choices=("tiles", "whole"), help="tile the slice or run it whole (default: as calibrated)"
+        "--mode",
+        choices=("auto", "tiles", "whole"),
+        help="tile the slice or run it whole (default: as calibrated, else auto: tiles for published weights)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")

@@ -212,8 +212,13 @@ def test_calibrated_verdicts_follow_the_thresholds(model_path, small_series, tmp
     assert study_verdict([result])[0] == SUSPICIOUS
 
 
-def test_whole_mode_scores_the_same_slices(model_path, small_series):
-    result = Detector.load(model_path, device="cpu", mode="whole").score_series(small_series[:1])
+def test_modes_auto_whole_for_our_models_tiles_for_published(model_path, small_series):
+    from models.detector import auto_mode
+    from models.metadata import published_defaults
+
+    assert Detector.load(model_path, device="cpu").options.mode == "whole"
+    assert auto_mode(published_defaults("CT_model")) == "tiles"
+    result = Detector.load(model_path, device="cpu", mode="tiles").score_series(small_series[:1])
     (instance,) = result.instances
     assert isinstance(instance, InstanceResult) and instance.score is not None and np.isfinite(instance.score)
 
