@@ -1,19 +1,43 @@
 """From a BTD residual map to a map of how unusual each pixel is, and a slice score.
 
-First version: local residual energy, log-scaled and standardised against reference statistics stored
-with the model, restricted to the body. The forensic work (issue 6) replaces this with statistics
-conditioned on tissue and position; the interface stays.
+Why not the raw residual (../shared/FINDINGS.md): at t = 0 the residual is dominated by anatomy (bone
+edges, vessels), removals LOWER it, and its level differs by tissue. So the map here is:
+
+1. local residual energy: log of the mean r^2 in a small window (``smoothing_px``);
+2. normalised by what GENUINE scans show for the same kind of tissue: a reference table of the mean and
+   standard deviation of that log-energy per (local HU bin x local structure bin), learned from genuine
+   training slices (``fit_reference``) and stored in the model's metadata; z = (e - mean) / std;
+3. two-sided: a region whose residual is far too LOW (in-painted, noise-free) is as suspicious as one
+   far too high (pasted content): the map is |z| (``two_sided``), or z alone for the one-sided variant;
+4. searched only where the threat model tampers: the (dilated) lung mask (``lung_only``), falling back to
+   the body when a slice has no lung;
+5. aggregated over regions rather than one pixel: the map is averaged over ``region_px`` before the
+   slice score takes its maximum.
+
+Without a reference table (an old metadata file) step 2 uses one global mean/std (``energy_mean``,
+``energy_std``), which is the first version's behaviour.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from models.lungmask import body_mask as _body_mask
+from models.lungmask import lung_mask
+
 BODY_HU_THRESHOLD = -500.0
+# Local-HU bin edges: lung parenchyma is finely binned (that is where tampering happens), denser tissue coarsely.
+DEFAULT_HU_EDGES = [-950.0, -900.0, -850.0, -800.0, -700.0, -550.0, -350.0, -150.0, 0.0, 100.0, 250.0]
+# Structure bins: gradient magnitude (HU per pixel) of the image smoothed beyond the noise scale, so that
+# anatomy edges are "explained" while the noise level (what in-painting changes) is not conditioned on.
+DEFAULT_STRUCTURE_EDGES = [5.0, 15.0, 40.0, 100.0]
+STRUCTURE_SIGMA_PX = 3.0
+MIN_BIN_COUNT = 200
 
 
 @dataclass
@@ -22,38 +46,144 @@ class AnomalyModel:
 
     energy_mean: float = 0.0
     energy_std: float = 1.0
-    smoothing_px: int = 9
+    smoothing_px: int = 7
     region_threshold: float = 4.0
+    region_px: int = 9
+    two_sided: bool = True
+    lung_only: bool = True
+    lung_dilate_px: int = 10
+    hu_edges: list[float] = field(default_factory=lambda: list(DEFAULT_HU_EDGES))
+    structure_edges: list[float] = field(default_factory=lambda: list(DEFAULT_STRUCTURE_EDGES))
+    # (len(hu_edges)+1) x (len(structure_edges)+1) tables; empty = not fitted (global statistics only)
+    ref_mean: list[list[float]] = field(default_factory=list)
+    ref_std: list[list[float]] = field(default_factory=list)
+    normalise: bool = True
+
+    FIELDS = (
+        "energy_mean",
+        "energy_std",
+        "smoothing_px",
+        "region_threshold",
+        "region_px",
+        "two_sided",
+        "lung_only",
+        "lung_dilate_px",
+        "hu_edges",
+        "structure_edges",
+        "ref_mean",
+        "ref_std",
+        "normalise",
+    )
 
     @classmethod
     def from_metadata(cls, config: dict[str, Any] | None) -> AnomalyModel:
         if not config:
             return cls()
-        known = {k: config[k] for k in ("energy_mean", "energy_std", "smoothing_px", "region_threshold") if k in config}
+        known = {k: config[k] for k in cls.FIELDS if k in config}
+        if config.get("kind") == "log-energy-z" and "two_sided" not in config:
+            # The first version's metadata: one-sided, whole body, no tissue table.
+            known.update(two_sided=False, lung_only=False, region_px=1, smoothing_px=int(config.get("smoothing_px", 9)))
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "log-energy-z",
-            "energy_mean": self.energy_mean,
-            "energy_std": self.energy_std,
-            "smoothing_px": self.smoothing_px,
-            "region_threshold": self.region_threshold,
-        }
+        return {"kind": "tissue-normalised-energy", **{k: getattr(self, k) for k in self.FIELDS}}
 
+    def variant(self, **changes: Any) -> AnomalyModel:
+        """A copy with some settings changed (the benchmark's ablations)."""
+        return AnomalyModel.from_metadata({**self.to_dict(), **changes})
+
+    # --- masks and features ------------------------------------------------------------------------
     def body_mask(self, hu: np.ndarray) -> np.ndarray:
         """Pixels inside the patient: air outside the body can hold no tampering worth flagging."""
-        mask = hu > BODY_HU_THRESHOLD
-        mask = ndimage.binary_opening(mask, iterations=2)
-        return ndimage.binary_fill_holes(mask)
+        return _body_mask(hu)
+
+    def search_mask(self, hu: np.ndarray) -> np.ndarray:
+        """Where tampering is looked for: the dilated lungs, or the body when the slice has no lung."""
+        body = self.body_mask(hu)
+        if not self.lung_only:
+            return body
+        lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
+        return lungs if lungs.mean() > 0.01 else body
+
+    def log_energy(self, residual: np.ndarray) -> np.ndarray:
+        res = residual if residual.ndim == 2 else residual.mean(axis=0)
+        energy = ndimage.uniform_filter(res.astype(np.float32) ** 2, size=self.smoothing_px)
+        return np.log(energy + 1e-10).astype(np.float32)
+
+    def tissue_bins(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(HU bin, structure bin) per pixel, from the local mean HU and the smoothed image's gradient."""
+        local_hu = ndimage.uniform_filter(hu.astype(np.float32), size=self.smoothing_px)
+        smooth = ndimage.gaussian_filter(hu.astype(np.float32), STRUCTURE_SIGMA_PX)
+        gradient = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8.0
+        return np.digitize(local_hu, self.hu_edges), np.digitize(gradient, self.structure_edges)
+
+    # --- the map -----------------------------------------------------------------------------------
+    def z_map(self, residual: np.ndarray, hu: np.ndarray) -> np.ndarray:
+        """Signed deviation of the local log-energy from genuine tissue of the same kind (not masked)."""
+        energy = self.log_energy(residual)
+        if not self.normalise:
+            return energy
+        if self.ref_mean:
+            hu_bin, structure_bin = self.tissue_bins(hu)
+            mean = np.asarray(self.ref_mean, dtype=np.float32)[hu_bin, structure_bin]
+            std = np.asarray(self.ref_std, dtype=np.float32)[hu_bin, structure_bin]
+            return (energy - mean) / np.maximum(std, 1e-3)
+        return (energy - self.energy_mean) / max(self.energy_std, 1e-6)
 
     def anomaly_map(self, residual: np.ndarray, hu: np.ndarray) -> np.ndarray:
         """residual: (C, H, W) or (H, W) float32; hu: (H, W). Returns (H, W) float32, higher = more unusual."""
-        res = residual if residual.ndim == 2 else residual.mean(axis=0)
-        energy = ndimage.uniform_filter(res.astype(np.float32) ** 2, size=self.smoothing_px)
-        z = (np.log(energy + 1e-8) - self.energy_mean) / max(self.energy_std, 1e-6)
-        z[~self.body_mask(hu)] = 0.0
-        return z.astype(np.float32)
+        z = self.z_map(residual, hu)
+        amap = np.abs(z) if self.two_sided else z
+        if self.region_px > 1:
+            amap = ndimage.uniform_filter(amap, size=self.region_px)
+        amap = amap.astype(np.float32)
+        amap[~self.search_mask(hu)] = 0.0
+        return amap
 
     def slice_score(self, amap: np.ndarray) -> float:
         return float(amap.max()) if amap.size else 0.0
+
+    # --- learning the reference from genuine slices ------------------------------------------------
+    def fit_reference(self, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> AnomalyModel:
+        """Learn per-tissue mean/std of the log-energy from genuine (residual, hu) pairs, in the search mask.
+
+        Bins with too few genuine pixels borrow the statistics of the nearest populated HU bin of the same
+        structure class (then the global ones), so that no tissue is left without a reference.
+        """
+        n_hu, n_structure = len(self.hu_edges) + 1, len(self.structure_edges) + 1
+        total = np.zeros((n_hu, n_structure))
+        total_sq = np.zeros((n_hu, n_structure))
+        count = np.zeros((n_hu, n_structure))
+        all_values: list[np.ndarray] = []
+        for residual, hu in pairs:
+            energy = self.log_energy(residual)
+            hu_bin, structure_bin = self.tissue_bins(hu)
+            mask = self.search_mask(hu)
+            flat = hu_bin[mask] * n_structure + structure_bin[mask]
+            values = energy[mask].astype(np.float64)
+            count += np.bincount(flat, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
+            total += np.bincount(flat, values, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
+            total_sq += np.bincount(flat, values**2, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
+            all_values.append(values[:: max(1, values.size // 20000)])
+        pooled = np.concatenate(all_values) if all_values else np.zeros(1)
+        global_mean, global_std = float(pooled.mean()), float(pooled.std() + 1e-6)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / count
+            std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        populated = count >= MIN_BIN_COUNT
+        for j in range(n_structure):
+            good = np.nonzero(populated[:, j])[0]
+            for i in range(n_hu):
+                if populated[i, j]:
+                    continue
+                if len(good):
+                    nearest = good[np.argmin(np.abs(good - i))]
+                    mean[i, j], std[i, j] = mean[nearest, j], std[nearest, j]
+                else:
+                    mean[i, j], std[i, j] = global_mean, global_std
+        return self.variant(
+            energy_mean=global_mean,
+            energy_std=global_std,
+            ref_mean=np.round(mean, 5).tolist(),
+            ref_std=np.round(np.maximum(std, 0.05), 5).tolist(),
+        )

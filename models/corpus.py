@@ -42,6 +42,7 @@ DEFAULT_TEST_PATIENTS: tuple[str, ...] = (
 )
 
 PYRADIOMICS_PATIENT = "pyradiomics-lung1"
+NOT_DICOM_SUFFIXES = {".xml", ".json", ".txt", ".md", ".csv", ".nrrd", ".npy", ".npz", ".png"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _plane_of(ds: pydicom.Dataset) -> str:
 def discover_dicom(folder: Path, patient: str | None = None, planes: Sequence[str] = ("axial",)) -> list[CorpusSlice]:
     """Every readable CT image slice under folder, in the requested planes (headers only are read)."""
     found: list[CorpusSlice] = []
-    for path in sorted(folder.rglob("*.dcm")) + sorted(p for p in folder.rglob("*") if p.is_file() and not p.suffix):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in NOT_DICOM_SUFFIXES):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - a stray non-DICOM file is not part of the corpus

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--low-t-fraction", type=float, default=0.8, help="share of timesteps drawn from [0, 50]")
     parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--test-patients", default=",".join(DEFAULT_TEST_PATIENTS), help="comma-separated held-out patient IDs"
     )

@@ -1,9 +1,87 @@
-"""Sub-commands of `btd` for this area (registered by service.cli)."""
+"""Sub-commands of `btd` for this area (registered by service.cli): `btd tamper`, `btd bench build|run`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands."""
+    from models.forensics.bench import ALL_METHODS
+    from models.forensics.red_team import METHODS
+
+    tamper = subparsers.add_parser(
+        "tamper", help="write a tampered copy of a DICOM CT series with ground truth (red-team your deployment)"
+    )
+    tamper.add_argument("series", type=Path, help="folder holding one CT series")
+    tamper.add_argument("--out", type=Path, required=True, help="output folder (DICOM files + ground_truth.json)")
+    tamper.add_argument("--method", choices=METHODS, default="inject-noise")
+    tamper.add_argument("--count", type=int, default=1, help="slices to tamper (2-D methods)")
+    tamper.add_argument("--seed", type=int, default=0)
+    tamper.add_argument("--keep-uids", action="store_true", help="keep SOP/Series UIDs (overwrite-in-PACS attack)")
+    tamper.add_argument("--model", type=Path, default=None, help="diffusion model for the diffusion methods")
+    tamper.set_defaults(func=run_tamper)
+
+    bench = subparsers.add_parser("bench", help="the forensic benchmark: build it, run detectors on it")
+    actions = bench.add_subparsers(dest="bench_action", required=True)
+    build = actions.add_parser("build", help="tampered + genuine slices of the held-out patients")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--data", type=Path, default=None, help="chest-CT corpus root (default ../shared/data/chest-ct)")
+    build.add_argument("--methods", default=",".join(ALL_METHODS))
+    build.add_argument("--per-method", type=int, default=30)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--model", type=Path, default=None, help="diffusion model the attacker uses")
+    build.set_defaults(func=run_bench_build)
+
+    run = actions.add_parser("run", help="evaluate detectors on a built benchmark")
+    run.add_argument("bench_dir", type=Path)
+    run.add_argument("--model", type=Path, default=None, help="BTD model (default: the shipped CT model)")
+    run.add_argument("--out", type=Path, required=True, help="results folder (results.json, ROC PNGs, table.md)")
+    run.add_argument("--detectors", default="btd,untrained,anoddpm,highpass")
+    run.add_argument("--published", type=Path, default=None, help="the published BTD CT weights, if you have them")
+    run.add_argument("--mode", choices=("tiles", "whole"), default=None, help="scoring mode (default: the service's)")
+    run.add_argument("--n-reference", type=int, default=60, help="genuine training slices for fitting + calibration")
+    run.set_defaults(func=run_bench_run)
+
+
+def run_tamper(args: argparse.Namespace) -> int:
+    from models.forensics.red_team import tamper_series
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = tamper_series(args.series, args.out, args.method, args.count, args.seed, args.keep_uids, args.model)
+    print(json.dumps({"tampered": len(report.tampered), "skipped": report.skipped, "out": str(args.out)}, indent=2))
+    return 0 if report.tampered else 1
+
+
+def run_bench_build(args: argparse.Namespace) -> int:
+    from models.corpus import DEFAULT_DATA_ROOT
+    from models.forensics.bench import build_benchmark
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    methods = [m for m in args.methods.split(",") if m]
+    summary = build_benchmark(args.out, args.data or DEFAULT_DATA_ROOT, methods, args.per_method, args.seed, args.model)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_bench_run(args: argparse.Namespace) -> int:
+    from models.forensics.bench_run import markdown_table, run_benchmark
+    from models.forensics.red_team import default_model_path
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = args.model or default_model_path()
+    if not Path(model).is_file():
+        print(f"error: model {model} not found", file=sys.stderr)
+        return 2
+    detectors = [d for d in args.detectors.split(",") if d]
+    if args.published and "published" not in detectors:
+        detectors.append("published")
+    results = run_benchmark(args.bench_dir, model, args.out, detectors, args.published, args.mode, args.n_reference)
+    table = markdown_table(results)
+    (Path(args.out) / "table.md").write_text(table)
+    print(table)
+    return 0

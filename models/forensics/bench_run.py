@@ -1,0 +1,248 @@
+"""`btd bench run`: every detector on the benchmark, at patch level and at slice level (location unknown).
+
+Protocols:
+- patch level (the BTD paper's): mean r^2 of the raw residual in a 64 px patch centred on the tampered
+  region, against the same patch of the genuine slice it came from;
+- slice level (the service's job): the slice score of the anomaly map over the whole slice, genuine
+  held-out slices against tampered ones, per method; TPR at 1 % and 5 % FPR; bootstrap 95 % CI of the AUC;
+- localisation: the anomaly map's maximum lies within 8 px of the ground-truth box;
+- operating point: the threshold that gives 5 % FPR on genuine TRAINING slices (calibration half), applied
+  to the held-out slices: its real FPR and the TPR per method.
+
+The anomaly model's reference statistics are fitted per detector on genuine training slices (the other
+half), never on a held-out patient. Residual maps are cached (float16) so that ablations of the anomaly
+model cost no model passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.anomaly import AnomalyModel
+from models.corpus import DEFAULT_TEST_PATIENTS, CorpusSlice, discover, split_by_patient
+from models.forensics.bench import load_item, read_manifest
+from models.forensics.metrics import bootstrap_auc_ci, plot_rocs, roc_auc, threshold_at_fpr, tpr_at_fpr
+from models.lungmask import has_lungs
+
+log = logging.getLogger(__name__)
+
+PATCH = 64
+HIT_MARGIN_PX = 8
+OPERATING_FPR = 0.05
+
+# The ablation ladder: each step adds one lever to the one before (docs/bench/forensics.md).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "A raw tile max (FINDINGS protocol)": dict(
+        normalise=False, two_sided=False, lung_only=False, smoothing_px=PATCH, region_px=1
+    ),
+    "B + lung mask": dict(normalise=False, two_sided=False, lung_only=True, smoothing_px=PATCH, region_px=1),
+    "C + tissue normalisation (one-sided)": dict(normalise=True, two_sided=False, lung_only=True),
+    "D + two-sided (default)": dict(normalise=True, two_sided=True, lung_only=True),
+}
+DEFAULT_VARIANT = "D + two-sided (default)"
+
+
+def reference_slices(
+    n: int = 60, seed: int = 0, test_patients: Sequence[str] = DEFAULT_TEST_PATIENTS
+) -> tuple[list[CorpusSlice], list[CorpusSlice]]:
+    """Genuine TRAINING slices with lungs, spread over patients, split into (fit half, calibration half)."""
+    train, _ = split_by_patient(discover(), test_patients)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    by_patient: dict[str, list[CorpusSlice]] = {}
+    for index in order:
+        by_patient.setdefault(train[int(index)].patient, []).append(train[int(index)])
+    chosen: list[CorpusSlice] = []
+    queues = list(by_patient.values())
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            while queue and len(chosen) < n:
+                item = queue.pop()
+                if has_lungs(item.hu()):
+                    chosen.append(item)
+                    break
+    return chosen[0::2], chosen[1::2]
+
+
+class ResidualCache:
+    """Residual maps per detector and item id, on disk as float16."""
+
+    def __init__(self, root: Path, detector: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.dir = Path(root) / detector
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fn = fn
+
+    def get(self, key: str, hu_loader: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self.dir / f"{key.replace('/', '_')}.npy"
+        if path.is_file():
+            return np.load(path).astype(np.float32)
+        residual = self.fn(hu_loader()).astype(np.float32)
+        np.save(path, residual.astype(np.float16))
+        return residual
+
+
+def _box_patch(box: Sequence[int], shape: tuple[int, int]) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = box
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    top = int(np.clip(cy - PATCH // 2, 0, shape[0] - PATCH))
+    left = int(np.clip(cx - PATCH // 2, 0, shape[1] - PATCH))
+    return slice(top, top + PATCH), slice(left, left + PATCH)
+
+
+def _hit(amap: np.ndarray, box: Sequence[int]) -> bool:
+    y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    x0, y0, x1, y1 = box
+    return bool(x0 - HIT_MARGIN_PX <= x < x1 + HIT_MARGIN_PX and y0 - HIT_MARGIN_PX <= y < y1 + HIT_MARGIN_PX)
+
+
+def _method_metrics(genuine: list[float], tampered: list[float], hits: list[bool], threshold: float) -> dict:
+    low, high = bootstrap_auc_ci(genuine, tampered, n=500)
+    return {
+        "n": len(tampered),
+        "auc": roc_auc(genuine, tampered),
+        "auc_ci95": [low, high],
+        "tpr_at_1pct_fpr": tpr_at_fpr(genuine, tampered, 0.01),
+        "tpr_at_5pct_fpr": tpr_at_fpr(genuine, tampered, 0.05),
+        "hit_rate": float(np.mean(hits)) if hits else float("nan"),
+        "tpr_at_operating_threshold": float(np.mean(np.asarray(tampered) > threshold)) if tampered else float("nan"),
+    }
+
+
+def evaluate_detector(
+    bench_dir: Path,
+    items: list[dict[str, Any]],
+    cache: ResidualCache,
+    fit_slices: list[CorpusSlice],
+    calib_slices: list[CorpusSlice],
+    variants: dict[str, dict[str, Any]],
+    base: AnomalyModel | None = None,
+) -> dict[str, Any]:
+    """Metrics of one detector for each anomaly-model variant, plus the patch-level (paper) protocol."""
+    fit_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in fit_slices]
+    calib_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in calib_slices]
+    bench = []
+    for item in items:
+        hu, _ = load_item(bench_dir, item)
+        bench.append((item, cache.get(item["id"], lambda hu=hu: hu), hu))
+    by_id = {entry[0]["id"]: entry for entry in bench}
+
+    # Patch level, the paper's protocol: raw mean r^2 at the tampered location vs the same place, genuine.
+    patch: dict[str, Any] = {}
+    methods = sorted({item["method"] for item in items if item["label"] == 1})
+    for method in methods:
+        negatives, positives = [], []
+        for item, residual, _ in bench:
+            if item["method"] != method:
+                continue
+            rows, cols = _box_patch(item["box"], residual.shape)
+            genuine_residual = by_id[item["genuine_id"]][1]
+            positives.append(float(np.mean(residual[rows, cols] ** 2)))
+            negatives.append(float(np.mean(genuine_residual[rows, cols] ** 2)))
+        patch[method] = {"n": len(positives), "auc": roc_auc(negatives, positives)}
+
+    results: dict[str, Any] = {"patch_level": patch, "variants": {}}
+    base = base or AnomalyModel()
+    for name, settings in variants.items():
+        model = base.variant(**settings)
+        if model.normalise:
+            model = model.fit_reference(fit_pairs)
+        calib_scores = [model.slice_score(model.anomaly_map(r, hu)) for r, hu in calib_pairs]
+        threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
+        scores: dict[str, list[float]] = {}
+        hits: dict[str, list[bool]] = {}
+        for item, residual, hu in bench:
+            amap = model.anomaly_map(residual, hu)
+            scores.setdefault(item["method"], []).append(model.slice_score(amap))
+            if item["label"] == 1:
+                hits.setdefault(item["method"], []).append(_hit(amap, item["box"]))
+        genuine = scores.get("genuine", [])
+        per_method = {m: _method_metrics(genuine, scores[m], hits.get(m, []), threshold) for m in methods}
+        results["variants"][name] = {
+            "threshold": threshold,
+            "held_out_fpr_at_threshold": float(np.mean(np.asarray(genuine) > threshold)) if genuine else None,
+            "n_genuine": len(genuine),
+            "methods": per_method,
+            "scores": scores,
+            "model": model.to_dict(),
+        }
+    return results
+
+
+def run_benchmark(
+    bench_dir: Path,
+    model_path: Path,
+    out_dir: Path,
+    detectors: Sequence[str] = ("btd", "untrained", "anoddpm", "highpass"),
+    published: Path | None = None,
+    mode: str | None = None,
+    n_reference: int = 60,
+    variants: dict[str, dict[str, Any]] | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate; write results.json and one ROC PNG per detector to out_dir; return the results."""
+    from models.forensics.baselines import build_detectors
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_manifest(bench_dir)
+    if limit:
+        # A quick look: at most `limit` items per method, tampered ones only on the genuine slices kept.
+        kept: dict[str, int] = {}
+        chosen = []
+        for item in items:
+            if kept.get(item["method"], 0) < limit:
+                kept[item["method"]] = kept.get(item["method"], 0) + 1
+                chosen.append(item)
+        genuine_ids = {i["id"] for i in chosen if i["label"] == 0}
+        items = [i for i in chosen if i["label"] == 0 or i["genuine_id"] in genuine_ids] or chosen
+    fit_slices, calib_slices = reference_slices(n_reference)
+    functions = build_detectors(Path(model_path), list(detectors), published, mode)
+    results: dict[str, Any] = {
+        "bench_dir": str(bench_dir),
+        "model": str(model_path),
+        "mode": mode,
+        "n_items": len(items),
+        "reference_slices": {"fit": len(fit_slices), "calibration": len(calib_slices)},
+        "detectors": {},
+    }
+    for name, fn in functions.items():
+        started = time.monotonic()
+        cache = ResidualCache(out_dir / "cache", name, fn)
+        chosen = variants or (VARIANTS if name == "btd" else {DEFAULT_VARIANT: VARIANTS[DEFAULT_VARIANT]})
+        detector_results = evaluate_detector(bench_dir, items, cache, fit_slices, calib_slices, chosen)
+        detector_results["seconds"] = round(time.monotonic() - started, 1)
+        results["detectors"][name] = detector_results
+        variant = detector_results["variants"].get(DEFAULT_VARIANT) or next(iter(detector_results["variants"].values()))
+        scores = variant["scores"]
+        curves = {m: (scores["genuine"], s) for m, s in scores.items() if m != "genuine"}
+        plot_rocs(curves, f"{name}: slice level, location unknown", out_dir / f"roc_{name}.png")
+        log.info("detector %s done in %.0f s", name, detector_results["seconds"])
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as Markdown: one row per detector x variant x method."""
+    lines = [
+        "| detector | anomaly map | method | n | slice AUC [95% CI] | TPR@1%FPR | TPR@5%FPR | hit rate | "
+        "TPR at op. threshold | held-out FPR at op. threshold | patch AUC (paper protocol) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for detector, data in results["detectors"].items():
+        for variant, values in data["variants"].items():
+            for method, m in values["methods"].items():
+                patch = data["patch_level"].get(method, {}).get("auc", float("nan"))
+                lines.append(
+                    f"| {detector} | {variant} | {method} | {m['n']} | {m['auc']:.2f} "
+                    f"[{m['auc_ci95'][0]:.2f}, {m['auc_ci95'][1]:.2f}] | {m['tpr_at_1pct_fpr']:.2f} | "
+                    f"{m['tpr_at_5pct_fpr']:.2f} | {m['hit_rate']:.2f} | {m['tpr_at_operating_threshold']:.2f} | "
+                    f"{values['held_out_fpr_at_threshold']:.2f} | {patch:.2f} |"
+                )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""The anomaly model: tissue-normalised, two-sided, searched in the lungs.
+
+The residual here is a plain high-pass of the image (FINDINGS.md: BTD's t = 0 residual behaves like a
+learned high-pass filter), so the test needs no trained network and runs in a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from models.anomaly import AnomalyModel
+from models.corpus import dicom_to_hu
+from models.forensics.inpaint import harmonic_fill
+from models.lungmask import lung_mask
+
+
+def highpass(hu: np.ndarray) -> np.ndarray:
+    unit = np.clip((hu + 1100.0) / 1400.0, 0, 1) * 2 - 1
+    return (unit - ndimage.median_filter(unit, size=3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def chest(fixtures_dir):
+    return dicom_to_hu(pydicom.dcmread(fixtures_dir / "ct_transfer_syntaxes" / "CT1_J2KR"))
+
+
+@pytest.fixture(scope="module")
+def fitted(chest):
+    return AnomalyModel().fit_reference([(highpass(chest), chest)])
+
+
+def test_smoothed_inpainted_region_is_more_unusual_than_genuine_tissue(chest, fitted) -> None:
+    lungs = ndimage.binary_erosion(lung_mask(chest), iterations=20)
+    cy, cx = np.argwhere(lungs)[len(np.argwhere(lungs)) // 2]
+    region = np.zeros_like(lungs)
+    region[cy - 10 : cy + 10, cx - 10 : cx + 10] = True
+    tampered = chest.copy()
+    tampered[region] = harmonic_fill(chest, region)[region]  # a noise-free in-painting
+
+    genuine_map = fitted.anomaly_map(highpass(chest), chest)
+    tampered_map = fitted.anomaly_map(highpass(tampered), tampered)
+    assert tampered_map[region].mean() > np.percentile(genuine_map[lung_mask(chest)], 99)
+    assert fitted.slice_score(tampered_map) > fitted.slice_score(genuine_map)
+    y, x = np.unravel_index(int(np.argmax(tampered_map)), tampered_map.shape)
+    assert region[max(y - 8, 0) : y + 9, max(x - 8, 0) : x + 9].any()  # and it points at the region
+
+    # The one-sided variant (the published score's direction) cannot see a removal: it looks LESS unusual.
+    one_sided = fitted.variant(two_sided=False)
+    assert one_sided.anomaly_map(highpass(tampered), tampered)[region].mean() < 0
+
+
+def test_map_is_zero_outside_the_search_region_and_metadata_round_trips(chest, fitted) -> None:
+    amap = fitted.anomaly_map(highpass(chest), chest)
+    assert amap.shape == chest.shape and amap.dtype == np.float32
+    assert (amap[~fitted.search_mask(chest)] == 0).all()
+    again = AnomalyModel.from_metadata(fitted.to_dict())
+    assert np.allclose(again.anomaly_map(highpass(chest), chest), amap)
+
+
+def test_first_version_metadata_still_loads() -> None:
+    old = AnomalyModel.from_metadata({"kind": "log-energy-z", "energy_mean": -9.0, "energy_std": 2.0})
+    assert not old.two_sided and not old.ref_mean and old.energy_mean == -9.0
+    assert AnomalyModel.from_metadata(None).two_sided
