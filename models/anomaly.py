@@ -118,34 +118,65 @@ class AnomalyModel:
         return np.digitize(local_hu, self.hu_edges), np.digitize(gradient, self.structure_edges)
 
     # --- the map -----------------------------------------------------------------------------------
-    def z_map(self, residual: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    def features(self, hu: np.ndarray) -> dict[str, np.ndarray]:
+        """What the map needs from the HU image alone; compute once and pass to several maps of one slice."""
+        hu_bin, structure_bin = self.tissue_bins(hu)
+        body = self.body_mask(hu)
+        lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
+        return {
+            "hu_bin": hu_bin,
+            "structure_bin": structure_bin,
+            "body": body,
+            "lungs": lungs if lungs.mean() > 0.01 else body,
+            "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
+        }
+
+    def _features(self, hu: np.ndarray, features: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Reuse the caller's features when they were computed with settings that give the same values."""
+        if features is not None:
+            same_masks = int(features["key"][1]) == self.lung_dilate_px
+            needs_bins = self.normalise and bool(self.ref_mean)
+            key = np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges])
+            if same_masks and (not needs_bins or np.array_equal(features["key"], key)):
+                return features
+        return self.features(hu)
+
+    def z_map(self, residual: np.ndarray, hu: np.ndarray, features: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Signed deviation of the local log-energy from genuine tissue of the same kind (not masked)."""
         energy = self.log_energy(residual)
         if not self.normalise:
             return energy
         if self.ref_mean:
-            hu_bin, structure_bin = self.tissue_bins(hu)
+            feats = self._features(hu, features)
+            hu_bin, structure_bin = feats["hu_bin"], feats["structure_bin"]
             mean = np.asarray(self.ref_mean, dtype=np.float32)[hu_bin, structure_bin]
             std = np.asarray(self.ref_std, dtype=np.float32)[hu_bin, structure_bin]
             return (energy - mean) / np.maximum(std, 1e-3)
         return (energy - self.energy_mean) / max(self.energy_std, 1e-6)
 
-    def anomaly_map(self, residual: np.ndarray, hu: np.ndarray) -> np.ndarray:
-        """residual: (C, H, W) or (H, W) float32; hu: (H, W). Returns (H, W) float32, higher = more unusual."""
-        z = self.z_map(residual, hu)
+    def anomaly_map(
+        self, residual: np.ndarray, hu: np.ndarray, features: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """residual: (C, H, W) or (H, W) float32; hu: (H, W). Returns (H, W) float32, higher = more unusual.
+
+        features: ``self.features(hu)`` when the caller maps one slice several times (benchmark ablations).
+        """
+        feats = self._features(hu, features) if (self.normalise and self.ref_mean) or self.lung_only else None
+        z = self.z_map(residual, hu, feats)
         amap = np.abs(z) if self.two_sided else z
         if self.region_px > 1:
             amap = ndimage.uniform_filter(amap, size=self.region_px)
         amap = amap.astype(np.float32)
-        amap[~self.search_mask(hu)] = 0.0
+        search = (feats["lungs"] if self.lung_only else feats["body"]) if feats is not None else self.body_mask(hu)
+        amap[~search] = 0.0
         return amap
 
     def slice_score(self, amap: np.ndarray) -> float:
         return float(amap.max()) if amap.size else 0.0
 
     # --- learning the reference from genuine slices ------------------------------------------------
-    def fit_reference(self, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> AnomalyModel:
-        """Learn per-tissue mean/std of the log-energy from genuine (residual, hu) pairs, in the search mask.
+    def fit_reference(self, pairs: Iterable[tuple[np.ndarray, ...]]) -> AnomalyModel:
+        """Learn per-tissue mean/std of the log-energy from genuine (residual, hu[, features]), in the search mask.
 
         Bins with too few genuine pixels borrow the statistics of the nearest populated HU bin of the same
         structure class (then the global ones), so that no tissue is left without a reference.
@@ -155,10 +186,11 @@ class AnomalyModel:
         total_sq = np.zeros((n_hu, n_structure))
         count = np.zeros((n_hu, n_structure))
         all_values: list[np.ndarray] = []
-        for residual, hu in pairs:
+        for residual, hu, *maybe_features in pairs:
             energy = self.log_energy(residual)
-            hu_bin, structure_bin = self.tissue_bins(hu)
-            mask = self.search_mask(hu)
+            feats = self._features(hu, maybe_features[0] if maybe_features else None)
+            hu_bin, structure_bin = feats["hu_bin"], feats["structure_bin"]
+            mask = feats["lungs"] if self.lung_only else feats["body"]
             flat = hu_bin[mask] * n_structure + structure_bin[mask]
             values = energy[mask].astype(np.float64)
             count += np.bincount(flat, minlength=n_hu * n_structure).reshape(n_hu, n_structure)

@@ -93,8 +93,24 @@ class BenchWriter:
         (self.out_dir / "slices").mkdir(parents=True, exist_ok=True)
         self.items: list[BenchItem] = []
         self.skips: list[dict[str, str]] = []
+        # Building again into the same folder adds methods: earlier items (and their ids) are kept.
+        if (self.out_dir / "manifest.jsonl").is_file():
+            for entry in read_manifest(self.out_dir):
+                entry["box"] = tuple(entry["box"]) if entry["box"] else None
+                self.items.append(BenchItem(**entry))
+            skipped = self.out_dir / "skipped.jsonl"
+            if skipped.is_file():
+                self.skips = [json.loads(line) for line in skipped.read_text().splitlines() if line]
+        self.known = {item.id for item in self.items}
+
+    def next_tamper_number(self) -> int:
+        numbers = [int(item.id[1:]) for item in self.items if item.id.startswith("t")]
+        return max(numbers, default=0)
 
     def add(self, item: BenchItem, hu: np.ndarray, mask: np.ndarray | None) -> None:
+        if item.id in self.known:
+            return
+        self.known.add(item.id)
         hu16 = np.clip(np.round(hu), -32768, 32767).astype(np.int16)
         arrays = {"hu": hu16}
         if mask is not None:
@@ -103,6 +119,9 @@ class BenchWriter:
         self.items.append(item)
 
     def skip(self, method: str, slice_key: str, reason: str) -> None:
+        entry = {"method": method, "slice": slice_key, "reason": reason}
+        if entry in self.skips:
+            return
         self.skips.append({"method": method, "slice": slice_key, "reason": reason})
         log.info("bench skip %s %s: %s", method, slice_key, reason)
 
@@ -154,7 +173,7 @@ def build_benchmark(
         genuine.append((item, hu, record))
 
     donors = [(item, hu, lesion) for item, hu, _ in genuine for lesion in annotations.get(item.key, [])]
-    counter = 0
+    counter = writer.next_tamper_number()
 
     def add_tamper(base: tuple[CorpusSlice, np.ndarray, BenchItem], result: Tamper | Skip, method: str) -> None:
         nonlocal counter
@@ -199,10 +218,13 @@ def build_benchmark(
                 add_tamper((item, hu, record), tamper_slice(method, hu, rng, lesions=lesions, model=model), method)
         elif method == "inject-3d":
             _add_spheres(genuine, rng, add_tamper)
+    previous = (
+        json.loads((Path(out_dir) / "bench.json").read_text()) if (Path(out_dir) / "bench.json").is_file() else {}
+    )
     info = {
         "seed": seed,
         "per_method": per_method,
-        "methods": list(methods),
+        "methods": sorted(set(previous.get("methods", [])) | set(methods)),
         "test_patients": list(test_patients),
         "model_for_diffusion_attacks": str(model_path) if model_path else None,
     }

@@ -125,12 +125,16 @@ def evaluate_detector(
     base: AnomalyModel | None = None,
 ) -> dict[str, Any]:
     """Metrics of one detector for each anomaly-model variant, plus the patch-level (paper) protocol."""
+    feature_model = base or AnomalyModel()
     fit_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in fit_slices]
     calib_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in calib_slices]
+    # HU-derived features (tissue bins, masks) once per slice, shared by every variant.
+    fit_pairs = [(r, hu, feature_model.features(hu)) for r, hu in fit_pairs]
+    calib_pairs = [(r, hu, feature_model.features(hu)) for r, hu in calib_pairs]
     bench = []
     for item in items:
         hu, _ = load_item(bench_dir, item)
-        bench.append((item, cache.get(item["id"], lambda hu=hu: hu), hu))
+        bench.append((item, cache.get(item["id"], lambda hu=hu: hu), hu, feature_model.features(hu)))
     by_id = {entry[0]["id"]: entry for entry in bench}
 
     # Patch level, the paper's protocol: raw mean r^2 at the tampered location vs the same place, genuine.
@@ -138,7 +142,7 @@ def evaluate_detector(
     methods = sorted({item["method"] for item in items if item["label"] == 1})
     for method in methods:
         negatives, positives = [], []
-        for item, residual, _ in bench:
+        for item, residual, _, _ in bench:
             if item["method"] != method:
                 continue
             rows, cols = _box_patch(item["box"], residual.shape)
@@ -153,12 +157,12 @@ def evaluate_detector(
         model = base.variant(**settings)
         if model.normalise:
             model = model.fit_reference(fit_pairs)
-        calib_scores = [model.slice_score(model.anomaly_map(r, hu)) for r, hu in calib_pairs]
+        calib_scores = [model.slice_score(model.anomaly_map(r, hu, f)) for r, hu, f in calib_pairs]
         threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
         scores: dict[str, list[float]] = {}
         hits: dict[str, list[bool]] = {}
-        for item, residual, hu in bench:
-            amap = model.anomaly_map(residual, hu)
+        for item, residual, hu, feats in bench:
+            amap = model.anomaly_map(residual, hu, feats)
             scores.setdefault(item["method"], []).append(model.slice_score(amap))
             if item["label"] == 1:
                 hits.setdefault(item["method"], []).append(_hit(amap, item["box"]))
@@ -166,6 +170,7 @@ def evaluate_detector(
         per_method = {m: _method_metrics(genuine, scores[m], hits.get(m, []), threshold) for m in methods}
         results["variants"][name] = {
             "threshold": threshold,
+            "calibration_scores": {s.key: score for s, score in zip(calib_slices, calib_scores, strict=True)},
             "held_out_fpr_at_threshold": float(np.mean(np.asarray(genuine) > threshold)) if genuine else None,
             "n_genuine": len(genuine),
             "methods": per_method,
@@ -185,10 +190,15 @@ def run_benchmark(
     n_reference: int = 60,
     variants: dict[str, dict[str, Any]] | None = None,
     limit: int | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Evaluate; write results.json and one ROC PNG per detector to out_dir; return the results."""
+    import torch
+
     from models.forensics.baselines import build_detectors
 
+    # One thread: on a shared CPU, two spin-waiting threads were 10x slower than one (training measured).
+    torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = read_manifest(bench_dir)

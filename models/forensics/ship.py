@@ -1,0 +1,107 @@
+"""Ship the default CT model: export the training run's EMA weights, benchmark them, and store the anomaly
+reference and the calibration that the benchmark measured into the model's metadata.
+
+Reproduce: ``python -m models.forensics.ship --run runs/btd-ct-default --bench runs/bench
+--results runs/bench-results`` (after ``btd bench build --out runs/bench``). What it writes:
+models/weights/btd-ct-default.pt + .json, docs/model-card-loss.png, and results.json/table.md/ROC PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.corpus import discover
+from models.forensics.bench_run import DEFAULT_VARIANT, OPERATING_FPR, markdown_table, run_benchmark
+from models.training import export_from_checkpoint, read_losses
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "btd-ct-default.pt"
+LOSS_PNG = Path(__file__).resolve().parents[2] / "docs" / "model-card-loss.png"
+
+
+def plot_loss(run_dir: Path, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = read_losses(Path(run_dir) / "loss.jsonl")
+    steps = np.array([e["step"] for e in losses])
+    values = np.array([e["loss"] for e in losses])
+    window = 25
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid") if len(values) > window else values
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, values, color="#bbbbbb", linewidth=0.6, label="loss per step")
+    ax.plot(steps[len(steps) - len(smooth) :], smooth, color="#1f77b4", label=f"mean of {window} steps")
+    ax.set_xlabel("step (batch of 16 patches, 64 x 64)")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def calibration_from_results(btd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(anomaly block, calibration block) of the default variant, from the benchmark's btd results."""
+    from models.calibration import calibration_record
+
+    variant = btd["variants"][DEFAULT_VARIANT]
+    scores: dict[str, float] = variant["calibration_scores"]
+    by_key = {s.key: s for s in discover()}
+    series: dict[str, float] = {}
+    for key, score in scores.items():
+        item = by_key.get(key)
+        group = f"{item.patient}/{item.series_uid or item.path}" if item else key
+        series[group] = max(series.get(group, -np.inf), score)
+    record = calibration_record(
+        list(scores.values()),
+        list(series.values()),
+        OPERATING_FPR,
+        source=f"{len(scores)} genuine slices of the training patients (calibration half; not used to fit)",
+    )
+    record["scoring"] = {"mode": "whole", "overlap": None, "skip_air": True}
+    anomaly = dict(variant["model"])
+    anomaly["region_threshold"] = record["slice_threshold"]
+    return anomaly, record
+
+
+def ship(run_dir: Path, bench_dir: Path, results_dir: Path, detectors: list[str], n_reference: int = 60) -> dict:
+    from models.metadata import ModelMetadata
+
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    export_from_checkpoint(run_dir, WEIGHTS)
+    results = run_benchmark(bench_dir, WEIGHTS, results_dir, detectors, n_reference=n_reference)
+    (Path(results_dir) / "table.md").write_text(markdown_table(results))
+    anomaly, calibration = calibration_from_results(results["detectors"]["btd"])
+    json_path = WEIGHTS.with_suffix(".json")
+    metadata = ModelMetadata.read(json_path)
+    metadata.anomaly = anomaly
+    metadata.calibration = calibration
+    metadata.write(json_path)
+    plot_loss(run_dir, LOSS_PNG)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", type=Path, default=Path("runs/btd-ct-default"))
+    parser.add_argument("--bench", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--results", type=Path, default=Path("runs/bench-results"))
+    parser.add_argument("--detectors", default="btd,anoddpm,untrained,highpass")
+    parser.add_argument("--n-reference", type=int, default=60)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = ship(args.run, args.bench, args.results, args.detectors.split(","), args.n_reference)
+    print(json.dumps({k: v.get("seconds") for k, v in results["detectors"].items()}))
+
+
+if __name__ == "__main__":
+    main()
