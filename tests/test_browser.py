@@ -48,8 +48,12 @@ def page(browser: object) -> Iterator[object]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     page = context.new_page()
     page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     yield page
     context.close()
+    assert not errors, f"the page reported errors: {errors}"  # a broken script fails the test that loaded it
 
 
 def test_overview_counts_the_scored_study(page: object, scored_flow: ScoredFlow) -> None:
@@ -119,5 +123,13 @@ def test_rescore_click_changes_the_state(page: object, scored_flow: ScoredFlow) 
     after = page.locator("#study").get_attribute("data-state")  # type: ignore[attr-defined]
     assert after in ("QUEUED", "SCORING", "SCORED"), after
     assert scored_flow.study()["version"] == 2
-    page.screenshot(path=str(scored_flow.artifacts / "study-rescored.png"), full_page=True)  # type: ignore[attr-defined]
+    # Live progress: while version 2 is being scored the page shows how many slices are done, polled every 2 s.
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => { const p = document.getElementById('progress'); const s = document.getElementById('study');"
+        " return s.dataset.state === 'SCORING' && !p.classList.contains('hidden')"
+        " && / \\/ 20 slices scored/.test(p.innerText); }",
+        timeout=120_000,
+    )
+    page.screenshot(path=str(scored_flow.artifacts / "study-rescoring.png"), full_page=True)  # type: ignore[attr-defined]
+    page.goto("about:blank")  # stop the page's polling before its server goes away  # type: ignore[attr-defined]
     scored_flow.gateway.stop()

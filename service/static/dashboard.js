@@ -38,9 +38,14 @@ function pollOverview(section) {
   setInterval(tick, POLL_MS * 2);
 }
 
-// Study page: show scoring progress, and reload when the study's state or history changes.
+// Study page: show scoring progress, and reload when the study's state or history changes. A study at
+// rest (delivered, failed, rejected) is not polled until an action is taken on it: every poll is a
+// database read, and a dashboard left open all day should not keep the database busy.
+const RESTING_STATES = new Set(["DELIVERED", "FAILED", "FAILED_DELIVERY", "REJECTED"]);
+let studyPoller = null;
 
 function pollStudy(section) {
+  if (studyPoller !== null) return;
   const uid = section.dataset.studyUid;
   let known = section.dataset.state;
   let events = null;
@@ -66,7 +71,7 @@ function pollStudy(section) {
       progress.querySelector(".text").textContent = done + " / " + total + " slices scored";
     }
   };
-  setInterval(tick, POLL_MS);
+  studyPoller = setInterval(tick, POLL_MS);
 }
 
 async function runAction(button) {
@@ -87,6 +92,8 @@ async function runAction(button) {
     }
     result.textContent = (response.ok ? "accepted: " : "refused (" + response.status + "): ") + body;
     result.className = response.ok ? "small" : "small error";
+    const study = document.getElementById("study");
+    if (response.ok && study) pollStudy(study);
   } catch (err) {
     result.textContent = "failed: " + err.message;
     result.className = "small error";
@@ -125,7 +132,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const today = document.getElementById("today");
   if (today) pollOverview(today);
   const study = document.getElementById("study");
-  if (study) pollStudy(study);
+  if (study && !RESTING_STATES.has(study.dataset.state)) pollStudy(study);
   document.querySelectorAll("button[data-action]").forEach((b) => b.addEventListener("click", () => runAction(b)));
   const echo = document.getElementById("echo-button");
   if (echo) echo.addEventListener("click", () => echoDestinations(echo));
