@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from service.observability.logs import JsonFormatter, configure_logging, correlation, log_event
+from service.observability.logs import (
+    JsonFormatter,
+    configure_logging,
+    correlation,
+    log_event,
+    study_correlation_id,
+)
 
 if TYPE_CHECKING:
     from dashboard_flow import ScoredFlow
@@ -116,3 +122,9 @@ def test_whole_flow_logs_are_json_and_never_name_the_patient(scored_flow: Scored
         if event["event"] in STUDY_STEPS:
             assert event["study_uid"] == scored_flow.study_uid, event
             assert event.get("correlation_id"), f"{event['event']} has no correlation id"
+
+
+def test_study_correlation_id_is_stable_per_study_version() -> None:
+    first = study_correlation_id("1.2.3", 1)
+    assert first == study_correlation_id("1.2.3", 1) and len(first) == 16
+    assert first != study_correlation_id("1.2.3", 2) and first != study_correlation_id("1.2.4", 1)

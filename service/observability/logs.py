@@ -8,6 +8,7 @@ patient IDs; `log_event` drops any field whose name says it holds patient data, 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
 import sys
@@ -27,6 +28,16 @@ _FORBIDDEN_FIELDS = frozenset(
 
 def new_correlation_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def study_correlation_id(study_uid: str, version: int = 1) -> str:
+    """The same id for every step of one study version, computable by any process without passing it.
+
+    Why derived, not random: the listener, the stability monitor, a Celery worker and the report sender
+    run in different threads or processes; hashing the study UID and version lets each of them bind the
+    id that ties one study's whole flow together in the logs (`with correlation(study_correlation_id(uid))`).
+    """
+    return hashlib.sha256(f"{study_uid}|{version}".encode()).hexdigest()[:16]
 
 
 def current_correlation_id() -> str | None:
