@@ -14,6 +14,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,7 +138,11 @@ def start_worker(stack: SimpleNamespace, name: str) -> Worker:
 
 
 def study_json(stack: SimpleNamespace, study_uid: str) -> dict | None:
-    resp = httpx.get(f"http://127.0.0.1:{stack.gateway.http_port}/api/studies/{study_uid}", timeout=10)
+    """The study over REST, or None while unknown (or while a starved shared CPU keeps the API slow)."""
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{stack.gateway.http_port}/api/studies/{study_uid}", timeout=30)
+    except httpx.TimeoutException:
+        return None
     return resp.json() if resp.status_code == 200 else None
 
 
@@ -150,13 +155,14 @@ def test_worker_killed_while_scoring_is_recovered_and_scored_exactly_once(stack:
     def scoring_under_way() -> dict | None:
         assert first.proc.poll() is None, first.log_text()[-3000:]
         body = study_json(stack, study_uid)
-        progress = (body or {}).get("progress") or {}
-        return body if body and body["state"] == "SCORING" and progress.get("done", 0) >= 1 else None
+        # The progress record appears once the model is loaded and the slices are being scored.
+        return body if body and body["state"] == "SCORING" and body["progress"] else None
 
     during = wait_until(scoring_under_way, timeout=300, interval=0.5, what="first worker scoring")
-    assert during["progress"]["total"] == 20 and during["progress"]["done"] < 20
+    assert during["progress"]["total"] == 20 and during["progress"]["done"] < 20 and during["lease_owner"]
     dead_owner = during["lease_owner"]
     first.kill()
+    killed_at = datetime.now(UTC)
 
     start_worker(stack, "b")
     body = wait_for_verdict(stack.gateway.http_port, study_uid, timeout=480, gateway=stack.gateway)
@@ -164,7 +170,13 @@ def test_worker_killed_while_scoring_is_recovered_and_scored_exactly_once(stack:
     assert_scored_result(body, stack.data_dir)
     assert body["attempts"] == 2  # the killed attempt and the one that finished
     details = [e["detail"] or "" for e in body["history"]]
-    assert any(f"lease of {dead_owner} expired; taken over" in d for d in details), details
+    takeovers = [e for e in body["history"] if f"lease of {dead_owner} expired; taken over" in (e["detail"] or "")]
+    assert len(takeovers) == 1, details
+    (scored,) = [e for e in body["history"] if e["to_state"] == "SCORED"]
+    # Not asserted (timing depends on the machine); printed for docs/benchmarks (pytest -s).
+    recovered = (datetime.fromisoformat(takeovers[0]["at"]) - killed_at).total_seconds()
+    done = (datetime.fromisoformat(scored["at"]) - killed_at).total_seconds()
+    print(f"\nSIGKILL -> taken over: {recovered:.1f} s; -> SCORED: {done:.1f} s")
     with session_scope(stack.settings) as session:
         series_ids = session.scalars(
             select(SeriesResult.id).where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == 1)

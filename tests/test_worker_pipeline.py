@@ -40,7 +40,7 @@ def make_tiny_model(path: Path, slice_threshold: float = SUSPICIOUS_EVERYWHERE) 
     from models.unet import Unet
 
     torch.manual_seed(0)
-    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=32)
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2, 4, 8), channels=1), image_size=32)
     metadata = ModelMetadata(
         name="tiny-test",
         modality="CT",
@@ -345,3 +345,26 @@ def test_celery_task_retries_with_backoff_then_fails(
         details = session.scalars(select(StudyEvent.detail).where(StudyEvent.study_uid == study_uid)).all()
     assert sum(1 for d in details if (d or "").startswith("retry after error")) == max_retries
     assert f"attempt {max_retries + 1}" in (study.error or "")
+
+
+def test_a_study_that_keeps_killing_its_workers_ends_failed(env: SimpleNamespace) -> None:
+    """Every take-over counts an attempt; when they are used up the study is FAILED instead of looping."""
+    settings = env.settings
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    with session_scope(settings) as session:
+        assert isinstance(tasks.claim_study(session, study_uid, "doomed-worker", settings), tasks.Claim)
+    limit = celery_app.score_retries(settings) + 1
+    with session_scope(settings) as session:  # its workers died `limit` times; the last lease ran out
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == study_uid)
+            .values(attempts=limit, lease_until=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    outcome = tasks.run_score_study(study_uid, settings, owner="w9", dispatch_next=False)
+    assert outcome.kind == tasks.FAILED
+    study = study_row(settings, study_uid)
+    assert study.state == states.FAILED and study.lease_owner is None
+    assert f"worker lost while scoring, {limit} times" in (study.error or "")
+    assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 0

@@ -103,6 +103,8 @@ def claim_study(session: Session, study_uid: str, owner: str, settings: Settings
     ):
         if queued_at is not None:
             QUEUE_WAIT_SECONDS.observe(max(0.0, (now - queued_at).total_seconds()))
+    elif (lost := _give_up_after_lost_workers(session, study, owner, now, settings)) is not None:
+        return lost
     elif transition(
         session,
         study_uid,
@@ -124,6 +126,35 @@ def claim_study(session: Session, study_uid: str, owner: str, settings: Settings
     claimed = session.scalar(select(Study).where(Study.study_uid == study_uid))
     assert claimed is not None
     return Claim(study_uid, owner, claimed.version, claimed.attempts)
+
+
+def _give_up_after_lost_workers(
+    session: Session, study: Study, owner: str, now: Any, settings: Settings
+) -> ScoreOutcome | None:
+    """A study whose workers keep dying on it (killed for memory, say) must end FAILED, not loop forever.
+
+    Each take-over counts an attempt; once the attempts are used up the study goes SCORING -> FAILED
+    instead of being taken over again. Returns None when a take-over may go ahead.
+    """
+    limit = score_retries(settings) + 1
+    if study.state != states.SCORING or study.attempts < limit:
+        return None
+    expired = [or_(Study.lease_until.is_(None), Study.lease_until < now)]
+    error = f"worker lost while scoring, {study.attempts} times (killed, e.g. out of memory?)"
+    if transition(
+        session,
+        study.study_uid,
+        states.SCORING,
+        states.FAILED,
+        f"failed: {error}",
+        where=expired,
+        error=error,
+        lease_owner=None,
+        lease_until=None,
+    ):
+        log_event(log, "score.failed", logging.ERROR, study_uid=study.study_uid, error=error, owner=owner)
+        return ScoreOutcome(FAILED, error)
+    return None
 
 
 def renew_lease(settings: Settings, claim: Claim) -> bool:
