@@ -26,6 +26,7 @@ from sqlalchemy import inspect, text
 
 from service.api import dashboard_health
 from service.api.app import create_app
+from service.api.dashboard_queries import milestones
 from service.db.migrate import upgrade
 from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
 from service.db.session import session_scope
@@ -348,3 +349,24 @@ def _fresh_ping(settings: Settings) -> dashboard_health.WorkerHealth | None:
     dashboard_health._cache.clear()
     health = dashboard_health.worker_health(settings)
     return health if health.ok else None
+
+
+def test_milestones_restart_with_a_rescore() -> None:
+    start = datetime.now(UTC)
+    events = [{"to_state": s, "at": start + timedelta(seconds=i)} for i, s in enumerate(PIPELINE)]
+    events += [{"to_state": "QUEUED", "at": start + timedelta(seconds=20)},
+               {"to_state": "SCORING", "at": start + timedelta(seconds=21)}]
+    shown = {m["state"]: m["at"] for m in milestones(events)}
+    assert shown["RECEIVING"] == start and shown["QUEUED"] == start + timedelta(seconds=20)
+    assert shown["SCORED"] is None and shown["DELIVERED"] is None  # those times were version 1's
+
+
+def test_pages_escape_what_came_from_dicom(env: dict[str, object], client: TestClient) -> None:
+    settings: Settings = env["settings"]  # type: ignore[assignment]
+    now = datetime.now(UTC)
+    with session_scope(settings) as session:
+        session.add(_study("1.2.826.0.1.3680043.8.498.7777", "RECEIVING", now,
+                           study_description="<script>alert(1)</script>", error="<img src=x onerror=alert(2)>"))
+    html = client.get("/ui/studies/1.2.826.0.1.3680043.8.498.7777").text
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+    assert "<img src=x" not in html

@@ -269,10 +269,19 @@ def results_version(session: Session, study_uid: str) -> int | None:
 
 
 def milestones(events: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """When the study last entered each milestone state (None if it never did)."""
+    """When the study entered each milestone state in its current pass (None if not yet).
+
+    Entering a milestone forgets the later ones: after a rescore (DELIVERED -> QUEUED) or a reopening
+    (-> RECEIVING) the old "scored" and "delivered" times belong to the previous version, not this one.
+    """
     last: dict[str, datetime] = {}
     for event in events:
-        last[event["to_state"]] = event["at"]
+        state = event["to_state"]
+        if state not in MILESTONES:
+            continue
+        for later in MILESTONES[MILESTONES.index(state) + 1 :]:
+            last.pop(later, None)
+        last[state] = event["at"]
     return [{"state": state, "at": last.get(state)} for state in MILESTONES]
 
 
