@@ -108,3 +108,16 @@ def test_metrics_endpoint_needs_no_model(tmp_path: Path) -> None:
     upgrade(settings)
     samples = _samples(TestClient(create_app(settings)).get("/metrics").text)
     assert samples[("btd_studies", (("state", "QUEUED"),))] == 0
+
+
+def test_worker_metrics_server_serves_the_same_names() -> None:
+    """Celery workers have no HTTP app: `start_metrics_server` exposes their scoring and delivery metrics."""
+    import httpx
+    from helpers_gateway import free_port, wait_for_port
+
+    port = free_port()
+    metrics.start_metrics_server(port, addr="127.0.0.1")
+    wait_for_port(port, timeout=10)
+    metrics.MODEL_LOAD_SECONDS.observe(1.5)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert _samples(text)[("btd_model_load_seconds_count", ())] >= 1
