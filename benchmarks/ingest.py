@@ -212,9 +212,38 @@ def orthanc_version() -> str:
     return done.stdout.split()[1] if done.returncode == 0 and len(done.stdout.split()) > 1 else "?"
 
 
+# Set by --postgres: a server URL (no database name) under which each btd-pg run gets a fresh database.
+POSTGRES_SERVER: str | None = None
+
+
 @contextlib.contextmanager
-def btd_serve(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
-    """`btd serve` as a site runs it, with its own data dir and SQLite; no broker (in-process worker)."""
+def scratch_postgres_database() -> Iterator[str]:
+    """A new, empty database on POSTGRES_SERVER for one run (the same UIDs are resent every run)."""
+    import sqlalchemy
+
+    assert POSTGRES_SERVER, "--postgres is required for btd-pg"
+    name = f"btd_ingest_{os.getpid()}_{time.monotonic_ns()}"
+    admin = sqlalchemy.create_engine(f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def btd_serve_postgres(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    """`btd serve` on PostgreSQL, as the compose stack runs it (the broker is not needed for ingest)."""
+    with scratch_postgres_database() as url, btd_serve(root, nodelay, database_url=url) as receiver:
+        yield receiver
+
+
+@contextlib.contextmanager
+def btd_serve(root: Path, nodelay: bool = True, database_url: str | None = None) -> Iterator[Receiver]:
+    """`btd serve` as a site runs it, with its own data dir and SQLite (or `database_url`); no broker."""
     data_dir = root / "btd-data"
     data_dir.mkdir()
     port = free_port()
@@ -232,11 +261,14 @@ def btd_serve(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
             "BTD_LOG_LEVEL": "WARNING",
         }
     )
+    if database_url:
+        env["BTD_DATABASE_URL"] = database_url
     log = open(root / "btd.log", "wb")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen([str(VENV_BIN / "btd"), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_echo(port, timeout=180, process=proc)
-        yield Receiver("btd serve", port, proc, lambda: files_under(data_dir / "spool", 100_000))
+        name = "btd serve (PostgreSQL)" if database_url else "btd serve"
+        yield Receiver(name, port, proc, lambda: files_under(data_dir / "spool", 100_000))
     finally:
         stop(proc)
         log.close()
@@ -291,6 +323,7 @@ def btd_listener(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
 RECEIVERS: dict[str, Callable[[Path, bool], contextlib.AbstractContextManager[Receiver]]] = {
     "btd-listener": btd_listener,
     "btd": btd_serve,
+    "btd-pg": btd_serve_postgres,
     "storescp": storescp,
     "orthanc": orthanc,
 }
@@ -328,7 +361,8 @@ start = time.perf_counter()
 results = send_files(files, "127.0.0.1", port, aet, calling_aet="BENCH_SCU")
 elapsed = time.perf_counter() - start
 failed = [r for r in results if not r.ok]
-print(json.dumps({"elapsed": elapsed, "failed": len(failed)}))
+errors = sorted({f"{r.status} {r.error}" for r in failed})
+print(json.dumps({"elapsed": elapsed, "failed": len(failed), "errors": errors}))
 sys.exit(1 if failed else 0)
 """
 
@@ -410,7 +444,13 @@ def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[
             elapsed = time.perf_counter() - start
             cpu = cpu_seconds(receiver.process.pid) - cpu_before
             if done.returncode != 0:
-                raise RuntimeError(f"{result.sender} exited {done.returncode}: {done.stderr.decode()[-800:]}")
+                failures = [
+                    line
+                    for line in done.stdout.decode(errors="replace").splitlines()
+                    if "FAIL" in line or "failed" in line
+                ]
+                detail = "; ".join(failures[:3]) or done.stderr.decode(errors="replace")[-800:]
+                raise RuntimeError(f"{result.sender} exited {done.returncode}: {detail[:800]}")
             if result.sender == "send_files":  # timed inside the sender's process
                 elapsed = float(json.loads(done.stdout.decode().strip().splitlines()[-1])["elapsed"])
             result.stored.append(wait_for_count(receiver, before + len(files)) - before)
@@ -438,6 +478,7 @@ CASES: list[tuple[str, str, bool]] = [
     ("orthanc", "storescu", True),
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
+    ("btd-pg", "storescu", True),  # only with --postgres
     ("btd", "btd send", True),
     ("btd", "send_files", True),
     ("storescp", "btd send", True),
@@ -491,16 +532,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=128, help="instances per send (default 128)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base", type=Path, default=Path(tempfile.gettempdir()), help="file system for all")
-    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd btd-listener storescp orthanc")
+    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd btd-listener btd-pg storescp orthanc")
+    parser.add_argument(
+        "--postgres",
+        help="PostgreSQL server URL without a database, e.g. postgresql+psycopg2://postgres@127.0.0.1:5432; "
+        "adds a `btd serve` row on PostgreSQL (a scratch database per run)",
+    )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
+    global POSTGRES_SERVER
+    POSTGRES_SERVER = args.postgres.rstrip("/") if args.postgres else None
 
     with tempfile.TemporaryDirectory(prefix="ingest-src-", dir=args.base) as src:
         files = make_instances(Path(src) / "series", args.n)
         warmup = make_instances(Path(src) / "warmup", 1)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        cases = [c for c in CASES if not args.only or c[0] in args.only]
+        cases = [c for c in CASES if (not args.only or c[0] in args.only) and (c[0] != "btd-pg" or POSTGRES_SERVER)]
         results = [Result(key, sender, nodelay, len(files), megabytes) for key, sender, nodelay in cases]
         # Round-robin over the cases, so that the load of a shared machine falls on all of them alike.
         for repeat in range(args.repeats):
