@@ -40,13 +40,16 @@ OPERATING_FPR = 0.05
 # The ablation ladder: each step adds one lever to the one before (docs/bench/forensics.md).
 VARIANTS: dict[str, dict[str, Any]] = {
     "A raw tile max (FINDINGS protocol)": dict(
-        normalise=False, two_sided=False, lung_only=False, smoothing_px=PATCH, region_px=1
+        normalise=False, two_sided=False, lung_only=False, per_slice=False, smoothing_px=PATCH, region_px=1
     ),
-    "B + lung mask": dict(normalise=False, two_sided=False, lung_only=True, smoothing_px=PATCH, region_px=1),
-    "C + tissue normalisation (one-sided)": dict(normalise=True, two_sided=False, lung_only=True),
-    "D + two-sided (default)": dict(normalise=True, two_sided=True, lung_only=True),
+    "B + lung mask": dict(
+        normalise=False, two_sided=False, lung_only=True, per_slice=False, smoothing_px=PATCH, region_px=1
+    ),
+    "C + tissue normalisation (one-sided)": dict(normalise=True, two_sided=False, lung_only=True, per_slice=False),
+    "D + two-sided": dict(normalise=True, two_sided=True, lung_only=True, per_slice=False),
+    "E + per-slice normalisation (default)": dict(normalise=True, two_sided=True, lung_only=True, per_slice=True),
 }
-DEFAULT_VARIANT = "D + two-sided (default)"
+DEFAULT_VARIANT = "E + per-slice normalisation (default)"
 
 
 def reference_slices(
