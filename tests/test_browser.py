@@ -76,6 +76,7 @@ def test_study_list_filters_flagged(page: object, scored_flow: ScoredFlow) -> No
     page.click("#filters button[type=submit]")  # type: ignore[attr-defined]
     page.wait_for_url("**verdict=suspicious**")  # type: ignore[attr-defined]
     assert scored_flow.study_uid in page.inner_text("#study-list")  # type: ignore[attr-defined]
+    page.screenshot(path=str(scored_flow.artifacts / "studies-flagged.png"), full_page=True)  # type: ignore[attr-defined]
     page.select_option("select[name=verdict]", "no_evidence")  # type: ignore[attr-defined]
     page.click("#filters button[type=submit]")  # type: ignore[attr-defined]
     page.wait_for_url("**verdict=no_evidence**")  # type: ignore[attr-defined]
