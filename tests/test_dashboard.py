@@ -207,6 +207,7 @@ def test_study_page_shows_history_series_slices_and_deliveries(client: TestClien
     _assert_no_patient(html)
     failed = client.get(f"/ui/studies/{FAILED_UID}").text
     assert "model file missing" in failed and 'id="study-error"' in failed
+    assert 'id="study-error"' not in html  # a study that never failed shows no error panel
     assert client.get("/ui/studies/1.2.3.404").status_code == 404
 
 

@@ -252,6 +252,7 @@ def study_detail(session: Session, study_uid: str, with_patient: bool = False) -
         "study": study,
         "events": events,
         "milestones": milestones(events),
+        "errors": errors_of(events, study.get("error")),
         "received_series": received_series(session, study_uid),
         "results_version": version,
         "series": series_results(session, study_uid, version) if version is not None else [],
@@ -266,6 +267,19 @@ def results_version(session: Session, study_uid: str) -> int | None:
     return session.execute(
         select(func.max(SeriesResult.study_version)).where(SeriesResult.study_uid == study_uid)
     ).scalar_one()
+
+
+def errors_of(events: list[Mapping[str, Any]], current: str | None) -> list[dict[str, Any]]:
+    """Every error the study met, oldest first: failed steps and retried ones (from the event log), and
+    the study's current error if the log does not already hold it."""
+    found = [
+        {"at": e["at"], "state": e["to_state"], "detail": e["detail"]}
+        for e in events
+        if e["detail"] and (e["to_state"] in FAILED_STATES or "error" in e["detail"].lower())
+    ]
+    if current and all(current != f["detail"] for f in found):
+        found.append({"at": None, "state": "current", "detail": current})
+    return found
 
 
 def milestones(events: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
