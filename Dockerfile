@@ -38,10 +38,11 @@ COPY worker/ worker/
 COPY migrations/ migrations/
 
 # torch is already satisfied (2.13.0+cpu or +cuXXX matches ==2.13.0), so this adds only btd and the rest.
-# The checks fail the build when the image would lack the default model or the CLI.
+# The checks fail the build when the image would lack the default model, the migrations or the CLI.
 RUN pip install --no-cache-dir . \
     && python -c "import importlib.resources as r; \
-assert any(p.name.endswith('.pt') for p in r.files('models').joinpath('weights').iterdir()), 'no default model'" \
+assert any(p.name.endswith('.pt') for p in r.files('models').joinpath('weights').iterdir()), 'no default model'; \
+assert r.files('migrations').joinpath('env.py').is_file(), 'migrations not installed'" \
     && btd --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------- runtime
@@ -58,16 +59,14 @@ RUN groupadd --system --gid 10001 btd \
     && mkdir -p /data \
     && chown btd:btd /data
 
+# The whole installation: btd, its dependencies, the default model and the Alembic revisions (the
+# `migrations` package, which `btd db upgrade` finds on the path).
 COPY --from=builder /opt/btd /opt/btd
-# The Alembic revisions: `btd db upgrade` finds them as the `migrations` package on the path, whether or
-# not the wheel packaged them.
-COPY --from=builder /src/migrations /opt/btd-migrations/migrations
 
 # Inside a container the listener and the API must listen on all interfaces; ports and the data dir are
 # the contract's defaults. Set BTD_API_TOKEN in production (docs/deploy.md).
 ENV VIRTUAL_ENV=/opt/btd \
     PATH=/opt/btd/bin:$PATH \
-    PYTHONPATH=/opt/btd-migrations \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     BTD_DATA_DIR=/data \
