@@ -61,7 +61,7 @@ def get_detector(settings: Settings) -> Any:
     key = (settings.model, settings.device)
     with _detector_lock:
         if _detector is None or _detector_key != key:
-            from models.detector import Detector  # torch is heavy: import it only in processes that score
+            from models import Detector  # torch is heavy: import it only in processes that score
 
             started = time.perf_counter()
             _detector = Detector.load(path=settings.model, device=settings.device)
