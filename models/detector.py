@@ -254,6 +254,8 @@ class Detector:
     ) -> SeriesResult:
         """Score the images of ONE series (unreadable files among them are reported as not assessed)."""
         groups = self.group(paths_or_datasets)
+        if not groups:
+            raise ValueError("score_series got no images")
         readable = [g for g in groups if g.modality or g.series_instance_uid]
         if len(readable) > 1:
             uids = ", ".join(g.series_instance_uid or "(blank)" for g in readable)
