@@ -10,6 +10,7 @@ The demo PACS's auto-forward rule is run for real in the Debian Orthanc.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import json
 import os
@@ -323,6 +324,12 @@ def test_demo_env_points_btd_at_the_demo_orthanc(demo_stack: dict) -> None:
     mounted = {v["target"] for v in demo_stack["services"]["orthanc"]["volumes"]}
     assert set(orthanc["LuaScripts"]) <= mounted
     assert demo_stack["services"]["orthanc"]["environment"]["TCP_NODELAY"] == "1"
+    # The health check logs in with a user the demo configuration defines.
+    (token,) = re.findall(
+        r"Basic ([A-Za-z0-9+/=]+)", " ".join(demo_stack["services"]["orthanc"]["healthcheck"]["test"])
+    )
+    user, _, password = base64.b64decode(token).decode().partition(":")
+    assert orthanc["AuthenticationEnabled"] and orthanc["RegisteredUsers"][user] == password
 
 
 def _free_port() -> int:
