@@ -74,8 +74,13 @@ def calibration_from_results(btd: dict[str, Any]) -> tuple[dict[str, Any], dict[
 
 
 def ship(run_dir: Path, bench_dir: Path, results_dir: Path, detectors: list[str], n_reference: int = 60) -> dict:
+    """Export + benchmark + calibrate. With detectors not containing "btd", only adds baselines."""
     from models.metadata import ModelMetadata
 
+    if "btd" not in detectors:
+        results = run_benchmark(bench_dir, WEIGHTS, results_dir, detectors, n_reference=n_reference)
+        (Path(results_dir) / "table.md").write_text(markdown_table(results))
+        return results
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     export_from_checkpoint(run_dir, WEIGHTS)
     results = run_benchmark(bench_dir, WEIGHTS, results_dir, detectors, n_reference=n_reference)
