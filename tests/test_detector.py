@@ -35,7 +35,7 @@ def tiny_model(path: Path, calibration: dict | None = None) -> Path:
     meta = ModelMetadata(
         name="tiny-test",
         patch_size=32,
-        anomaly={"energy_mean": -9.0, "energy_std": 1.0, "region_threshold": 3.0},
+        anomaly={"energy_mean": -9.0, "energy_std": 1.0, "region_threshold": 1.0},
         calibration=calibration or {},
     )
     save_model(diffusion, path, meta)
@@ -207,8 +207,12 @@ def test_calibrated_verdicts_follow_the_thresholds(model_path, small_series, tmp
     expected = {i.sop_instance_uid: SUSPICIOUS if i.score >= threshold else NO_EVIDENCE for i in probe.instances}
     assert verdicts == expected and SUSPICIOUS in verdicts.values() and NO_EVIDENCE in verdicts.values()
     assert result.verdict == SUSPICIOUS and result.score == pytest.approx(scores[-1], abs=1e-5)
-    regions = [r for i in result.instances for r in i.regions]
-    assert regions and all(isinstance(r, Region) and r.score > 3.0 and r.x1 > r.x0 for r in regions)
+    threshold_r = detector.anomaly.region_threshold
+    for instance in result.instances:
+        assert bool(instance.regions) == (instance.score > threshold_r)
+        assert all(isinstance(r, Region) and threshold_r < r.score <= instance.score + 1e-6 for r in instance.regions)
+        assert all(r.x1 > r.x0 and r.y1 > r.y0 and r.area_px > 0 for r in instance.regions)
+    assert any(instance.regions for instance in result.instances)
     assert study_verdict([result])[0] == SUSPICIOUS
 
 
