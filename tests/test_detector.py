@@ -246,3 +246,14 @@ def test_mr_series_is_not_judged_by_a_ct_model(detector):
     result = detector.score_series([FIXTURES / "pydicom" / "MR_small.dcm"])
     assert result.verdict == NOT_ASSESSED
     assert "judges CT, this series is MR" in result.instances[0].reason
+
+
+def test_mr_model_scores_every_frame_of_an_enhanced_mr(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "mr.pt"
+    meta = ModelMetadata(name="tiny-mr", modality="MR", windows=[], normalization="minmax", patch_size=32)
+    save_model(GaussianDiffusion(Unet(8, (1, 2, 4), 1), 32), path, meta)
+    result = Detector.load(path, device="cpu").score_series([FIXTURES / "pydicom" / "emri_small.dcm"])
+    assert result.modality == "MR" and result.n_assessed == 10
+    assert sorted(i.frame for i in result.instances) == list(range(1, 11))
+    assert all(i.score is not None and np.isfinite(i.score) for i in result.instances)
