@@ -29,16 +29,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--test-patients", default=",".join(DEFAULT_TEST_PATIENTS), help="comma-separated held-out patient IDs"
+        "--test-patients",
+        default=None,
+        help="comma-separated held-out patient IDs (default: models.corpus's test patients for the corpus root, "
+        "none for another folder)",
     )
     parser.set_defaults(func=run_train)
 
 
+def is_corpus_root(data: Path) -> bool:
+    return (data / "lidc-idri").is_dir() or (data / "lung-pet-ct-dx").is_dir()
+
+
 def collect_training_slices(data: Path, test_patients: list[str]) -> list:
-    if (data / "lidc-idri").is_dir() or (data / "lung-pet-ct-dx").is_dir():
-        slices = discover(data)
-    else:
-        slices = discover_dicom(data)
+    slices = discover(data) if is_corpus_root(data) else discover_dicom(data)
     train, _ = split_by_patient(slices, test_patients)
     return train
 
@@ -46,10 +50,14 @@ def collect_training_slices(data: Path, test_patients: list[str]) -> list:
 def run_train(args: argparse.Namespace) -> int:
     from models.training import TrainConfig, Trainer, export_model
 
-    test_patients = [p for p in args.test_patients.split(",") if p]
+    if args.test_patients is None:
+        test_patients = list(DEFAULT_TEST_PATIENTS) if is_corpus_root(args.data) else []
+    else:
+        test_patients = [p for p in args.test_patients.split(",") if p]
     slices = collect_training_slices(args.data, test_patients)
     if not slices:
-        print(f"error: no CT slices for training under {args.data}", file=sys.stderr)
+        held = f" (held out: {', '.join(test_patients)})" if test_patients else ""
+        print(f"error: no CT slices for training under {args.data}{held}", file=sys.stderr)
         return 2
     config = TrainConfig(
         dim=args.dim,

@@ -44,3 +44,24 @@ def test_low_timestep_emphasis() -> None:
     t = sample_timesteps(config, 4000, torch.Generator().manual_seed(0))
     share_low = float((t <= 50).float().mean())
     assert 0.75 < share_low < 0.87 and int(t.max()) > 500
+
+
+def test_btd_train_exports_a_loadable_model(tmp_path, ct_series_dir) -> None:
+    """`btd train FOLDER --out M` on a plain DICOM folder: no held-out patients, weights + metadata written."""
+    import argparse
+
+    from models.checkpoint import load_model
+    from models.train_cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "tiny.pt"
+    args = parser.parse_args(
+        ["train", str(ct_series_dir), "--out", str(out), "--run-dir", str(tmp_path / "run"), "--steps", "1"]
+        + ["--batch-size", "2", "--patch-size", "32"]
+    )
+    assert args.func(args) == 0
+    loaded = load_model(out)
+    assert loaded.metadata.windows == [{"low": -1100.0, "high": 300.0}]
+    assert loaded.metadata.training["steps"] == 1
+    assert loaded.config.attn_heads == 2 and loaded.config.attn_dim_head == 8
