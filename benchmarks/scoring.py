@@ -97,14 +97,14 @@ def build_detector(config_name: str, options: dict) -> Detector:
         meta = loaded.metadata
         meta.patch_size = options.get("patch", meta.patch_size)
         opts = {k: v for k, v in options.items() if k in ScoringOptions.__dataclass_fields__}
-        return Detector(loaded.diffusion, meta, device="cpu", options=ScoringOptions(batch_size=8, **opts))
+        return Detector(loaded.diffusion, meta, device="cpu", options=ScoringOptions(batch_size=1, **opts))
     torch.manual_seed(0)
     unet = Unet(channels=1, **config["unet"])
     diffusion = GaussianDiffusion(unet, config["patch"])
     patch = options.get("patch", config["patch"])
     meta = ModelMetadata(name=f"bench-{config_name}", patch_size=patch, windows=config["windows"])
     opts = {k: v for k, v in options.items() if k in ScoringOptions.__dataclass_fields__}
-    return Detector(diffusion, meta, device="cpu", options=ScoringOptions(batch_size=8, **opts))
+    return Detector(diffusion, meta, device="cpu", options=ScoringOptions(batch_size=1, **opts))
 
 
 def reference_residuals(detector: Detector, slices: list[np.ndarray]) -> list[np.ndarray]:

@@ -56,7 +56,7 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool = False) ->
         choices=("auto", "tiles", "whole"),
         help="tile the slice or run it whole (default: as calibrated, else auto: tiles for published weights)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on CUDA)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of a Trainer checkpoint")
 
