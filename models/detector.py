@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from models.anomaly import AnomalyModel
 from models.diffusion import GaussianDiffusion
@@ -65,18 +66,23 @@ class ScoringOptions:
     # size needs +663 MB; 16 on CUDA.
     batch_size: int | None = None
     skip_air: bool = True  # CT: do not run tiles (or the whole-slice crop) outside the body
+    # "body", or "search": only where the anomaly model looks (dilated lungs), plus the margin its local
+    # filters reach, so that the anomaly map, scores and regions are unchanged (tiles) while less runs.
+    run_region: str = "body"
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     max_regions: int = DEFAULT_MAX_REGIONS
 
     def calibration_key(self) -> dict[str, Any]:
         """What must be the same at calibration and at scoring for the thresholds to apply."""
-        return {"mode": self.mode, "overlap": self.overlap, "skip_air": self.skip_air}
+        return {"mode": self.mode, "overlap": self.overlap, "skip_air": self.skip_air, "run_region": self.run_region}
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise DetectorError(f"mode {self.mode!r} unknown; use one of {', '.join(MODES)}")
         if self.precision not in PRECISIONS:
             raise DetectorError(f"precision {self.precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+        if self.run_region not in ("body", "search"):
+            raise DetectorError(f"run_region {self.run_region!r} unknown; use body or search")
         if self.batch_size is not None and self.batch_size < 1:
             raise DetectorError("batch_size must be at least 1")
 
@@ -223,10 +229,23 @@ class Detector:
         return unit_to_model(unit).astype(np.float32)
 
     def body_mask(self, values: np.ndarray) -> np.ndarray | None:
-        """Where to run the model: the body for CT (air cannot hide tampering worth flagging); all of MR."""
+        """Where to run the model: for CT the body (air cannot hide tampering worth flagging) together with
+        everything the anomaly model will read (its search region, e.g. the dilated lungs, grown by the reach
+        of its local filters), so that no pixel it judges has a residual that was never computed; all of MR.
+
+        run_region="search" drops the rest of the body: the anomaly map, scores and regions are the same.
+        """
         if not self.options.skip_air or self.metadata.normalization != "window":
             return None
-        return self.anomaly.body_mask(values)
+        search_mask = getattr(self.anomaly, "search_mask", None)
+        needed = None
+        if search_mask is not None:
+            reach = int(getattr(self.anomaly, "smoothing_px", 5)) + int(getattr(self.anomaly, "region_px", 1)) + 2
+            needed = ndimage.binary_dilation(search_mask(values), iterations=reach)
+        if self.options.run_region == "search" and needed is not None:
+            return needed
+        body = self.anomaly.body_mask(values)
+        return body if needed is None else body | needed
 
     def residual_maps(self, slices: list[np.ndarray]) -> list[np.ndarray]:
         """Residual maps (C, H, W) float32 of slices in modality units (H, W), batched."""

@@ -19,6 +19,7 @@ from models.checkpoint import save_model
 from models.detector import DetectorError, ScoringOptions
 from models.diffusion import GaussianDiffusion
 from models.metadata import ModelMetadata
+from models.preprocess import read_hu
 from models.regions import MAX_OUTLINE_POINTS, find_regions
 from models.results import NO_EVIDENCE, NOT_ASSESSED, SUSPICIOUS, study_verdict
 from models.tiling import residual_tiles, residual_whole, tile_starts
@@ -257,3 +258,31 @@ def test_mr_model_scores_every_frame_of_an_enhanced_mr(tmp_path):
     assert result.modality == "MR" and result.n_assessed == 10
     assert sorted(i.frame for i in result.instances) == list(range(1, 11))
     assert all(i.score is not None and np.isfinite(i.score) for i in result.instances)
+
+
+def test_running_only_the_search_region_leaves_scores_and_regions_unchanged(model_path):
+    """run_region="search": fewer tiles run (only the lungs, plus the anomaly filters' reach), same verdict data."""
+    slice_512 = pydicom.dcmread(FIXTURES / "ct_transfer_syntaxes" / "CT1_J2KR")  # a chest slice with lungs
+    counts = {}
+    results = {}
+    for region in ("body", "search"):
+        detector = Detector.load(model_path, device="cpu", mode="tiles", overlap=0, run_region=region)
+        counted = detector.residual_batch
+
+        def counting(x: torch.Tensor, _run=counted, _region=region) -> torch.Tensor:
+            counts[_region] = counts.get(_region, 0) + x.shape[0]
+            return _run(x)
+
+        detector.residual_batch = counting
+        (results[region],) = detector.score_series([slice_512]).instances
+    assert counts["search"] <= counts["body"]
+    values = read_hu(slice_512)[0]
+    by_region = {
+        region: Detector.load(model_path, device="cpu", run_region=region).body_mask(values).sum()
+        for region in ("body", "search")
+    }
+    assert by_region["search"] < by_region["body"]
+    assert results["search"].score == pytest.approx(results["body"].score, abs=1e-5)
+    assert [(r.x0, r.y0, r.x1, r.y1) for r in results["search"].regions] == [
+        (r.x0, r.y0, r.x1, r.y1) for r in results["body"].regions
+    ]
