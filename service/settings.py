@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     # Model and worker
     model: str | None = None  # None -> the models package's default model
     device: str = "auto"
+    score_retries: int = 3  # scoring attempts after the first before the study is FAILED
+    score_backoff_seconds: float = 10.0  # first retry delay; each later one doubles
 
     # Reports
     destinations: CsvList = Field(default_factory=list)  # "AET@host:port", comma-separated

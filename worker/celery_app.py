@@ -20,18 +20,16 @@ from service.settings import Settings, get_settings
 # Task modules the worker loads; report tasks belong to the reports area and may be absent.
 TASK_MODULES = ("worker.tasks", "worker.report_tasks")
 
-DEFAULT_SCORE_RETRIES = 3
-DEFAULT_RETRY_BACKOFF_SECONDS = 10.0
 
 
 def score_retries(settings: Settings) -> int:
     """How many times a failing scoring job is retried before the study is FAILED."""
-    return int(getattr(settings, "score_retries", DEFAULT_SCORE_RETRIES))
+    return settings.score_retries
 
 
 def retry_backoff_seconds(settings: Settings) -> float:
     """The first retry's delay; each later retry doubles it."""
-    return float(getattr(settings, "score_backoff_seconds", DEFAULT_RETRY_BACKOFF_SECONDS))
+    return settings.score_backoff_seconds
 
 
 def backoff_delay(settings: Settings, retries_done: int, cap: float = 600.0) -> float:
