@@ -6,9 +6,10 @@
    tiny random model and sends the SR (and KOS) back; checked through Orthanc's REST API.
 
 Orthanc binds its ports on every interface (it cannot be told 127.0.0.1 alone), so the test picks free
-ports and forbids remote access. The round trip uses the first 4 slices of the 20-slice CT series: a
-tiny model still needs seconds per 512x512 slice on this 2-core machine, and 4 slices keep the test
-well under two minutes while exercising every step.
+ports and forbids remote access. Orthanc holds the whole 20-slice CT series and sends the study to
+btd. The tiny model has four resolution levels so that its one full-attention block works on a 64x64
+grid: whole-slice scoring (the default for our own models) of a 512x512 slice then takes about 1 s on
+this machine; with two levels, attention over 256x256 positions took about 24 s per slice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pydicom
 import pytest
 from helpers_gateway import GatewayProcess, free_port, wait_until
 from test_delivery import CT_FILES, make_settings, reported_study, study_row
+from test_viewer_check import check, viewer_check  # noqa: F401 - viewer_check is a (session) fixture
 
 from service.db import states
 from service.db.session import dispose_engines
@@ -33,6 +35,7 @@ from worker import report_tasks
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+ALL_CT_FILES = sorted(p for p in CT_FILES[0].parent.iterdir() if p.name.startswith("CT."))
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")]
 
@@ -45,7 +48,9 @@ class Orthanc:
         self.http_port, self.dicom_port = free_port(), free_port()
         self.modalities = modalities
         self.proc: subprocess.Popen | None = None
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60)
+        # No keep-alive: Orthanc may close an idle connection just as the client reuses it.
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
 
     @property
     def destination(self) -> str:
@@ -105,11 +110,16 @@ class Orthanc:
             out.setdefault(str(ds.SOPClassUID), []).append(ds)
         return out
 
+    def file_of(self, ds: pydicom.Dataset) -> bytes:
+        """The stored file of an instance, by its SOP Instance UID."""
+        found = self.http.post("/tools/lookup", content=str(ds.SOPInstanceUID)).json()
+        return self.http.get(f"/instances/{found[0]['ID']}/file").content
+
     def has_class(self, study_uid: str, sop_class: str) -> bool:
         try:
             return sop_class in self.instances_by_class(study_uid)
-        except AssertionError:
-            return False
+        except (AssertionError, httpx.TransportError):
+            return False  # not there yet, or a dropped connection: ask again at the next poll
 
 
 def evidence_uids(sr: pydicom.Dataset) -> set[str]:
@@ -154,6 +164,14 @@ def test_delivered_report_lands_in_the_orthanc_study(tmp_path: Path) -> None:
     assert kos_refs == region_references(sr)
 
 
+def btd_study_state(http_port: int, study_uid: str) -> str | None:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{http_port}/api/studies/{study_uid}", timeout=10)
+    except httpx.TransportError:
+        return None
+    return response.json().get("state") if response.status_code == 200 else None
+
+
 def tiny_model(folder: Path) -> Path:
     """A random dim-8 U-Net whose calibration flags everything: its metadata sets a slice/series threshold
     of 1.0 (the anomaly score of any body slice is far above) and a region threshold that marks the
@@ -165,8 +183,8 @@ def tiny_model(folder: Path) -> Path:
     from models.unet import Unet
 
     torch.manual_seed(0)
-    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1, attn_heads=1, attn_dim_head=8),
-                                  image_size=32)
+    unet = Unet(dim=8, dim_mults=(1, 2, 4, 8), channels=1, attn_heads=1, attn_dim_head=8)
+    diffusion = GaussianDiffusion(unet, image_size=32)
     path = folder / "tiny.pt"
     save_model(diffusion, path, {
         "name": "btd-tiny-test", "modality": "CT", "patch_size": 64,
@@ -176,14 +194,14 @@ def tiny_model(folder: Path) -> Path:
     return path
 
 
-def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path) -> None:
+def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path, viewer_check: Path) -> None:  # noqa: F811
     import importlib.util
 
     if importlib.util.find_spec("service.queue") is None:
         pytest.skip("`btd serve` has no in-process queue in this checkout (service/queue.py)")
     btd_port = free_port()
     with Orthanc(tmp_path / "orthanc", modalities={"btd": ["BTD", "127.0.0.1", btd_port]}) as orthanc:
-        orthanc.upload(CT_FILES)
+        orthanc.upload(ALL_CT_FILES)
         gateway = GatewayProcess(
             tmp_path / "btd", dicom_port=btd_port, ae_title="BTD", stable_seconds=1, monitor_interval=0.2,
             model=str(tiny_model(tmp_path)), device="cpu", destinations=orthanc.destination, kos_enabled="true",
@@ -191,22 +209,40 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path) -> None:
         )
         with gateway:
             study_uid = str(pydicom.dcmread(CT_FILES[0], stop_before_pixels=True).StudyInstanceUID)
-            response = orthanc.http.post("/modalities/btd/store", json={"Resources": [orthanc.study_id(study_uid)],
-                                                                       "Synchronous": True})
+            response = orthanc.http.post("/modalities/btd/store",
+                                         json={"Resources": [orthanc.study_id(study_uid)], "Synchronous": True})
             assert response.status_code == 200, response.text
             started = time.monotonic()
             try:
-                wait_until(lambda: orthanc.has_class(study_uid, KOS_CLASS) and orthanc.has_class(study_uid, SR_CLASS),
-                           timeout=240, interval=1.0, what="SR and KOS back in Orthanc")
+                def report_back() -> bool:
+                    btd_state = btd_study_state(gateway.http_port, study_uid)
+                    if btd_state in (states.FAILED, states.FAILED_DELIVERY, states.REJECTED):
+                        raise TimeoutError(f"btd gave up on the study: {btd_state}")
+                    return orthanc.has_class(study_uid, KOS_CLASS) and orthanc.has_class(study_uid, SR_CLASS)
+
+                wait_until(report_back, timeout=300, interval=2.0, what="SR and KOS back in Orthanc")
             except TimeoutError:
                 pytest.fail(f"no report after {time.monotonic() - started:.0f} s; gateway log:\n"
                             f"{gateway.log_text()[-4000:]}")
             stored = orthanc.instances_by_class(study_uid)
+            orthanc_sr_bytes = orthanc.file_of(stored[SR_CLASS][0])
             state = httpx.get(f"http://127.0.0.1:{gateway.http_port}/api/studies/{study_uid}", timeout=10).json()
     images = {str(ds.SOPInstanceUID) for ds in stored["1.2.840.10008.5.1.4.1.1.2"]}
+    assert len(images) == 20
     (sr,) = stored[SR_CLASS]
     assert sr.StudyInstanceUID == study_uid
     assert "suspicious" in sr.CompletionFlagDescription and "SUSPICIOUS" in sr.SeriesDescription
     assert evidence_uids(sr) == images
     assert region_references(sr) and region_references(sr) <= images
     assert state["state"] in (states.DELIVERED, states.REPORTED)  # REPORTED: the last ack is being recorded
+
+    # The SR exactly as the PACS holds it, with the model's real region outlines: OHIF draws every region.
+    sr_path = tmp_path / "from-orthanc.dcm"
+    sr_path.write_bytes(orthanc_sr_bytes)
+    series_dir = tmp_path / "ct"
+    series_dir.mkdir()
+    for path in ALL_CT_FILES:
+        shutil.copy(path, series_dir / path.name)
+    code, result = check(viewer_check, sr_path, series_dir)
+    assert code == 0, result
+    assert result["measurements"] and all(m["displayed"] for m in result["measurements"])
