@@ -42,7 +42,11 @@ from models.preprocess import read_hu  # noqa: E402
 from models.tiling import tile_starts  # noqa: E402
 from models.unet import Unet  # noqa: E402
 
-SLICES = sorted((REPO / "tests" / "fixtures" / "ct_series_20").glob("CT.*"))
+# Chest slices with lungs (where the threat model tampers and the anomaly model searches): LIDC-IDRI-0001
+# from the shared data (CC BY 3.0, TCIA LIDC-IDRI, Armato et al. 2011); the fixture series otherwise.
+LIDC = REPO.parent / "shared" / "data" / "chest-ct" / "lidc-idri" / "LIDC-IDRI-0001"
+FIXTURE_SERIES = REPO / "tests" / "fixtures" / "ct_series_20"
+SLICES = sorted(LIDC.glob("*.dcm"))[4:] if LIDC.is_dir() else sorted(FIXTURE_SERIES.glob("CT.*"))
 REFERENCE_PATCH = 96
 
 # The default model's architecture (models/training.py TrainConfig) and the published configuration.
@@ -72,6 +76,9 @@ METHODS: dict[str, dict] = {
         "patch": 96,
         "run_region": "search",
     },
+    "tiles-search": {"mode": "tiles", "precision": "fp32", "run_region": "search"},
+    "tiles-nooverlap-search": {"mode": "tiles", "precision": "fp32", "overlap": 0, "run_region": "search"},
+    "whole-search": {"mode": "whole", "precision": "fp32", "run_region": "search"},
     "whole": {"mode": "whole", "skip_air": True, "precision": "fp32"},
     "whole-full": {"mode": "whole", "skip_air": False, "precision": "fp32"},
     "whole-bf16": {"mode": "whole", "skip_air": True, "precision": "bf16"},
@@ -83,6 +90,9 @@ DESCRIPTIONS = {
     "tiles96-nooverlap": "96-px tiles on the reference grid, no overlap, air skipped, fp32",
     "tiles96-search": "96-px tiles on the reference grid, only where the anomaly model searches (lungs), fp32",
     "tiles96-search-bf16": "96-px tiles on the reference grid, only the lungs, bf16 autocast",
+    "tiles-search": "tiles of the model's patch, overlap 1/4, only where the anomaly model searches, fp32",
+    "tiles-nooverlap-search": "tiles of the model's patch, no overlap, only where the anomaly model searches, fp32",
+    "whole-search": "whole slice cropped to the search region (lungs), fp32",
     "whole": "whole slice cropped to the body, fp32",
     "whole-full": "whole slice, no crop, fp32",
     "whole-bf16": "whole slice cropped to the body, bf16 autocast",
@@ -309,6 +319,7 @@ def main() -> None:
         parser.error(f"unknown methods: {', '.join(unknown)}")
     result = {"machine": machine(), **run_timing(args.config, args.slices, args.repeats, methods)}
     result["weights"] = str(args.weights) if args.weights else "random (seed 0)"
+    result["slice_files"] = [str(p.relative_to(REPO.parent)) for p in SLICES[: args.slices]]
     if args.memory:
         result["memory"] = run_memory(args.config, methods)
     result["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]

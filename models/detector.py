@@ -68,7 +68,8 @@ class ScoringOptions:
     skip_air: bool = True  # CT: do not run tiles (or the whole-slice crop) outside the body
     # "body", or "search": only where the anomaly model looks (dilated lungs), plus the margin its local
     # filters reach, so that the anomaly map, scores and regions are unchanged (tiles) while less runs.
-    run_region: str = "body"
+    # None: "search" for tiles (same map, less work), "body" for the whole slice (whose crop changes the map)
+    run_region: str | None = None
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     max_regions: int = DEFAULT_MAX_REGIONS
 
@@ -81,16 +82,17 @@ class ScoringOptions:
             raise DetectorError(f"mode {self.mode!r} unknown; use one of {', '.join(MODES)}")
         if self.precision not in PRECISIONS:
             raise DetectorError(f"precision {self.precision!r} unknown; use one of {', '.join(PRECISIONS)}")
-        if self.run_region not in ("body", "search"):
+        if self.run_region not in (None, "body", "search"):
             raise DetectorError(f"run_region {self.run_region!r} unknown; use body or search")
         if self.batch_size is not None and self.batch_size < 1:
             raise DetectorError("batch_size must be at least 1")
 
 
 def auto_mode(metadata: ModelMetadata) -> str:
-    """Tiles of the training patch for the authors' published weights (trained on 96/128-px patches,
-    and at dim 32 a whole slice is slower than its tiles); the whole slice, cropped to the body, for
-    our own models (built for it: 3.5x the reference's speed at dim 8, docs/bench/scoring.md)."""
+    """Tiles for the authors' published weights: their own patch grid without overlap, run only where the
+    anomaly model searches, which reproduces their patch residuals there (they were trained on 96/128-px
+    patches); the whole slice, cropped to the body, for our own models (built for it). Measurements in
+    docs/bench/scoring.md."""
     source = str((metadata.training or {}).get("source", ""))
     return "tiles" if source.startswith("published") else "whole"
 
@@ -121,6 +123,10 @@ class Detector:
         self.options.validate()
         if self.options.mode == "auto":
             self.options.mode = auto_mode(metadata)
+            if self.options.mode == "tiles" and self.options.overlap is None:
+                self.options.overlap = 0  # the published weights: the authors' own patch grid
+        if self.options.run_region is None:
+            self.options.run_region = "search" if self.options.mode == "tiles" else "body"
         self.device = resolve_device(device)
         if self.options.batch_size is None:
             self.options.batch_size = 16 if self.device.type == "cuda" else 2

@@ -223,6 +223,10 @@ def test_modes_auto_whole_for_our_models_tiles_for_published(model_path, small_s
 
     assert Detector.load(model_path, device="cpu").options.mode == "whole"
     assert auto_mode(published_defaults("CT_model")) == "tiles"
+    ours = Detector.load(model_path, device="cpu")
+    assert (ours.options.mode, ours.options.run_region) == ("whole", "body")
+    published = Detector(ours.diffusion, published_defaults("CT_model"), device="cpu")
+    assert (published.options.mode, published.options.overlap, published.options.run_region) == ("tiles", 0, "search")
     result = Detector.load(model_path, device="cpu", mode="tiles").score_series(small_series[:1])
     (instance,) = result.instances
     assert isinstance(instance, InstanceResult) and instance.score is not None and np.isfinite(instance.score)
