@@ -439,6 +439,19 @@ class _nothing:
         return None
 
 
+def test_a_report_file_gone_before_delivery_ends_in_failed_delivery(tmp_path: Path) -> None:
+    with CountingSCP("PACS") as pacs:
+        settings = make_settings(tmp_path, destinations=[pacs.destination])
+        study_uid = reported_study(settings)
+        shutil.rmtree(settings.data_dir / "reports")
+        outcome = report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=5)
+    assert outcome.kind == report_tasks.FAILED and pacs.received == []
+    study = study_row(settings, study_uid)
+    assert study.state == states.FAILED_DELIVERY and "report file(s) missing" in (study.error or "")
+    assert study.verdict == "suspicious"
+    dispose_engines()
+
+
 def test_no_destinations_leaves_the_study_reported(settings: Settings) -> None:
     study_uid = reported_study(settings)
     assert report_tasks.run_deliver_report(study_uid, settings).kind == report_tasks.NO_DESTINATIONS
