@@ -186,3 +186,37 @@ def test_dicom_tls_with_client_certificates(tls_files: tuple[Path, Path], tmp_pa
     finally:
         server.shutdown()
         dispose_engines()
+
+
+def test_instances_left_unanswered_by_a_dying_association_are_sent_again() -> None:
+    """A peer that aborts the association in the middle of a series (as a crashed or overloaded PACS, or
+    pynetdicom's own lost-response race, does): every instance still ends up stored exactly once."""
+    from pynetdicom import AllStoragePresentationContexts
+
+    stored: list[str] = []
+    aborted: list[bool] = []
+
+    def handle_store(event: evt.Event) -> int:
+        if len(stored) == 5 and not aborted:
+            aborted.append(True)
+            event.assoc.abort()
+            return 0xA700
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="FLAKY")
+    ae.supported_contexts = AllStoragePresentationContexts
+    from pydicom.uid import JPEG2000Lossless
+
+    for context in ae.supported_contexts:
+        context.transfer_syntax = [*context.transfer_syntax, JPEG2000Lossless]
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    try:
+        results = sender.send_files([SERIES], "127.0.0.1", port, "FLAKY", timeout=10)
+    finally:
+        server.shutdown()
+    files = [p for p in sorted(SERIES.iterdir()) if p.name.startswith("CT.")]
+    assert aborted, "the peer never aborted: the test did not exercise the resend"
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert sorted(stored) == sorted(dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files)

@@ -162,12 +162,27 @@ def send_files(
             described.append(_describe(source))
     outcome: dict[int, SendResult] = {}
     items = [d for d in described if isinstance(d, _Item)]
-    for contexts, batch in _batches(items):
-        for item, result in zip(
-            batch, _send_batch(contexts, batch, host, port, called_aet, calling_aet, ssl_context, timeout), strict=True
-        ):
-            outcome[id(item)] = result
+    for attempt in range(2):
+        for contexts, batch in _batches(items):
+            sent = _send_batch(contexts, batch, host, port, called_aet, calling_aet, ssl_context, timeout)
+            for item, result in zip(batch, sent, strict=True):
+                outcome[id(item)] = result
+        # pynetdicom 3.0 can swallow a C-STORE response when its threads are starved of CPU, which ends
+        # the association and fails every later instance. Those never got an answer, so sending them once
+        # more on a fresh association cannot store anything twice that the peer acknowledged.
+        items = [item for item in items if _worth_resending(outcome[id(item)])]
+        if not items or attempt == 1:
+            break
     return [outcome[id(d)] if isinstance(d, _Item) else d for d in described]
+
+
+_NO_ANSWER = "no response (timeout, abort or invalid response)"
+_ASSOCIATION_ENDED = "association ended before this instance"
+
+
+def _worth_resending(result: SendResult) -> bool:
+    """The association died under this instance: no answer came, and nothing says the peer refuses it."""
+    return result.status is None and result.error in (_NO_ANSWER, _ASSOCIATION_ENDED)
 
 
 def _send_batch(
@@ -196,7 +211,7 @@ def _send_batch(
     try:
         for message_id, item in enumerate(batch, start=1):
             if not assoc.is_established:
-                results.append(_result(item, None, "association ended before this instance"))
+                results.append(_result(item, None, _ASSOCIATION_ENDED))
                 continue
             try:
                 if item.pad and isinstance(item.source, Path):
@@ -211,7 +226,7 @@ def _send_batch(
                 comment = status.get("ErrorComment")
                 results.append(_result(item, int(status.Status), str(comment) if comment else None))
             else:
-                results.append(_result(item, None, "no response (timeout, abort or invalid response)"))
+                results.append(_result(item, None, _NO_ANSWER))
     finally:
         if assoc.is_established:
             assoc.release()
