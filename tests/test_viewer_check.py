@@ -26,17 +26,23 @@ CANDIDATES = [ROOT / "shared" / "tools" / "viewer_check", ROOT.parent / "shared"
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
 
+_installed: list[Path] = []  # the copy installed in this session (other modules import this fixture)
+
+
 @pytest.fixture(scope="session")
 def viewer_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepared = os.environ.get("BTD_VIEWER_CHECK_DIR")
     if prepared and (Path(prepared) / "node_modules").is_dir():
         return Path(prepared)
+    if _installed:
+        return _installed[0]
     source = next((p for p in CANDIDATES if (p / "check_sr.mjs").is_file()), None)
     if source is None:
         pytest.skip("viewer_check not found at ../shared/tools/viewer_check")
     target = tmp_path_factory.mktemp("viewer") / "viewer_check"
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("node_modules"))
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=target, check=True, capture_output=True, timeout=600)
+    _installed.append(target)
     return target
 
 
