@@ -92,3 +92,17 @@ def test_calibrate_writes_thresholds_that_pass_the_genuine_scans(model_path, tmp
     # a threshold below the scores flags them: verdicts really come from the stored calibration
     write_calibration(model_path, {**calibration, "slice_threshold": -1e9, "series_threshold": -1e9})
     assert next(Detector.load(model_path, device="cpu").score_paths([data])).verdict == SUSPICIOUS
+
+
+def test_a_published_checkpoint_without_metadata_gets_one_with_its_calibration(tmp_path):
+    import shutil
+
+    weights = tmp_path / "CT_model.pt"
+    shutil.copy(FIXTURES / "btd-reference" / "ddpm-1.6.4" / "checkpoint.pt", weights)
+    assert not weights.with_suffix(".json").exists()
+    written = write_calibration(weights, {"slice_threshold": 1.0, "series_threshold": 2.0, "fpr": 0.01})
+    stored = json.loads(written.read_text())
+    assert stored["calibration"]["series_threshold"] == 2.0
+    assert stored["windows"] == [{"low": -700.0, "high": 2000.0}] and stored["patch_size"] == 96
+    detector = Detector.load(weights, device="cpu")  # the metadata file now ties thresholds to these weights
+    assert detector.info.calibrated and detector.info.weights_sha256 == stored["weights_sha256"]
