@@ -311,6 +311,24 @@ def test_a_repeated_build_reuses_the_report(settings: Settings) -> None:
         assert len(session.scalars(select(Report)).all()) == 1
 
 
+def test_two_workers_building_the_same_report_on_postgres_make_one(tmp_path: Path) -> None:
+    """A duplicated message: both tasks may build the SR at once; one row, one REPORTED, no FAILED."""
+    with postgres_database() as url:
+        settings = make_settings(tmp_path, database_url=url)
+        study_uid = seed_scored_study(settings)
+        outcomes: list[str] = []
+        threads = [threading.Thread(target=lambda: outcomes.append(
+            report_tasks.run_build_report(study_uid, settings, dispatch_next=False).kind)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(outcomes) == [report_tasks.BUILT, report_tasks.SKIPPED]
+        assert study_row(settings, study_uid).state == states.REPORTED
+        with session_scope(settings) as session:
+            assert len(session.scalars(select(Report)).all()) == 1
+
+
 def test_rescore_builds_a_new_sr_naming_the_previous_as_predecessor(settings: Settings) -> None:
     study_uid = reported_study(settings)
     with session_scope(settings) as session:

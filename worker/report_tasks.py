@@ -22,7 +22,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 import models
@@ -179,6 +179,10 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
                 kind = REUSED if existing else BUILT
         except OperationalError:
             raise  # the database is away: nothing was written; the task is retried
+        except IntegrityError:
+            # a duplicate message: another worker inserted this version's report first (same UIDs, same files)
+            log_event(log, "report.skipped", study_uid=study_uid, detail="built concurrently by another worker")
+            return TaskOutcome(SKIPPED, "report built concurrently by another worker")
         except Exception as exc:  # noqa: BLE001 - missing sources, unreadable headers, an SR we cannot build
             return _report_failed(settings, study_uid, exc)
         log_event(log, "report.built", study_uid=study_uid, outcome=kind, sr=report.sr_sop_instance_uid,
