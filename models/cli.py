@@ -59,12 +59,20 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool = False) ->
     parser.add_argument("--batch-size", type=int, help="slices per batch (default 2 on CPU, 16 on CUDA)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of a Trainer checkpoint")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine: docs/bench/scoring.md)"
+    )
 
 
 def _load_detector(args: argparse.Namespace) -> Any:
+    import torch
+
     from models.checkpoint import CheckpointError
     from models.detector import Detector, DetectorError
     from models.metadata import MetadataError
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
     try:
         return Detector.load(
