@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     # Reports
     destinations: CsvList = Field(default_factory=list)  # "AET@host:port", comma-separated
-    kos_enabled: bool = False
+    kos_enabled: bool = True  # also send a Key Object Selection of flagged images (viewers that skip SR regions)
     delivery_retries: int = 5
     delivery_backoff_seconds: float = 30.0
 

@@ -42,16 +42,6 @@ SCORE_STUDY = "btd.score_study"
 BUILD_REPORT = "btd.build_report"
 DELIVER_REPORT = "btd.deliver_report"
 
-# SOP classes whose instances the detector can score (CT and MR images, single- and multi-frame).
-SCOREABLE_SOP_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
-    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image Storage
-    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
-)
 
 Dispatcher = Callable[..., None]
 
@@ -59,7 +49,11 @@ Dispatcher = Callable[..., None]
 def has_scoreable_instance(session: Session, study_uid: str) -> bool:
     return bool(
         session.scalar(
-            select(exists().where(Instance.study_uid == study_uid, Instance.sop_class_uid.in_(SCOREABLE_SOP_CLASSES)))
+            select(
+                exists().where(
+                    Instance.study_uid == study_uid, Instance.sop_class_uid.in_(states.SCOREABLE_SOP_CLASSES)
+                )
+            )
         )
     )
 

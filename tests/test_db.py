@@ -254,6 +254,24 @@ def test_duplicate_of_a_finished_study_does_not_reopen_it(settings: Settings) ->
     assert study(settings, study_uid).state == states.DELIVERED
 
 
+def test_our_own_report_routed_back_is_kept_without_reopening_the_study(settings: Settings) -> None:
+    """A PACS rule forwarding whole studies sends btd's SR back: storing it must not start another round
+    of scoring, reporting and forwarding; a new CT image still reopens the study."""
+    import dataclasses
+
+    study_uid = uid()
+    record(settings, received(study_uid))
+    with session_scope(settings) as session:
+        repository.transition(session, study_uid, states.RECEIVING, states.DELIVERED, verdict="suspicious")
+    sr = dataclasses.replace(received(study_uid), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", modality="SR")
+    outcome = record(settings, sr)
+    assert outcome.kind == "stored" and not outcome.reopened
+    found = study(settings, study_uid)
+    assert (found.state, found.version, found.verdict, found.n_instances) == (states.DELIVERED, 1, "suspicious", 2)
+    assert record(settings, received(study_uid)).reopened
+    assert study(settings, study_uid).version == 2
+
+
 def test_times_are_timezone_aware_utc(settings: Settings, tmp_path: Path) -> None:
     study_uid = uid()
     record(settings, received(study_uid))

@@ -212,7 +212,8 @@ def record_instance(
       the timer of a RECEIVING study;
     - identical bytes already stored under the SOP Instance UID: `duplicates + 1`, nothing stored;
     - different bytes: stored as the next version with `conflict=True` (kept and flagged, never replaced);
-    - a new instance for a study past STABLE reopens it (RECEIVING, version + 1, event "reopened ...").
+    - a new instance for a study past STABLE reopens it (RECEIVING, version + 1, event "reopened ..."),
+      unless it is not a scoreable image (e.g. btd's own SR routed back): that one is only stored.
 
     `store` runs inside the transaction, before the row is inserted, so the row never points at bytes
     that are not on disk; if the caller's commit then fails it must remove the file it stored.
@@ -249,7 +250,18 @@ def record_instance(
     merged = _merge_modalities(modalities, received.modality)
     if merged != modalities:
         counters["modalities"] = merged
-    reopened = _touch_study(session, received.study_uid, state, deadline, **counters)
+    past_stable = state not in (states.RECEIVING, *states.RESUMABLE_STATES)
+    if past_stable and received.sop_class_uid not in states.SCOREABLE_SOP_CLASSES:
+        # Kept with the study, but it cannot change the verdict: the study stays where it is.
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == received.study_uid)
+            .values(updated_at=now, **counters)
+            .execution_options(synchronize_session=False)
+        )
+        reopened = False
+    else:
+        reopened = _touch_study(session, received.study_uid, state, deadline, **counters)
     path = store(version)
     session.add(
         Instance(
