@@ -186,7 +186,8 @@ class AnomalyModel:
         if self.region_px > 1:
             amap = ndimage.uniform_filter(amap, size=self.region_px)
         amap = amap.astype(np.float32)
-        amap[~search] = 0.0
+        # Outside the search region: never above anything inside it (a one-sided map can be negative).
+        amap[~search] = min(0.0, float(amap[search].min())) if search.any() else 0.0
         return amap
 
     def slice_score(self, amap: np.ndarray) -> float:

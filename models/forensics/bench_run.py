@@ -45,11 +45,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "B + lung mask": dict(
         normalise=False, two_sided=False, lung_only=True, per_slice=False, smoothing_px=PATCH, region_px=1
     ),
-    "C + tissue normalisation (one-sided)": dict(normalise=True, two_sided=False, lung_only=True, per_slice=False),
+    "C + tissue normalisation, one-sided (default)": dict(
+        normalise=True, two_sided=False, lung_only=True, per_slice=False
+    ),
     "D + two-sided": dict(normalise=True, two_sided=True, lung_only=True, per_slice=False),
-    "E + per-slice normalisation (default)": dict(normalise=True, two_sided=True, lung_only=True, per_slice=True),
+    "E + two-sided + per-slice normalisation": dict(normalise=True, two_sided=True, lung_only=True, per_slice=True),
+    "F one-sided + per-slice normalisation": dict(normalise=True, two_sided=False, lung_only=True, per_slice=True),
 }
-DEFAULT_VARIANT = "E + per-slice normalisation (default)"
+DEFAULT_VARIANT = "C + tissue normalisation, one-sided (default)"
 
 
 def reference_slices(
