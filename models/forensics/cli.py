@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tamper", help="write a tampered copy of a DICOM CT series with ground truth (red-team your deployment)"
     )
     tamper.add_argument("series", type=Path, help="folder holding one CT series")
-    tamper.add_argument("--out", type=Path, required=True, help="output folder (DICOM files + ground_truth.json)")
+    tamper.add_argument(
+        "--out", type=Path, required=True, help="output folder: dicom/ (send this), ground_truth.json, masks/"
+    )
     tamper.add_argument("--method", choices=METHODS, default="inject-noise")
     tamper.add_argument("--count", type=int, default=1, help="slices to tamper (2-D methods)")
     tamper.add_argument("--seed", type=int, default=0)

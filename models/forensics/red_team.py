@@ -1,5 +1,8 @@
 """Tampered copies of a real DICOM series, with a ground-truth sidecar: `btd tamper`.
 
+Output: OUT/dicom/NNNN.dcm (the whole series, tampered slices included), OUT/ground_truth.json (method,
+box, UIDs, skipped slices with reasons) and OUT/masks/NNNN.npy (exact changed-pixel masks).
+
 A site can send the output to its own btd deployment and check that the SR flags the right slice and
 region. The copy is a complete series (untouched slices included), so the service sees what a PACS would.
 """
@@ -175,21 +178,24 @@ def _find_donor(annotations: dict[str, list[Lesion]]) -> tuple[np.ndarray, Lesio
 def _finish(
     report: TamperReport, series: list[SeriesSlice], tampers: dict[int, Tamper], out_dir: Path, keep_uids: bool
 ) -> TamperReport:
+    # DICOM files alone in OUT/dicom (send or score that folder as it is); ground truth and masks beside it.
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dicom_dir = out_dir / "dicom"
+    mask_dir = out_dir / "masks"
+    dicom_dir.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
     for index, item in enumerate(series):
         tamper = tampers.get(index)
         uids = None if keep_uids else fresh_uids(item.ds, series_uid)
         mask = tamper.mask if tamper else np.zeros(item.hu.shape, dtype=bool)
         hu = tamper.hu if tamper else item.hu
-        target = out_dir / f"{index:04d}.dcm"
+        target = dicom_dir / f"{index:04d}.dcm"
         write_tampered(item.ds, hu, mask, target, uids)
         if tamper:
             written = pydicom.dcmread(target, stop_before_pixels=True)
             report.tampered.append(
                 {
-                    "file": target.name,
+                    "file": f"dicom/{target.name}",
                     "original_file": str(item.path),
                     "sop_instance_uid": str(written.SOPInstanceUID),
                     "original_sop_instance_uid": str(item.ds.SOPInstanceUID),
@@ -197,6 +203,8 @@ def _finish(
                     **tamper.ground_truth(),
                 }
             )
-            np.save(out_dir / f"{index:04d}.mask.npy", tamper.mask)
+            mask_dir.mkdir(exist_ok=True)
+            np.save(mask_dir / f"{index:04d}.npy", tamper.mask)
+            report.tampered[-1]["mask_file"] = f"masks/{index:04d}.npy"
     (out_dir / "ground_truth.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
