@@ -11,8 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from models.corpus import DEFAULT_TEST_PATIENTS, discover, discover_dicom, patients_of, split_by_patient
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands."""
@@ -42,12 +40,15 @@ def is_corpus_root(data: Path) -> bool:
 
 
 def collect_training_slices(data: Path, test_patients: list[str]) -> list:
+    from models.corpus import discover, discover_dicom, split_by_patient
+
     slices = discover(data) if is_corpus_root(data) else discover_dicom(data)
     train, _ = split_by_patient(slices, test_patients)
     return train
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from models.corpus import DEFAULT_TEST_PATIENTS, patients_of
     from models.training import TrainConfig, Trainer, export_model
 
     if args.test_patients is None:

@@ -28,13 +28,12 @@ from models.corpus import (
     load_annotations,
     split_by_patient,
 )
+from models.forensics.methods import ALL_METHODS
 from models.forensics.tamper import Skip, Tamper, inject_sphere
 from models.lungmask import has_lungs
 
 log = logging.getLogger(__name__)
 
-SLICE_METHODS = ("inject-noise", "inject-smooth", "inject-diffusion", "copy-move", "remove", "remove-diffusion")
-ALL_METHODS = (*SLICE_METHODS, "inject-3d")
 TOTALSEG_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "ct_series_20"
 
 

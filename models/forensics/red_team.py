@@ -21,12 +21,13 @@ from pydicom.uid import generate_uid
 
 from models.corpus import Lesion, dicom_to_hu, load_annotations
 from models.forensics.dicom_write import fresh_uids, write_tampered
+from models.forensics.methods import ALL_METHODS
 from models.forensics.tamper import Skip, Tamper, copy_move, inject_nodule, inject_sphere, remove_lesion
 from models.lungmask import has_lungs
 
 log = logging.getLogger(__name__)
 
-METHODS = ("inject-noise", "inject-smooth", "inject-diffusion", "copy-move", "remove", "remove-diffusion", "inject-3d")
+METHODS = ALL_METHODS
 
 
 @dataclass
