@@ -122,6 +122,11 @@ def test_whole_flow_logs_are_json_and_never_name_the_patient(scored_flow: Scored
         if event["event"] in STUDY_STEPS:
             assert event["study_uid"] == scored_flow.study_uid, event
             assert event.get("correlation_id"), f"{event['event']} has no correlation id"
+    # Scoring, reporting and delivery of the first pass are one story in the logs: one id ties them.
+    first_pass = study_correlation_id(scored_flow.study_uid, 1)
+    for step in ("score.claimed", "score.done", "report.built", "delivery.done"):
+        ids = {e.get("correlation_id") for e in events if e["event"] == step}
+        assert first_pass in ids, (step, ids)
 
 
 def test_study_correlation_id_is_stable_per_study_version() -> None:

@@ -32,7 +32,7 @@ from service.db.models import Instance, Study
 from service.db.reporting import FAILURE, SUCCESS, DeliveryAttempt, Report
 from service.db.repository import transition
 from service.db.session import session_scope
-from service.observability.logs import correlation, log_event
+from service.observability.logs import log_event
 from service.observability.metrics import DELIVERY_ATTEMPTS
 from service.reports.delivery import Destination, parse_destination, send_report
 from service.reports.findings import load_findings
@@ -41,6 +41,7 @@ from service.reports.sr import build_sr, predecessor_reference
 from service.reports.store import read_document, write_document
 from service.settings import Settings, get_settings
 from worker.celery_app import app
+from worker.correlation import study_correlation
 
 log = logging.getLogger("btd.worker.reports")
 
@@ -157,7 +158,7 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
     """Build (or reuse) the report of the study's current version and move it SCORED -> REPORTED, then
     dispatch its delivery (`dispatch_next=False`: the caller delivers, e.g. a test or a CLI)."""
     settings = settings or get_settings()
-    with correlation():
+    with study_correlation(settings, study_uid):
         try:
             with session_scope(settings) as session:
                 study = session.scalar(select(Study).where(Study.study_uid == study_uid))
@@ -255,7 +256,7 @@ def run_deliver_report(
 ) -> TaskOutcome:
     """Send the current report to every destination that has not yet acknowledged it."""
     settings = settings or get_settings()
-    with correlation():
+    with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
             if study is None or study.state not in (states.REPORTED, states.FAILED_DELIVERY):

@@ -36,11 +36,12 @@ from service.db.base import utcnow
 from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study
 from service.db.repository import transition
 from service.db.session import session_scope
-from service.observability.logs import correlation, log_event, study_correlation_id
+from service.observability.logs import log_event
 from service.observability.metrics import QUEUE_WAIT_SECONDS
 from service.settings import Settings, get_settings
 from worker import pipeline
 from worker.celery_app import app, backoff_delay, score_retries
+from worker.correlation import study_correlation
 
 log = logging.getLogger("btd.worker.tasks")
 
@@ -338,10 +339,7 @@ def run_score_study(
     """
     settings = settings or get_settings()
     owner = owner or worker_id()
-    with session_scope(settings) as session:
-        version = session.scalar(select(Study.version).where(Study.study_uid == study_uid))
-    # One correlation id per study version, shared with the gateway's and the report tasks' log lines.
-    with correlation(study_correlation_id(study_uid, version or 1)):
+    with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             claimed = claim_study(session, study_uid, owner, settings)
         if isinstance(claimed, ScoreOutcome):
