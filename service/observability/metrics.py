@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.db.states import ALL_STATES
+
 INSTANCES_RECEIVED = Counter(
     "btd_instances_received_total", "C-STORE requests handled, by outcome", ["status"]
 )
@@ -44,18 +46,7 @@ STATE_SCRAPE_ERRORS = Counter(
 
 # The study states of the contract (docs/architecture.md); every one is exported, zero when empty, so a
 # dashboard panel or an alert on e.g. FAILED never sees a missing series.
-STUDY_STATES = (
-    "RECEIVING",
-    "STABLE",
-    "QUEUED",
-    "SCORING",
-    "SCORED",
-    "REPORTED",
-    "DELIVERED",
-    "FAILED",
-    "FAILED_DELIVERY",
-    "REJECTED",
-)
+STUDY_STATES = ALL_STATES
 
 StateCounter = Callable[[], Mapping[str, int]]
 
