@@ -31,7 +31,7 @@ from service.api.schemas import (
 from service.db import states
 from service.db.base import utcnow
 from service.db.models import InstanceResult, Region, SeriesResult, Study, StudyEvent
-from service.db.repository import transition
+from service.db.repository import new_version_values, transition
 from service.observability.logs import log_event
 from service.settings import Settings
 
@@ -259,14 +259,8 @@ def rescore_study(
         current,
         states.QUEUED,
         "rescore requested over the API",
-        version=Study.version + 1,
-        verdict=None,
-        score=None,
-        error=None,
-        attempts=0,
-        lease_owner=None,
-        lease_until=None,
         queued_at=utcnow(),
+        **new_version_values(),
     )
     if not moved:
         session.rollback()

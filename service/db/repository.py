@@ -149,6 +149,20 @@ def _ensure_study(
         return row.state, row.modalities
 
 
+def new_version_values() -> dict[str, Any]:
+    """What starts afresh when a study begins a new version (reopened by a new image, or rescored): the
+    old verdict, error, attempt count and lease belong to the previous version's pass."""
+    return {
+        "version": Study.version + 1,
+        "verdict": None,
+        "score": None,
+        "error": None,
+        "attempts": 0,
+        "lease_owner": None,
+        "lease_until": None,
+    }
+
+
 def _touch_study(session: Session, study_uid: str, seen: str, deadline: datetime, **values: Any) -> bool:
     """Restart the quiet timer of a RECEIVING study, or move a later study back to RECEIVING, setting
     `values` (counters) in the same UPDATE. `seen` is the state the caller read; if it changed meanwhile
@@ -176,14 +190,8 @@ def _touch_study(session: Session, study_uid: str, seen: str, deadline: datetime
             states.RECEIVING,
             f"reopened: new instance after {state}",
             quiet_deadline=deadline,
-            version=Study.version + 1,
-            verdict=None,
-            score=None,
-            error=None,
-            attempts=0,
-            lease_owner=None,
-            lease_until=None,
             queued_at=None,
+            **new_version_values(),
             **values,
         ):
             return True
