@@ -73,10 +73,12 @@ class InProcessExecutor:
         threading.Thread(target=wait, daemon=True).start()
         return done.wait(timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running task (up to `timeout`) and stop; queued tasks are dropped (the db keeps them)."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Finish the running task (up to `timeout`) and stop; queued tasks are dropped (the db keeps them).
+        Returns False if a task is still running when the time is up."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -123,12 +125,12 @@ def start_executor() -> InProcessExecutor:
         return _executor
 
 
-def stop_executor(timeout: float = 10.0) -> None:
+def stop_executor(timeout: float = 10.0) -> bool:
+    """Stop the in-process executor; False if a task (e.g. a scoring job) was still running at the timeout."""
     global _executor
     with _lock:
         executor, _executor = _executor, None
-    if executor is not None:
-        executor.stop(timeout)
+    return executor.stop(timeout) if executor is not None else True
 
 
 def current_executor() -> InProcessExecutor | None:

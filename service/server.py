@@ -11,6 +11,7 @@ the next start picks up), and the database pools close.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -84,10 +85,15 @@ def serve(settings: Settings | None = None) -> int:
             listener.shutdown()
         if monitor is not None:
             monitor.stop()
-        if executor is not None:
-            queue.stop_executor(timeout=5.0)
+        abandoned = executor is not None and not queue.stop_executor(timeout=5.0)
         dispose_engines()
-        log_event(log, "gateway.stopped")
+        log_event(log, "gateway.stopped", abandoned_task=abandoned)
+    if abandoned:
+        # A scoring job is still inside torch. Letting the interpreter tear down under it aborts the process
+        # natively ("terminate called without an active exception"); its study keeps its lease in the db and
+        # is taken over at the next start, so leave at once, cleanly, after flushing the logs.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -203,6 +203,19 @@ class StabilityMonitor:
         if not self.embedded:
             return {}
         now = now or utcnow()
+        with self.sessions() as session:
+            # Without a broker only this process scores, so a lease still running belongs to the previous
+            # process, which is gone (stopped mid-scoring, or crashed): end it now rather than letting the
+            # study wait out up to half the visibility timeout. The next pass then re-dispatches it.
+            orphaned = session.execute(
+                update(Study)
+                .where(Study.state == states.SCORING, Study.lease_until.is_not(None), Study.lease_until > now)
+                .values(lease_until=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            session.commit()
+        if orphaned:
+            log_event(log, "study.leases_released", count=orphaned, reason="scoring process is gone")
         plan: dict[str, tuple[Any, str]] = {
             SCORE_STUDY: (
                 or_(Study.state == states.QUEUED, and_(Study.state == states.SCORING, Study.lease_until.is_(None))),

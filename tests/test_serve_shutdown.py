@@ -1,0 +1,63 @@
+"""`btd serve` stopped in the middle of scoring a study (an operator's restart, a host reboot) exits
+cleanly and loses nothing: the next start takes the study over at once and scores it exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from helpers_gateway import GatewayProcess, wait_until
+from sqlalchemy import select
+
+from service.db import states
+from service.db.models import SeriesResult, Study, StudyEvent
+from service.db.session import dispose_engines, session_scope
+from service.dicom import sender
+from service.settings import Settings
+
+SERIES = Path(__file__).parent / "fixtures" / "ct_series_20"
+
+
+def _study(settings: Settings) -> Study:
+    with session_scope(settings) as session:
+        return session.scalars(select(Study)).one()
+
+
+def test_stopped_mid_scoring_exits_cleanly_and_the_next_start_scores_the_study(tmp_path: Path) -> None:
+    data_dir = tmp_path / "gw"
+    # The shipped default model: the product's own scoring, slow enough on this CPU to be caught mid-way.
+    gateway = GatewayProcess(data_dir, stable_seconds=1, monitor_interval=0.2, min_free_bytes=0)
+    settings = Settings(data_dir=data_dir)
+    try:
+        gateway.start(timeout=120)
+        results = sender.send_files([SERIES], "127.0.0.1", gateway.dicom_port, "BTD", "SHUTDOWN", timeout=60)
+        assert len(results) == 20 and all(r.ok for r in results)
+        study_uid = wait_until(
+            lambda: (s := _study(settings)).state == states.SCORING and s.study_uid, timeout=60, what="SCORING"
+        )
+        assert gateway.stop(timeout=60) == 0, gateway.log_text()[-2000:]
+        log = gateway.log_text()
+        assert "terminate called" not in log
+        assert '"event": "gateway.stopped"' in log
+        stopped = _study(settings)
+        assert stopped.state == states.SCORING and stopped.lease_until is not None
+        dispose_engines()
+
+        gateway.start(timeout=120)
+        url = f"http://127.0.0.1:{gateway.http_port}/api/studies/{study_uid}"
+        wait_until(
+            lambda: httpx.get(url, timeout=10).json()["state"] in (states.SCORED, states.REPORTED, states.DELIVERED),
+            timeout=300,
+            interval=1,
+            what="study scored after the restart",
+        )
+    finally:
+        gateway.stop(timeout=60)
+        dispose_engines()
+    with session_scope(settings) as session:
+        results_rows = session.scalars(select(SeriesResult).where(SeriesResult.study_uid == study_uid)).all()
+        scored_events = session.scalars(
+            select(StudyEvent).where(StudyEvent.study_uid == study_uid, StudyEvent.to_state == states.SCORED)
+        ).all()
+    assert len(results_rows) == 1 and len(scored_events) == 1
+    assert results_rows[0].n_assessed == 20
