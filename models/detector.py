@@ -349,18 +349,7 @@ class Detector:
             if reason == UNCALIBRATED_REASON:
                 reason = self.uncalibrated_reason()
             regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
-            result = InstanceResult(
-                path=ref.path,
-                sop_instance_uid=ref.sop_instance_uid,
-                sop_class_uid=ref.sop_class_uid,
-                frame=ref.frame,
-                rows=ref.rows,
-                columns=ref.columns,
-                score=score,
-                verdict=verdict,
-                regions=regions,
-                reason=reason,
-            )
+            result = _instance_result(ref, score, verdict, regions, reason)
             if on_map is not None:
                 on_map(result, residual.mean(axis=0).astype(np.float32))
             results.append(result)
@@ -392,7 +381,9 @@ class Detector:
         )
 
 
-def _not_assessed(ref: SliceRef, reason: str) -> InstanceResult:
+def _instance_result(
+    ref: SliceRef, score: float | None, verdict: str, regions: list, reason: str | None
+) -> InstanceResult:
     return InstanceResult(
         path=ref.path,
         sop_instance_uid=ref.sop_instance_uid,
@@ -400,11 +391,15 @@ def _not_assessed(ref: SliceRef, reason: str) -> InstanceResult:
         frame=ref.frame,
         rows=ref.rows,
         columns=ref.columns,
-        score=None,
-        verdict=NOT_ASSESSED,
-        regions=[],
+        score=score,
+        verdict=verdict,
+        regions=regions,
         reason=reason,
     )
+
+
+def _not_assessed(ref: SliceRef, reason: str) -> InstanceResult:
+    return _instance_result(ref, None, NOT_ASSESSED, [], reason)
 
 
 __all__ = ["DEFAULT_MODEL_PATH", "Detector", "DetectorError", "ScoringOptions", "UNCALIBRATED_REASON"]

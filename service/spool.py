@@ -59,7 +59,8 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str, version: int) -
     return f"{relative_folder(study_uid, series_uid)}/{sanitise_uid(sop_uid)}.v{version}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entry list durable: a new or renamed file is only safe once its folder is synced."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -79,7 +80,7 @@ def _makedirs_durable(path: Path, root: Path) -> None:
             folder.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
 
 
 class Spool:
@@ -134,7 +135,7 @@ class Spool:
             if sha256_hex(final.read_bytes()) != sha256:
                 raise SpoolConflict(f"{relative} already holds different bytes") from None
             created = False
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return StoredFile(relative, size, sha256, created)
 
     @staticmethod
@@ -155,7 +156,7 @@ class Spool:
         """Remove a file this process just wrote whose database row could not be committed."""
         path = self.root / relative
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def incoming_leftovers(self) -> list[Path]:
         """Temporary files left by a crash mid-write (never acknowledged; safe for an operator to delete)."""

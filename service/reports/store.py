@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from service.spool import sanitise_uid
+from service.spool import fsync_dir, sanitise_uid
 
 REPORTS_FOLDER = "reports"
 
@@ -25,14 +25,6 @@ REPORTS_FOLDER = "reports"
 def report_relative_path(study_uid: str, sop_instance_uid: str) -> str:
     """Path of a report document relative to BTD_DATA_DIR (what the reports table stores)."""
     return f"{REPORTS_FOLDER}/{sanitise_uid(study_uid)}/{sanitise_uid(sop_instance_uid)}.dcm"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_document(data_dir: Path, ds: Dataset) -> str:
@@ -52,7 +44,7 @@ def write_document(data_dir: Path, ds: Dataset) -> str:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return relative
 
 
