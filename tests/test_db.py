@@ -135,6 +135,26 @@ def test_identical_resend_is_a_counted_duplicate(settings: Settings) -> None:
     assert study(settings, study_uid).n_instances == 1
 
 
+def test_identical_resend_restarts_the_timer_but_counts_nothing_new(settings: Settings) -> None:
+    study_uid, sop = uid(), uid()
+    t0 = datetime.now(UTC)
+    record(settings, received(study_uid, sop, sha="f" * 64), now=t0, stable=10)
+    again = record(settings, received(study_uid, sop, sha="f" * 64), now=t0 + timedelta(seconds=5), stable=10)
+    assert again.kind == "duplicate"
+    found = study(settings, study_uid)
+    assert found.quiet_deadline == t0 + timedelta(seconds=15)
+    assert (found.n_instances, found.modalities, found.state) == (1, "CT", states.RECEIVING)
+
+
+def test_a_new_modality_is_merged_once_and_kept_sorted(settings: Settings) -> None:
+    study_uid = uid()
+    for modality in ("SR", "CT", "SR", "MR"):
+        record(settings, received(study_uid, modality=modality))
+    found = study(settings, study_uid)
+    assert (found.modalities, found.n_instances) == ("CT,MR,SR", 4)
+    assert [e[1] for e in events(settings, study_uid)] == [states.RECEIVING]  # one creation event, no more
+
+
 def test_different_bytes_for_the_same_sop_uid_become_a_flagged_version(settings: Settings) -> None:
     study_uid, sop = uid(), uid()
     record(settings, received(study_uid, sop, sha="c" * 64))
