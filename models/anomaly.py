@@ -14,7 +14,14 @@ edges, vessels), removals LOWER it, and its level differs by tissue. So the map 
 5. judged against the slice itself (``per_slice``): z is re-centred and re-scaled by its median and MAD
    over the search region, because scanners and kernels differ in noise level (measured on the benchmark:
    this step lifted the high-pass baseline from 0.59 to 0.85 AUC on smooth injections);
-6. aggregated over regions rather than one pixel: the map is averaged over ``region_px`` before the
+6. compared with the neighbouring slices of the series (``neighbour_weight``): a real nodule, vessel or
+   scanner artefact spans several slices, while a 2-D edit (a pasted nodule, an erased lesion) lives in
+   one. The map of the slice minus ``neighbour_weight`` x the neighbours' maps, each widened by a maximum
+   filter of ``neighbour_reach_px`` (so that a structure that moved a little between slices still cancels)
+   and combined by ``neighbour_reduce``. A slice without adjacent neighbours keeps its own map. Measured on
+   the forensic benchmark (docs/bench/forensics.md): the largest single gain for 2-D edits, and a loss on
+   3-D-consistent edits, which it cannot see by construction;
+7. aggregated over regions rather than one pixel: the map is averaged over ``region_px`` before the
    slice score takes its maximum.
 
 Without a reference table (an old metadata file) step 2 uses one global mean/std (``energy_mean``,
@@ -23,7 +30,7 @@ Without a reference table (an old metadata file) step 2 uses one global mean/std
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,28 @@ DEFAULT_HU_EDGES = [-950.0, -900.0, -850.0, -800.0, -700.0, -550.0, -350.0, -150
 DEFAULT_STRUCTURE_EDGES = [5.0, 15.0, 40.0, 100.0]
 STRUCTURE_SIGMA_PX = 3.0
 MIN_BIN_COUNT = 200
+NEIGHBOUR_REDUCTIONS = ("max", "mean")
+
+
+@dataclass
+class SliceMap:
+    """One slice's map before it meets its neighbours: z (signed or |z|, per the model) and where to search.
+
+    Why a stage of its own: the neighbouring-slice comparison needs the maps of slices k-1 and k+1, so a
+    series is mapped slice by slice, and each slice finished once its successor is known.
+    """
+
+    z: np.ndarray
+    search: np.ndarray
+    _widened: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def widened(self, reach_px: int) -> np.ndarray:
+        """The map under a maximum filter of `reach_px` (cached: each slice is the neighbour of two)."""
+        if reach_px not in self._widened:
+            self._widened[reach_px] = (
+                ndimage.maximum_filter(self.z, size=reach_px) if reach_px > 1 else self.z
+            ).astype(np.float32)
+        return self._widened[reach_px]
 
 
 @dataclass
@@ -64,6 +93,10 @@ class AnomalyModel:
     # Re-centre and re-scale z by its own median / MAD over the slice's search region: scanners and
     # reconstruction kernels differ in noise level, so "unusual" is judged against this slice's own tissue.
     per_slice: bool = True
+    # Neighbouring-slice consistency (step 6 above); 0 = off, the behaviour of models shipped before it.
+    neighbour_weight: float = 0.0
+    neighbour_reduce: str = "max"
+    neighbour_reach_px: int = 15
 
     FIELDS = (
         "energy_mean",
@@ -80,6 +113,9 @@ class AnomalyModel:
         "ref_std",
         "normalise",
         "per_slice",
+        "neighbour_weight",
+        "neighbour_reduce",
+        "neighbour_reach_px",
     )
 
     @classmethod
@@ -167,13 +203,10 @@ class AnomalyModel:
             return (energy - mean) / np.maximum(std, 1e-3)
         return (energy - self.energy_mean) / max(self.energy_std, 1e-6)
 
-    def anomaly_map(
+    def slice_map(
         self, residual: np.ndarray, hu: np.ndarray, features: dict[str, np.ndarray] | None = None
-    ) -> np.ndarray:
-        """residual: (C, H, W) or (H, W) float32; hu: (H, W). Returns (H, W) float32, higher = more unusual.
-
-        features: ``self.features(hu)`` when the caller maps one slice several times (benchmark ablations).
-        """
+    ) -> SliceMap:
+        """The slice's own map (z, signed or |z|) and its search region, before neighbours and regions."""
         needs_features = (self.normalise and self.ref_mean) or self.lung_only or self.per_slice
         feats = self._features(hu, features) if needs_features else None
         z = self.z_map(residual, hu, feats)
@@ -182,13 +215,39 @@ class AnomalyModel:
             centre = float(np.median(z[search]))
             spread = float(np.median(np.abs(z[search] - centre))) * 1.4826 + 1e-3
             z = (z - centre) / spread
-        amap = np.abs(z) if self.two_sided else z
+        return SliceMap((np.abs(z) if self.two_sided else z).astype(np.float32), search)
+
+    def finish(self, own: SliceMap, neighbours: Sequence[SliceMap | None] = ()) -> np.ndarray:
+        """The anomaly map of `own` given its adjacent slices (None where a neighbour is missing)."""
+        amap = own.z
+        present = [n for n in neighbours if n is not None and n.z.shape == own.z.shape]
+        if self.neighbour_weight > 0 and present:
+            if self.neighbour_reduce not in NEIGHBOUR_REDUCTIONS:
+                raise ValueError(f"neighbour_reduce {self.neighbour_reduce!r}: use one of {NEIGHBOUR_REDUCTIONS}")
+            widened = [n.widened(self.neighbour_reach_px) for n in present]
+            context = np.maximum.reduce(widened) if self.neighbour_reduce == "max" else np.mean(widened, axis=0)
+            amap = amap - self.neighbour_weight * context
         if self.region_px > 1:
             amap = ndimage.uniform_filter(amap, size=self.region_px)
-        amap = amap.astype(np.float32)
+        amap = np.array(amap, dtype=np.float32)  # a copy: own.z stays intact for its neighbours
+        search = own.search
         # Outside the search region: never above anything inside it (a one-sided map can be negative).
         amap[~search] = min(0.0, float(amap[search].min())) if search.any() else 0.0
         return amap
+
+    def anomaly_map(
+        self,
+        residual: np.ndarray,
+        hu: np.ndarray,
+        features: dict[str, np.ndarray] | None = None,
+        neighbours: Sequence[SliceMap | None] = (),
+    ) -> np.ndarray:
+        """residual: (C, H, W) or (H, W) float32; hu: (H, W). Returns (H, W) float32, higher = more unusual.
+
+        features: ``self.features(hu)`` when the caller maps one slice several times (benchmark ablations);
+        neighbours: the `slice_map` of the adjacent slices of the series, when there are any.
+        """
+        return self.finish(self.slice_map(residual, hu, features), neighbours)
 
     def slice_score(self, amap: np.ndarray) -> float:
         return float(amap.max()) if amap.size else 0.0

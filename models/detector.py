@@ -2,12 +2,14 @@
 
 Per slice: modality units -> the model's [0, 1] channels -> [-1, 1] -> one reverse diffusion step at
 t = 0 -> residual map (float32, computed from the noise prediction so that a bf16 U-Net cannot erase it)
--> `AnomalyModel.anomaly_map` -> regions and a slice score. A series scores the max of its slices, a
-study the max of its series (`models.results.study_verdict`). Verdicts come only from the calibration
-stored with the model; an uncalibrated model gives "not assessed", never a pass.
+-> the slice's own anomaly map (`AnomalyModel.slice_map`) -> finished against the adjacent slices of the
+series (`AnomalyModel.finish`: a real structure spans several slices, a 2-D edit one) -> regions and a slice
+score. A series scores the max of its slices, a study the max of its series (`models.results.study_verdict`).
+Verdicts come only from the calibration stored with the model; an uncalibrated model gives "not assessed",
+never a pass.
 
-Streaming: slices are decoded, scored and handed to `on_map` a batch at a time; nothing keeps the maps
-of a series, and results hold only scores and regions.
+Streaming: slices are decoded and run through the model a batch at a time; each slice is finished when the
+next one is known, so at most three slices' maps are held at once, and results hold only scores and regions.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from models.anomaly import AnomalyModel
+from models.anomaly import AnomalyModel, SliceMap
 from models.diffusion import GaussianDiffusion
 from models.metadata import ModelMetadata
 from models.preprocess import PathOrDataset, to_unit
@@ -311,16 +313,18 @@ class Detector:
     def score_group(
         self, group: SeriesGroup, on_map: OnMap | None = None, progress: Progress | None = None
     ) -> SeriesResult:
-        """Score one series' slices in order, a batch at a time."""
+        """Score one series' slices in order, a batch at a time, each against its adjacent slices."""
         mismatch = None
         if group.modality and group.modality != self.metadata.modality:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
         pending: list[tuple[SliceRef, np.ndarray]] = []
+        chain = _NeighbourChain(lambda entry, around: self._finish(entry, around, on_map), slice_spacing(group))
 
         def flush() -> None:
             if pending:
-                instances.extend(self._score_batch(pending, on_map))
+                for entry in self._map_batch(pending):
+                    instances.extend(chain.push(entry))
                 if progress:
                     progress(len(pending))
                 pending.clear()
@@ -329,6 +333,8 @@ class Detector:
             if mismatch and not reason:
                 reason = mismatch
             if reason or values is None:
+                flush()  # a slice that cannot be judged breaks the chain of neighbours
+                instances.extend(chain.close())
                 instances.append(_not_assessed(ref, reason or "no pixels"))
                 if progress:
                     progress(1)
@@ -337,23 +343,27 @@ class Detector:
             if len(pending) >= (self.options.batch_size or 1):
                 flush()
         flush()
+        instances.extend(chain.close())
         return self._series_result(group, instances)
 
-    def _score_batch(self, batch: list[tuple[SliceRef, np.ndarray]], on_map: OnMap | None) -> list[InstanceResult]:
+    def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
         residuals = self.residual_maps([values for _, values in batch])
-        results = []
-        for (ref, values), residual in zip(batch, residuals, strict=True):
-            amap = self.anomaly.anomaly_map(residual, values)
-            score = self.anomaly.slice_score(amap)
-            verdict, reason = verdict_for(score, self.slice_threshold)
-            if reason == UNCALIBRATED_REASON:
-                reason = self.uncalibrated_reason()
-            regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
-            result = _instance_result(ref, score, verdict, regions, reason)
-            if on_map is not None:
-                on_map(result, residual.mean(axis=0).astype(np.float32))
-            results.append(result)
-        return results
+        return [
+            _Mapped(ref, residual, self.anomaly.slice_map(residual, values))
+            for (ref, values), residual in zip(batch, residuals, strict=True)
+        ]
+
+    def _finish(self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None) -> InstanceResult:
+        amap = self.anomaly.finish(entry.slice_map, [n.slice_map if n else None for n in around])
+        score = self.anomaly.slice_score(amap)
+        verdict, reason = verdict_for(score, self.slice_threshold)
+        if reason == UNCALIBRATED_REASON:
+            reason = self.uncalibrated_reason()
+        regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
+        result = _instance_result(entry.ref, score, verdict, regions, reason)
+        if on_map is not None:
+            on_map(result, entry.residual.mean(axis=0).astype(np.float32))
+        return result
 
     def _series_result(self, group: SeriesGroup, instances: list[InstanceResult]) -> SeriesResult:
         scored = [i for i in instances if i.score is not None]
@@ -379,6 +389,58 @@ class Detector:
             n_assessed=len(scored),
             model=self.info.name,
         )
+
+
+@dataclass
+class _Mapped:
+    """A slice run through the model, waiting for its successor before it can be finished."""
+
+    ref: SliceRef
+    residual: np.ndarray
+    slice_map: SliceMap
+
+
+def slice_spacing(group: SeriesGroup) -> float | None:
+    """The series' usual distance between slices (median of the gaps), None without geometry."""
+    positions = sorted({ref.position for ref in group.slices if ref.position is not None})
+    gaps = np.diff(positions)
+    gaps = gaps[gaps > 1e-3]
+    return float(np.median(gaps)) if gaps.size else None
+
+
+class _NeighbourChain:
+    """Finishes each slice once the next one is known, with the adjacent slices on either side.
+
+    Adjacent: both slices have a position, the same size, and lie at most 1.5 x the series' usual spacing
+    apart, so that a gap in the series (a missing slice, a second stack) never passes for a neighbour.
+    """
+
+    def __init__(self, finish: Callable[[_Mapped, list[_Mapped | None]], InstanceResult], spacing: float | None):
+        self._finish = finish
+        self._spacing = spacing
+        self._previous: _Mapped | None = None
+        self._current: _Mapped | None = None
+
+    def adjacent(self, a: _Mapped, b: _Mapped) -> bool:
+        if self._spacing is None or a.ref.position is None or b.ref.position is None:
+            return False
+        gap = abs(a.ref.position - b.ref.position)
+        return 1e-3 < gap <= 1.5 * self._spacing and a.slice_map.z.shape == b.slice_map.z.shape
+
+    def push(self, entry: _Mapped) -> list[InstanceResult]:
+        finished = []
+        if self._current is not None:
+            following = entry if self.adjacent(self._current, entry) else None
+            finished.append(self._finish(self._current, [self._previous, following]))
+            self._previous = self._current if following is not None else None
+        self._current = entry
+        return finished
+
+    def close(self) -> list[InstanceResult]:
+        """Finish the last slice (no successor) and start a new chain."""
+        finished = [self._finish(self._current, [self._previous, None])] if self._current is not None else []
+        self._previous = self._current = None
+        return finished
 
 
 def _instance_result(

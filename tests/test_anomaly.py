@@ -64,3 +64,40 @@ def test_first_version_metadata_still_loads() -> None:
     old = AnomalyModel.from_metadata({"kind": "log-energy-z", "energy_mean": -9.0, "energy_std": 2.0})
     assert not old.two_sided and not old.ref_mean and old.energy_mean == -9.0
     assert AnomalyModel.from_metadata(None).two_sided
+
+
+def test_neighbouring_slices_cancel_what_spans_them_and_keep_what_does_not(chest, fitted) -> None:
+    """Rough texture on three adjacent slices is anatomy; the same texture on the middle slice alone is an edit."""
+    rng = np.random.default_rng(3)
+    lungs = ndimage.binary_erosion(lung_mask(chest), iterations=25)
+    points = np.argwhere(lungs)
+    real_at = tuple(int(v) for v in points[len(points) // 4])
+    edit_at = tuple(int(v) for v in points[3 * len(points) // 4])
+    yy, xx = np.mgrid[: chest.shape[0], : chest.shape[1]]
+
+    def textured(hu: np.ndarray, at: tuple[int, int]) -> np.ndarray:
+        disc = (yy - at[0]) ** 2 + (xx - at[1]) ** 2 <= 7**2
+        out = hu.copy()
+        out[disc] += rng.normal(0.0, 250.0, int(disc.sum()))
+        return out
+
+    slices = [textured(np.roll(chest, k - 1, axis=1), real_at) for k in range(3)]  # moved a little per slice
+    slices[1] = textured(slices[1], edit_at)
+
+    model = fitted.variant(two_sided=False, neighbour_weight=0.5, neighbour_reach_px=15)
+    maps = [model.slice_map(highpass(hu), hu) for hu in slices]
+    alone = model.finish(maps[1])
+    in_series = model.finish(maps[1], [maps[0], maps[2]])
+
+    def peak(amap: np.ndarray, at: tuple[int, int]) -> float:
+        return float(amap[at[0] - 6 : at[0] + 7, at[1] - 6 : at[1] + 7].max())
+
+    # Alone, both patches stand out alike; beside its neighbours only the edit does.
+    assert abs(peak(alone, real_at) - peak(alone, edit_at)) < 0.2 * peak(alone, edit_at)
+    assert peak(in_series, edit_at) - peak(in_series, real_at) > 0.3 * peak(alone, edit_at)
+    y, x = np.unravel_index(int(np.argmax(in_series)), in_series.shape)
+    assert abs(y - edit_at[0]) <= 8 and abs(x - edit_at[1]) <= 8
+    # A missing neighbour (None) or consistency switched off: the slice keeps its own map.
+    assert np.allclose(model.finish(maps[1], [None, None]), alone)
+    assert np.allclose(fitted.variant(two_sided=False).finish(maps[1], [maps[0], maps[2]]), alone)
+    assert AnomalyModel.from_metadata(model.to_dict()).neighbour_weight == 0.5

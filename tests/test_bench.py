@@ -72,7 +72,7 @@ def test_evaluation_on_a_tiny_benchmark(fixtures_dir, tmp_path) -> None:
     cache = ResidualCache(tmp_path / "cache", "highpass", highpass_residual(Window(-1100, 300)))
     references = [FixtureSlice("r0", hu), FixtureSlice("r1", hu[::-1])]
     variants = {k: VARIANTS[k] for k in ("B + lung mask", TWO_SIDED)}
-    results = evaluate_detector(tmp_path / "bench", items, cache, references[:1], references[1:], variants)
+    results = evaluate_detector(tmp_path / "bench", items, cache, references[:1], references[1:], variants, slices=[])
     default = results["variants"][TWO_SIDED]["methods"]
     assert set(default) == {"inject-smooth", "remove-smooth"}
     assert default["inject-smooth"]["n"] == 3
@@ -84,3 +84,35 @@ def test_evaluation_on_a_tiny_benchmark(fixtures_dir, tmp_path) -> None:
     scores = results["variants"][TWO_SIDED]["scores"]
     png = plot_rocs({"remove-smooth": (scores["genuine"], scores["remove-smooth"])}, "t", tmp_path / "roc.png")
     assert png.stat().st_size > 1000
+
+
+def test_benchmark_neighbours_follow_the_series_and_the_attack() -> None:
+    """2-D edits meet the genuine slices beside them; a 3-D sphere's slices meet each other; gaps break."""
+    from models.corpus import CorpusSlice
+    from models.forensics.neighbours import NeighbourResolver, neighbour_index
+
+    series = [CorpusSlice("p", f"f{z}", series_uid="s", sop_instance_uid=f"k{z}", position_z=2.5 * z) for z in range(5)]
+    series = [s for s in series if s.key != "k3"]  # a gap between k2 and k4
+    lone = CorpusSlice("q", "lone", sop_instance_uid="lone", position_z=0.0)
+    index = neighbour_index([*series, lone])
+    assert [(a and a.key, b and b.key) for a, b in (index[k] for k in ("k0", "k1", "k2", "k4"))] == [
+        (None, "k1"),
+        ("k0", "k2"),
+        ("k1", None),
+        (None, None),
+    ]
+    assert "lone" not in index  # a single slice has no series to speak of
+
+    sphere = {"hu": 20.0, "sphere_centre_slice": 1}
+    items = [
+        {"id": "g0", "slice_key": "k0", "label": 0, "method": "genuine", "patient": "p"},
+        {"id": "g1", "slice_key": "k1", "label": 0, "method": "genuine", "patient": "p"},
+        {"id": "t1", "slice_key": "k1", "label": 1, "method": "inject-noise", "patient": "p"},
+        {"id": "t2", "slice_key": "k0", "label": 1, "method": "inject-3d", "patient": "p", "details": sphere},
+        {"id": "t3", "slice_key": "k1", "label": 1, "method": "inject-3d", "patient": "p", "details": sphere},
+    ]
+    resolver = NeighbourResolver(items, [*series, lone])
+    keys = lambda around: [n and n[0] for n in around]  # noqa: E731
+    assert keys(resolver.for_item(items[2])) == ["g0", "ref-k2"]  # genuine neighbours of a 2-D edit
+    assert keys(resolver.for_item(items[4])) == ["t2", "ref-k2"]  # the sphere's own slice, then genuine
+    assert keys(resolver.for_slice(series[0])) == [None, "ref-k1"]

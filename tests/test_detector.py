@@ -290,3 +290,32 @@ def test_running_only_the_search_region_leaves_scores_and_regions_unchanged(mode
     assert [(r.x0, r.y0, r.x1, r.y1) for r in results["search"].regions] == [
         (r.x0, r.y0, r.x1, r.y1) for r in results["body"].regions
     ]
+
+
+def test_each_slice_is_finished_against_its_adjacent_slices_only(model_path):
+    """Neighbouring-slice consistency: a slice meets the slices beside it, never across a gap in the series."""
+    series = sorted((decimated(path) for path in SERIES[:6]), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    del series[3]  # a missing slice: 2 mm apart elsewhere, 4 mm here: not neighbours
+    consistent = Detector.load(model_path, device="cpu")
+    consistent.anomaly = consistent.anomaly.variant(neighbour_weight=0.5, neighbour_reach_px=5)
+    seen: list[tuple[float, list[float | None]]] = []
+    finish = consistent.anomaly.finish
+
+    def recording_finish(own, neighbours=()):
+        seen.append((float(own.z.mean()), [None if n is None else float(n.z.mean()) for n in neighbours]))
+        return finish(own, neighbours)
+
+    consistent.anomaly.finish = recording_finish  # type: ignore[method-assign]
+    result = consistent.score_series(series)
+    assert [i.sop_instance_uid for i in result.instances] == [str(ds.SOPInstanceUID) for ds in series]
+    assert len(seen) == 5
+    own = [mean for mean, _ in seen]
+    present = [[n is not None for n in around] for _, around in seen]
+    assert present == [[False, True], [True, True], [True, False], [False, True], [True, False]]
+    assert seen[1][1] == [own[0], own[2]]  # the slices on either side, in order
+
+    alone = Detector.load(model_path, device="cpu")
+    alone.anomaly = alone.anomaly.variant(neighbour_weight=0.0)
+    scores_alone = [i.score for i in alone.score_series(series).instances]
+    scores_consistent = [i.score for i in result.instances]
+    assert scores_alone != scores_consistent  # the neighbours changed what the slices score

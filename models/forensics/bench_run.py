@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from models.anomaly import AnomalyModel
+from models.anomaly import AnomalyModel, SliceMap
 from models.corpus import DEFAULT_TEST_PATIENTS, CorpusSlice, discover, split_by_patient
-from models.forensics.bench import load_item, read_manifest
+from models.forensics.bench import load_item, read_manifest, test_slices
 from models.forensics.metrics import bootstrap_auc_ci, plot_rocs, roc_auc, threshold_at_fpr, tpr_at_fpr
+from models.forensics.neighbours import NeighbourResolver
 from models.lungmask import has_lungs
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,47 @@ def _method_metrics(genuine: list[float], tampered: list[float], hits: list[bool
     }
 
 
+class SliceContexts:
+    """Residual, HU and HU-derived features per cache key, loaded once and shared by every variant."""
+
+    def __init__(self, cache: ResidualCache, feature_model: AnomalyModel) -> None:
+        self.cache = cache
+        self.feature_model = feature_model
+        self.data: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def get(self, key: str, hu_loader: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
+        if key not in self.data:
+            hu = hu_loader()
+            self.data[key] = (self.cache.get(key, lambda: hu), hu, self.feature_model.features(hu))
+        return self.data[key]
+
+
+class VariantMaps:
+    """One variant's slice maps, each computed once: a slice is the neighbour of two others."""
+
+    def __init__(
+        self,
+        model: AnomalyModel,
+        contexts: SliceContexts,
+        loader: Callable[[str, CorpusSlice | None], Callable[[], np.ndarray]],
+    ) -> None:
+        self.model = model
+        self.contexts = contexts
+        self.loader = loader
+        self.maps: dict[str, SliceMap] = {}
+
+    def slice_map(self, key: str, corpus_slice: CorpusSlice | None) -> SliceMap:
+        if key not in self.maps:
+            self.maps[key] = self.model.slice_map(*self.contexts.get(key, self.loader(key, corpus_slice)))
+        return self.maps[key]
+
+    def anomaly_map(self, key: str, around: list[tuple[str, CorpusSlice] | None]) -> np.ndarray:
+        own = self.slice_map(key, None)
+        if self.model.neighbour_weight <= 0:
+            return self.model.finish(own)
+        return self.model.finish(own, [self.slice_map(*n) if n is not None else None for n in around])
+
+
 def evaluate_detector(
     bench_dir: Path,
     items: list[dict[str, Any]],
@@ -129,30 +171,48 @@ def evaluate_detector(
     calib_slices: list[CorpusSlice],
     variants: dict[str, dict[str, Any]],
     base: AnomalyModel | None = None,
+    slices: list[CorpusSlice] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one detector for each anomaly-model variant, plus the patch-level (paper) protocol."""
+    """Metrics of one detector for each anomaly-model variant, plus the patch-level (paper) protocol.
+
+    slices: every corpus slice (for the neighbours of benchmark and calibration slices; default: the corpus
+    and the held-out fixtures). A variant with neighbour_weight > 0 judges each slice against them.
+    """
     feature_model = base or AnomalyModel()
-    fit_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in fit_slices]
-    calib_pairs = [(cache.get(f"ref-{s.key}", s.hu), s.hu()) for s in calib_slices]
-    # HU-derived features (tissue bins, masks) once per slice, shared by every variant.
-    fit_pairs = [(r, hu, feature_model.features(hu)) for r, hu in fit_pairs]
-    calib_pairs = [(r, hu, feature_model.features(hu)) for r, hu in calib_pairs]
-    bench = []
-    for item in items:
-        hu, _ = load_item(bench_dir, item)
-        bench.append((item, cache.get(item["id"], lambda hu=hu: hu), hu, feature_model.features(hu)))
-    by_id = {entry[0]["id"]: entry for entry in bench}
+    contexts = SliceContexts(cache, feature_model)
+    resolver = NeighbourResolver(items, slices if slices is not None else discover() + _fixture_slices())
+    by_item_id = {item["id"]: item for item in items}
+
+    def loader(key: str, corpus_slice: CorpusSlice | None) -> Callable[[], np.ndarray]:
+        if key in by_item_id:
+            return lambda: load_item(bench_dir, by_item_id[key])[0]
+        if corpus_slice is not None:
+            return corpus_slice.hu
+
+        def unknown() -> np.ndarray:
+            raise KeyError(f"no pixels known for {key}")
+
+        return unknown
+
+    fit_pairs = [contexts.get(f"ref-{s.key}", s.hu) for s in fit_slices]
+    calib = [(f"ref-{s.key}", s, resolver.for_slice(s)) for s in calib_slices]
+    bench = [(item, item["id"], None, resolver.for_item(item)) for item in items]
+    for key, corpus_slice, _ in calib:
+        contexts.get(key, corpus_slice.hu)
+    for _item, key, _, _ in bench:
+        contexts.get(key, loader(key, None))
 
     # Patch level, the paper's protocol: raw mean r^2 at the tampered location vs the same place, genuine.
     patch: dict[str, Any] = {}
     methods = sorted({item["method"] for item in items if item["label"] == 1})
     for method in methods:
         negatives, positives = [], []
-        for item, residual, _, _ in bench:
+        for item, key, _, _ in bench:
             if item["method"] != method:
                 continue
+            residual = contexts.data[key][0]
             rows, cols = _box_patch(item["box"], residual.shape)
-            genuine_residual = by_id[item["genuine_id"]][1]
+            genuine_residual = contexts.data[item["genuine_id"]][0]
             positives.append(float(np.mean(residual[rows, cols] ** 2)))
             negatives.append(float(np.mean(genuine_residual[rows, cols] ** 2)))
         patch[method] = {"n": len(positives), "auc": roc_auc(negatives, positives)}
@@ -163,13 +223,16 @@ def evaluate_detector(
         model = base.variant(**settings)
         if model.normalise:
             model = model.fit_reference(fit_pairs)
-        calib_scores = [model.slice_score(model.anomaly_map(r, hu, f)) for r, hu, f in calib_pairs]
+        mapper = VariantMaps(model, contexts, loader)
+        anomaly_map = mapper.anomaly_map
+
+        calib_scores = [model.slice_score(anomaly_map(key, around)) for key, _, around in calib]
         threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
         scores: dict[str, list[float]] = {}
         hits: dict[str, list[bool]] = {}
         by_item: dict[str, float] = {}
-        for item, residual, hu, feats in bench:
-            amap = model.anomaly_map(residual, hu, feats)
+        for item, key, _, around in bench:
+            amap = anomaly_map(key, around)
             by_item[item["id"]] = model.slice_score(amap)
             scores.setdefault(item["method"], []).append(by_item[item["id"]])
             if item["label"] == 1:
@@ -191,6 +254,11 @@ def evaluate_detector(
             "model": model.to_dict(),
         }
     return results
+
+
+def _fixture_slices() -> list[CorpusSlice]:
+    """The held-out TotalSegmentator series of tests/fixtures (not in the chest-CT corpus folder)."""
+    return [s for s in test_slices() if s.patient == "TOTALSEG-EXAMPLE"]
 
 
 def run_benchmark(
