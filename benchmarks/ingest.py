@@ -18,6 +18,7 @@ The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apac
 TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
 
 Usage: .venv/bin/python benchmarks/ingest.py [--n 128] [--repeats 3] [--json out.json] [--markdown]
+       [--only KEY ...] [--baseline DIR]   (DIR: `git archive <commit> service migrations | tar -x -C DIR`)
 """
 
 from __future__ import annotations
@@ -291,9 +292,15 @@ server.shutdown()
 """
 
 
+# Set by --baseline: another checkout of btd (e.g. `git archive <commit> service migrations | tar -x -C DIR`)
+# whose listener runs as an extra receiver, so a change is measured against its parent under the same load.
+BASELINE_TREE: Path | None = None
+
+
 @contextlib.contextmanager
-def btd_listener(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
-    """service.dicom.listener.start_listener in a process of its own (SQLite, same data dir layout)."""
+def btd_listener(root: Path, nodelay: bool = True, tree: Path = REPO, label: str = "") -> Iterator[Receiver]:
+    """service.dicom.listener.start_listener in a process of its own (SQLite, same data dir layout), from
+    the source tree `tree` (this checkout unless --baseline names another)."""
     data_dir = root / "btd-data"
     data_dir.mkdir()
     port = free_port()
@@ -309,19 +316,27 @@ def btd_listener(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
         }
     )
     log = open(root / "btd-listener.log", "wb")  # noqa: SIM115 - closed below, after the process ends
+    env["PYTHONPATH"] = str(tree)  # ahead of the editable install of this checkout
     proc = subprocess.Popen(
-        [sys.executable, "-c", LISTENER_ONLY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        [sys.executable, "-c", LISTENER_ONLY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree
     )
     try:
         wait_for_echo(port, timeout=120, process=proc)
-        yield Receiver("btd listener (start_listener)", port, proc, lambda: files_under(data_dir / "spool", 100_000))
+        name = f"btd listener (start_listener){label}"
+        yield Receiver(name, port, proc, lambda: files_under(data_dir / "spool", 100_000))
     finally:
         stop(proc)
         log.close()
 
 
+def btd_listener_baseline(root: Path, nodelay: bool = True) -> contextlib.AbstractContextManager[Receiver]:
+    assert BASELINE_TREE, "--baseline is required for btd-listener-baseline"
+    return btd_listener(root, nodelay, tree=BASELINE_TREE, label=f", baseline {BASELINE_TREE.name}")
+
+
 RECEIVERS: dict[str, Callable[[Path, bool], contextlib.AbstractContextManager[Receiver]]] = {
     "btd-listener": btd_listener,
+    "btd-listener-baseline": btd_listener_baseline,
     "btd": btd_serve,
     "btd-pg": btd_serve_postgres,
     "storescp": storescp,
@@ -476,6 +491,7 @@ def wait_for_count(receiver: Receiver, expected: int, timeout: float = 10.0) -> 
 CASES: list[tuple[str, str, bool]] = [
     ("storescp", "storescu", True),
     ("orthanc", "storescu", True),
+    ("btd-listener-baseline", "storescu", True),  # only with --baseline
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd-pg", "storescu", True),  # only with --postgres
@@ -532,23 +548,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=128, help="instances per send (default 128)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base", type=Path, default=Path(tempfile.gettempdir()), help="file system for all")
-    parser.add_argument("--only", nargs="*", help="receiver keys to run: btd btd-listener btd-pg storescp orthanc")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="receiver keys to run: btd btd-listener btd-listener-baseline btd-pg storescp orthanc",
+    )
     parser.add_argument(
         "--postgres",
         help="PostgreSQL server URL without a database, e.g. postgresql+psycopg2://postgres@127.0.0.1:5432; "
         "adds a `btd serve` row on PostgreSQL (a scratch database per run)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another btd source tree (service/ and migrations/ of an older commit); adds a row for its listener "
+        "(with btd-listener), run round-robin with the others: a change against its parent under the same load",
+    )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
-    global POSTGRES_SERVER
+    global POSTGRES_SERVER, BASELINE_TREE
     POSTGRES_SERVER = args.postgres.rstrip("/") if args.postgres else None
+    BASELINE_TREE = args.baseline.resolve() if args.baseline else None
 
     with tempfile.TemporaryDirectory(prefix="ingest-src-", dir=args.base) as src:
         files = make_instances(Path(src) / "series", args.n)
         warmup = make_instances(Path(src) / "warmup", 1)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        cases = [c for c in CASES if (not args.only or c[0] in args.only) and (c[0] != "btd-pg" or POSTGRES_SERVER)]
+        cases = [
+            c
+            for c in CASES
+            if (not args.only or c[0] in args.only or (c[0] == "btd-listener-baseline" and "btd-listener" in args.only))
+            and (c[0] != "btd-pg" or POSTGRES_SERVER)
+            and (c[0] != "btd-listener-baseline" or BASELINE_TREE)
+        ]
         results = [Result(key, sender, nodelay, len(files), megabytes) for key, sender, nodelay in cases]
         # Round-robin over the cases, so that the load of a shared machine falls on all of them alike.
         for repeat in range(args.repeats):
