@@ -26,8 +26,9 @@ from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select, text
 
@@ -35,7 +36,7 @@ from service.db import migrate
 from service.db.models import Instance, Study
 from service.db.session import get_engine, session_scope
 from service.dicom import sender
-from service.dicom.listener import start_listener
+from service.dicom.listener import file_meta_bytes, start_listener
 from service.observability.logs import JsonFormatter
 from service.settings import Settings
 
@@ -159,6 +160,36 @@ def test_identical_resend_is_a_duplicate_and_new_bytes_a_flagged_version(gateway
     assert rows[0].sha256 != rows[1].sha256
     assert all((gateway.spool_dir / r.path).exists() for r in rows)  # the first bytes are kept
     assert rows[1].path.endswith(".v2.dcm")
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "transfer_syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even-length UIDs
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2"),  # odd-length: padded with NUL
+        ("1.2.840.10008.5.1.4.1.1.88.34", "2.25.123", "1.2.840.10008.1.2.4.90"),
+    ],
+)
+def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(
+    sop_class: str, sop_instance: str, transfer_syntax: str
+) -> None:
+    """The listener writes the File Meta itself (cheaper); the stored file must not change because of it."""
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(transfer_syntax)
+    )
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+    assert file_meta_bytes(sop_class, sop_instance, UID(transfer_syntax)) == expected
+    assert dcmread(DicomBytesIO(expected)).file_meta.MediaStorageSOPInstanceUID == sop_instance
+
+
+def test_patient_name_is_decoded_with_the_datasets_character_set(gateway: Settings) -> None:
+    """Only the identifying elements are decoded; Specific Character Set must be among them."""
+    ds = fresh_ct(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen", StudyDescription="Thorax ü")
+    assert sender.send_files([ds], "127.0.0.1", gateway.dicom_port, gateway.ae_title)[0].status == 0
+    with session_scope(gateway) as session:
+        study = session.scalar(select(Study).where(Study.study_uid == ds.StudyInstanceUID))
+        assert study is not None
+        assert (study.patient_name, study.study_description) == ("Müller^Jürgen", "Thorax ü")
 
 
 def malformed_file(folder: Path) -> Path:
