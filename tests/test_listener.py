@@ -182,6 +182,23 @@ def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(
     assert dcmread(DicomBytesIO(expected)).file_meta.MediaStorageSOPInstanceUID == sop_instance
 
 
+def test_each_association_gets_its_own_copy_of_the_supported_contexts() -> None:
+    """The cheap per-association copy must be as independent as pynetdicom's deepcopy was."""
+    import copy
+
+    from service.dicom.listener import _SupportedContexts, build_ae
+
+    contexts = _SupportedContexts(build_ae(Settings()).supported_contexts)
+    first, second = copy.deepcopy(contexts), copy.deepcopy(contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in first] == [
+        (c.abstract_syntax, c.transfer_syntax) for c in contexts
+    ]
+    first[0].context_id = 1
+    first[0].transfer_syntax.append("1.2.3")  # the property hands back the context's own list
+    assert contexts[0].context_id is None and second[0].context_id is None
+    assert "1.2.3" not in contexts[0].transfer_syntax and "1.2.3" not in second[0].transfer_syntax
+
+
 def test_patient_name_is_decoded_with_the_datasets_character_set(gateway: Settings) -> None:
     """Only the identifying elements are decoded; Specific Character Set must be among them."""
     ds = fresh_ct(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen", StudyDescription="Thorax ü")
