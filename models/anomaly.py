@@ -22,7 +22,13 @@ edges, vessels), removals LOWER it, and its level differs by tissue. So the map 
    the forensic benchmark (docs/bench/forensics.md): the largest single gain for 2-D edits, and a loss on
    3-D-consistent edits, which it cannot see by construction;
 7. aggregated over regions rather than one pixel: the map is averaged over ``region_px`` before the
-   slice score takes its maximum.
+   slice score takes its maximum;
+8. judged against its own series (``series_relative``): a slice's score minus the median score of the
+   series' lung slices (``series_offset``), because scanners, kernels and patients shift every slice of a
+   series alike while an edit touches a few. A series with fewer than ``series_min_slices`` lung slices
+   uses the genuine reference median instead, and a quiet series never lowers the bar by more than
+   ``series_max_lowering``. Measured on the forensic benchmark: the largest gain of all
+   (docs/bench/forensics.md).
 
 Without a reference table (an old metadata file) step 2 uses one global mean/std (``energy_mean``,
 ``energy_std``), which is the first version's behaviour.
@@ -61,6 +67,7 @@ class SliceMap:
 
     z: np.ndarray
     search: np.ndarray
+    in_lungs: bool = False  # the search region is the lungs (not the body fallback of a lungless slice)
     _widened: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def widened(self, reach_px: int) -> np.ndarray:
@@ -97,6 +104,11 @@ class AnomalyModel:
     neighbour_weight: float = 0.0
     neighbour_reduce: str = "max"
     neighbour_reach_px: int = 15
+    # Series-relative scores (step 8 above); off = the behaviour of models shipped before it.
+    series_relative: bool = False
+    series_min_slices: int = 8
+    reference_median: float = 0.0  # median raw slice score of genuine calibration slices
+    series_max_lowering: float = 1.0
 
     FIELDS = (
         "energy_mean",
@@ -116,6 +128,10 @@ class AnomalyModel:
         "neighbour_weight",
         "neighbour_reduce",
         "neighbour_reach_px",
+        "series_relative",
+        "series_min_slices",
+        "reference_median",
+        "series_max_lowering",
     )
 
     @classmethod
@@ -177,6 +193,7 @@ class AnomalyModel:
             "structure_bin": structure_bin,
             "body": body,
             "lungs": lungs if lungs.mean() > 0.01 else body,
+            "has_lungs": np.array(lungs.mean() > 0.01),
             "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
         }
 
@@ -215,7 +232,8 @@ class AnomalyModel:
             centre = float(np.median(z[search]))
             spread = float(np.median(np.abs(z[search] - centre))) * 1.4826 + 1e-3
             z = (z - centre) / spread
-        return SliceMap((np.abs(z) if self.two_sided else z).astype(np.float32), search)
+        in_lungs = bool(self.lung_only and feats is not None and feats.get("has_lungs", False))
+        return SliceMap((np.abs(z) if self.two_sided else z).astype(np.float32), search, in_lungs)
 
     def finish(self, own: SliceMap, neighbours: Sequence[SliceMap | None] = ()) -> np.ndarray:
         """The anomaly map of `own` given its adjacent slices (None where a neighbour is missing)."""
@@ -251,6 +269,19 @@ class AnomalyModel:
 
     def slice_score(self, amap: np.ndarray) -> float:
         return float(amap.max()) if amap.size else 0.0
+
+    def lowest_series_offset(self) -> float:
+        """The least a series can subtract from its slices' scores (so candidates can be kept while streaming)."""
+        return self.reference_median - self.series_max_lowering if self.series_relative else 0.0
+
+    def series_offset(self, lung_slice_scores: Sequence[float]) -> float:
+        """What to subtract from every slice score of a series: the median of its lung slices' raw scores,
+        or the genuine reference median for a short series; never below `lowest_series_offset`."""
+        if not self.series_relative:
+            return 0.0
+        if len(lung_slice_scores) < self.series_min_slices:
+            return self.reference_median
+        return max(float(np.median(lung_slice_scores)), self.lowest_series_offset())
 
     # --- learning the reference from genuine slices ------------------------------------------------
     def fit_reference(self, pairs: Iterable[tuple[np.ndarray, ...]]) -> AnomalyModel:

@@ -4,7 +4,9 @@ Per slice: modality units -> the model's [0, 1] channels -> [-1, 1] -> one rever
 t = 0 -> residual map (float32, computed from the noise prediction so that a bf16 U-Net cannot erase it)
 -> the slice's own anomaly map (`AnomalyModel.slice_map`) -> finished against the adjacent slices of the
 series (`AnomalyModel.finish`: a real structure spans several slices, a 2-D edit one) -> regions and a slice
-score. A series scores the max of its slices, a study the max of its series (`models.results.study_verdict`).
+score -> relative to the series (`AnomalyModel.series_offset`, once the whole series is seen: scanners and
+patients shift every slice alike, an edit touches a few). A series scores the max of its slices, a study the
+max of its series (`models.results.study_verdict`).
 Verdicts come only from the calibration stored with the model; an uncalibrated model gives "not assessed",
 never a pass.
 
@@ -319,7 +321,10 @@ class Detector:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
         pending: list[tuple[SliceRef, np.ndarray]] = []
-        chain = _NeighbourChain(lambda entry, around: self._finish(entry, around, on_map), slice_spacing(group))
+        lung_flags: dict[int, bool] = {}  # id(result) -> its search region was the lungs
+        chain = _NeighbourChain(
+            lambda entry, around: self._finish(entry, around, on_map, lung_flags), slice_spacing(group)
+        )
 
         def flush() -> None:
             if pending:
@@ -344,6 +349,7 @@ class Detector:
                 flush()
         flush()
         instances.extend(chain.close())
+        self._relative_to_series(instances, [lung_flags.get(id(i), False) for i in instances])
         return self._series_result(group, instances)
 
     def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
@@ -353,17 +359,45 @@ class Detector:
             for (ref, values), residual in zip(batch, residuals, strict=True)
         ]
 
-    def _finish(self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None) -> InstanceResult:
+    def _finish(
+        self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None, lung_flags: dict[int, bool]
+    ) -> InstanceResult:
+        """The slice's raw score and candidate regions; verdicts are final only once the series is seen
+        (`_relative_to_series`). `on_map` gets the provisional verdict at the lowest bar the series could set,
+        so every slice that can end up suspicious is among those it sees as suspicious."""
         amap = self.anomaly.finish(entry.slice_map, [n.slice_map if n else None for n in around])
         score = self.anomaly.slice_score(amap)
-        verdict, reason = verdict_for(score, self.slice_threshold)
+        lowest = self.anomaly.lowest_series_offset()
+        threshold = self.slice_threshold
+        verdict, reason = verdict_for(score - lowest, threshold)
         if reason == UNCALIBRATED_REASON:
             reason = self.uncalibrated_reason()
-        regions = find_regions(amap, self.anomaly.region_threshold, self.options.max_regions)
+        regions = find_regions(amap, self.anomaly.region_threshold + lowest, self.options.max_regions)
         result = _instance_result(entry.ref, score, verdict, regions, reason)
+        lung_flags[id(result)] = entry.slice_map.in_lungs
         if on_map is not None:
             on_map(result, entry.residual.mean(axis=0).astype(np.float32))
         return result
+
+    def _relative_to_series(self, instances: list[InstanceResult], in_lungs: list[bool]) -> None:
+        """Scores, regions and verdicts relative to the series (a no-op unless the model is series-relative)."""
+        if not self.anomaly.series_relative:
+            return
+        lung_scores = [i.score for i, lung in zip(instances, in_lungs, strict=True) if lung and i.score is not None]
+        offset = self.anomaly.series_offset(lung_scores)
+        for instance in instances:
+            if instance.score is None:
+                continue
+            instance.score -= offset
+            instance.regions = [
+                dataclasses.replace(r, score=r.score - offset)
+                for r in instance.regions
+                if r.score - offset > self.anomaly.region_threshold
+            ]
+            verdict, reason = verdict_for(instance.score, self.slice_threshold)
+            if reason == UNCALIBRATED_REASON:
+                reason = self.uncalibrated_reason()
+            instance.verdict, instance.reason = verdict, reason
 
     def _series_result(self, group: SeriesGroup, instances: list[InstanceResult]) -> SeriesResult:
         scored = [i for i in instances if i.score is not None]

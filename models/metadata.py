@@ -46,6 +46,9 @@ class ModelMetadata:
     calibration: dict[str, Any] = field(default_factory=dict)
     anomaly: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # The operating point measured on held-out patients (models.forensics.ship): what a report must say about
+    # how far a verdict of this model can be trusted. "summary" is one sentence for radiologists.
+    performance: dict[str, Any] = field(default_factory=dict)
     software_version: str = ""
     weights_sha256: str = ""
     normalization: str = "window"

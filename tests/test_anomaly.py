@@ -101,3 +101,12 @@ def test_neighbouring_slices_cancel_what_spans_them_and_keep_what_does_not(chest
     assert np.allclose(model.finish(maps[1], [None, None]), alone)
     assert np.allclose(fitted.variant(two_sided=False).finish(maps[1], [maps[0], maps[2]]), alone)
     assert AnomalyModel.from_metadata(model.to_dict()).neighbour_weight == 0.5
+
+
+def test_series_offset_is_the_median_of_lung_slices_with_a_floor_and_a_fallback() -> None:
+    model = AnomalyModel(series_relative=True, series_min_slices=4, reference_median=2.0, series_max_lowering=0.5)
+    assert model.series_offset([3.0, 3.5, 2.5, 9.0]) == 3.25  # one edited slice does not move the median much
+    assert model.series_offset([3.0, 9.0]) == 2.0  # too few lung slices: the genuine reference
+    assert model.series_offset([0.1, 0.2, 0.3, 0.4]) == 1.5  # a quiet series lowers the bar by 0.5 at most
+    assert model.lowest_series_offset() == 1.5
+    assert AnomalyModel().series_offset([3.0, 3.5, 2.5, 9.0]) == 0.0 == AnomalyModel().lowest_series_offset()

@@ -11,7 +11,7 @@ import pytest
 from models.corpus import dicom_to_hu
 from models.forensics.baselines import highpass_residual
 from models.forensics.bench import BenchItem, BenchWriter, read_manifest
-from models.forensics.bench_run import VARIANTS, ResidualCache, evaluate_detector, markdown_table
+from models.forensics.bench_run import DEFAULT_VARIANT, VARIANTS, ResidualCache, evaluate_detector, markdown_table
 from models.forensics.metrics import bootstrap_auc_ci, plot_rocs, roc_auc, threshold_at_fpr, tpr_at_fpr
 from models.forensics.tamper import Tamper, inject_nodule, remove_lesion
 from models.windowing import Window
@@ -71,7 +71,7 @@ def test_evaluation_on_a_tiny_benchmark(fixtures_dir, tmp_path) -> None:
 
     cache = ResidualCache(tmp_path / "cache", "highpass", highpass_residual(Window(-1100, 300)))
     references = [FixtureSlice("r0", hu), FixtureSlice("r1", hu[::-1])]
-    variants = {k: VARIANTS[k] for k in ("B + lung mask", TWO_SIDED)}
+    variants = {k: VARIANTS[k] for k in ("B + lung mask", TWO_SIDED, DEFAULT_VARIANT)}
     results = evaluate_detector(tmp_path / "bench", items, cache, references[:1], references[1:], variants, slices=[])
     default = results["variants"][TWO_SIDED]["methods"]
     assert set(default) == {"inject-smooth", "remove-smooth"}
@@ -81,6 +81,10 @@ def test_evaluation_on_a_tiny_benchmark(fixtures_dir, tmp_path) -> None:
     assert default["remove-smooth"]["hit_rate"] >= 2 / 3
     assert 0.0 <= results["patch_level"]["inject-smooth"]["auc"] <= 1.0
     assert "remove-smooth" in markdown_table({"detectors": {"highpass": results}})
+    # Series-relative (the default): slices without a known series are judged against the reference median.
+    relative = results["variants"][DEFAULT_VARIANT]
+    assert relative["model"]["series_relative"] and relative["model"]["reference_median"] != 0.0
+    assert len(relative["scores"]["genuine"]) == 3
     scores = results["variants"][TWO_SIDED]["scores"]
     png = plot_rocs({"remove-smooth": (scores["genuine"], scores["remove-smooth"])}, "t", tmp_path / "roc.png")
     assert png.stat().st_size > 1000

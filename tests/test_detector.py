@@ -319,3 +319,19 @@ def test_each_slice_is_finished_against_its_adjacent_slices_only(model_path):
     scores_alone = [i.score for i in alone.score_series(series).instances]
     scores_consistent = [i.score for i in result.instances]
     assert scores_alone != scores_consistent  # the neighbours changed what the slices score
+
+
+def test_series_relative_scores_verdicts_and_regions_move_together(model_path, small_series, tmp_path):
+    """A series-relative model subtracts the series offset from scores and regions and re-judges the verdicts."""
+    calibrated = tiny_model(tmp_path / "cal.pt", calibration={"slice_threshold": 1.2, "series_threshold": 1.2})
+    plain = Detector.load(calibrated, device="cpu")
+    relative = Detector.load(calibrated, device="cpu")
+    # The fixture's slices show no lung, so the series falls back to the genuine reference median.
+    relative.anomaly = relative.anomaly.variant(series_relative=True, reference_median=0.5, series_max_lowering=0.25)
+    before = plain.score_series(small_series)
+    after = relative.score_series(small_series)
+    for raw, moved in zip(before.instances, after.instances, strict=True):
+        assert moved.score == pytest.approx(raw.score - 0.5)
+        assert moved.verdict == (SUSPICIOUS if moved.score > 1.2 else NO_EVIDENCE)
+        assert all(r.score > relative.anomaly.region_threshold for r in moved.regions)
+    assert after.score == pytest.approx(before.score - 0.5)

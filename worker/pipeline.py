@@ -178,6 +178,14 @@ def map_relpath(study_uid: str, sop_instance_uid: str, frame: int | None) -> str
     return f"{MAPS_DIR}/{study_uid}/{name}.npy"
 
 
+def _drop_maps_not_flagged(data_dir: Path, result: Any, map_paths: dict[tuple[str, int | None], str]) -> None:
+    """Keep maps only for slices whose FINAL verdict is suspicious: models hands maps over with a provisional
+    verdict (a series-relative model settles verdicts once the whole series is seen)."""
+    final = {(i.sop_instance_uid, i.frame) for i in result.instances if i.verdict == VERDICT_SUSPICIOUS}
+    for key in [k for k in map_paths if k not in final]:
+        (Path(data_dir) / map_paths.pop(key)).unlink(missing_ok=True)
+
+
 def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:
     """Write a residual map as float16 .npy atomically (a reader never sees half a file)."""
     target = Path(data_dir) / relpath
@@ -245,6 +253,7 @@ def score_study_files(
         done_before += len(item.files)
         if on_progress:
             on_progress(done_before, total)
+        _drop_maps_not_flagged(data_dir, result, map_paths)
         scored.append(ScoredSeries(item.series_uid, item.modality, result, map_paths))
         log_event(
             log,

@@ -39,6 +39,8 @@ HIT_MARGIN_PX = 8
 OPERATING_FPR = 0.05
 
 # The ablation ladder: each step adds one lever to the one before (docs/bench/forensics.md).
+_TISSUE = dict(normalise=True, two_sided=False, lung_only=True, per_slice=False)
+_NEIGHBOURS = dict(neighbour_weight=0.5, neighbour_reduce="max", neighbour_reach_px=15)
 VARIANTS: dict[str, dict[str, Any]] = {
     "A raw tile max (FINDINGS protocol)": dict(
         normalise=False, two_sided=False, lung_only=False, per_slice=False, smoothing_px=PATCH, region_px=1
@@ -46,14 +48,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "B + lung mask": dict(
         normalise=False, two_sided=False, lung_only=True, per_slice=False, smoothing_px=PATCH, region_px=1
     ),
-    "C + tissue normalisation, one-sided (default)": dict(
-        normalise=True, two_sided=False, lung_only=True, per_slice=False
-    ),
+    "C + tissue normalisation, one-sided": dict(_TISSUE),
     "D + two-sided": dict(normalise=True, two_sided=True, lung_only=True, per_slice=False),
     "E + two-sided + per-slice normalisation": dict(normalise=True, two_sided=True, lung_only=True, per_slice=True),
     "F one-sided + per-slice normalisation": dict(normalise=True, two_sided=False, lung_only=True, per_slice=True),
+    "G C + neighbouring-slice consistency": dict(_TISSUE, **_NEIGHBOURS),
+    "H C + series-relative scores (default)": dict(_TISSUE, series_relative=True),
+    "I H + neighbouring-slice consistency": dict(_TISSUE, series_relative=True, **_NEIGHBOURS),
 }
-DEFAULT_VARIANT = "C + tissue normalisation, one-sided (default)"
+DEFAULT_VARIANT = "H C + series-relative scores (default)"
 
 
 def reference_slices(
@@ -156,11 +159,67 @@ class VariantMaps:
             self.maps[key] = self.model.slice_map(*self.contexts.get(key, self.loader(key, corpus_slice)))
         return self.maps[key]
 
+    def anomaly_map_of(
+        self, key: str, corpus_slice: CorpusSlice | None, around: list[tuple[str, CorpusSlice] | None]
+    ) -> np.ndarray:
+        self.slice_map(key, corpus_slice)
+        return self.anomaly_map(key, around)
+
     def anomaly_map(self, key: str, around: list[tuple[str, CorpusSlice] | None]) -> np.ndarray:
         own = self.slice_map(key, None)
         if self.model.neighbour_weight <= 0:
             return self.model.finish(own)
         return self.model.finish(own, [self.slice_map(*n) if n is not None else None for n in around])
+
+
+def _series_key(item: CorpusSlice) -> tuple[str, str]:
+    return (item.patient, item.series_uid or item.path)
+
+
+def series_relative_scores(
+    model: AnomalyModel,
+    mapper: VariantMaps,
+    calib: list[tuple[str, CorpusSlice, list]],
+    calib_scores: list[float],
+    items: list[dict[str, Any]],
+    raw: dict[str, float],
+    series_of: Callable[[str], tuple[str, str]],
+    resolver: NeighbourResolver,
+    slices_by_series: dict[tuple[str, str], list[CorpusSlice]],
+) -> tuple[AnomalyModel, list[float], dict[str, float]]:
+    """Scores relative to their series, as the detector computes them (AnomalyModel.series_offset).
+
+    The reference median comes from the calibration slices; a calibration slice's series median from every
+    lung slice of its (training) series; a benchmark slice's from the genuine lung slices of its series, the
+    slice it was made from replaced by the tampered one (a 2-D attacker changes that one slice).
+    Returns (the model with its reference median, calibration scores, benchmark scores).
+    """
+    lung_calib = [score for (key, _, _), score in zip(calib, calib_scores, strict=True) if mapper.maps[key].in_lungs]
+    model = model.variant(reference_median=float(np.median(lung_calib or calib_scores)))
+    member_scores: dict[tuple[str, str], list[float]] = {}
+    for series in {series_of(corpus_slice.key) for _, corpus_slice, _ in calib}:
+        for member in slices_by_series.get(series, []):
+            key = f"ref-{member.key}"
+            amap = mapper.anomaly_map_of(key, member, resolver.for_slice(member))
+            if mapper.maps[key].in_lungs:
+                member_scores.setdefault(series, []).append(model.slice_score(amap))
+    calib_adjusted = [
+        score - model.series_offset(member_scores.get(series_of(corpus_slice.key), []))
+        for (_, corpus_slice, _), score in zip(calib, calib_scores, strict=True)
+    ]
+    genuine_by_series: dict[tuple[str, str], dict[str, float]] = {}
+    for item in items:
+        if item["label"] == 0 and mapper.maps[item["id"]].in_lungs:
+            genuine_by_series.setdefault(series_of(item["slice_key"]), {})[item["id"]] = raw[item["id"]]
+    adjusted: dict[str, float] = {}
+    for item in items:
+        siblings = dict(genuine_by_series.get(series_of(item["slice_key"]), {}))
+        siblings.pop(item["genuine_id"], None)
+        lung_scores = list(siblings.values())
+        if mapper.maps[item["id"]].in_lungs:
+            lung_scores.append(raw[item["id"]])
+        adjusted[item["id"]] = raw[item["id"]] - model.series_offset(lung_scores)
+    return model, calib_adjusted, adjusted
 
 
 def evaluate_detector(
@@ -180,7 +239,6 @@ def evaluate_detector(
     """
     feature_model = base or AnomalyModel()
     contexts = SliceContexts(cache, feature_model)
-    resolver = NeighbourResolver(items, slices if slices is not None else discover() + _fixture_slices())
     by_item_id = {item["id"]: item for item in items}
 
     def loader(key: str, corpus_slice: CorpusSlice | None) -> Callable[[], np.ndarray]:
@@ -193,6 +251,17 @@ def evaluate_detector(
             raise KeyError(f"no pixels known for {key}")
 
         return unknown
+
+    all_slices = slices if slices is not None else discover() + _fixture_slices()
+    resolver = NeighbourResolver(items, all_slices)
+    corpus_by_key = {s.key: s for s in all_slices}
+    slices_by_series: dict[tuple[str, str], list[CorpusSlice]] = {}
+    for corpus_slice in all_slices:
+        slices_by_series.setdefault(_series_key(corpus_slice), []).append(corpus_slice)
+
+    def series_of(slice_key: str) -> tuple[str, str]:
+        known = corpus_by_key.get(slice_key)
+        return _series_key(known) if known is not None else ("", slice_key)
 
     fit_pairs = [contexts.get(f"ref-{s.key}", s.hu) for s in fit_slices]
     calib = [(f"ref-{s.key}", s, resolver.for_slice(s)) for s in calib_slices]
@@ -227,16 +296,23 @@ def evaluate_detector(
         anomaly_map = mapper.anomaly_map
 
         calib_scores = [model.slice_score(anomaly_map(key, around)) for key, _, around in calib]
-        threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
-        scores: dict[str, list[float]] = {}
+        raw: dict[str, float] = {}
         hits: dict[str, list[bool]] = {}
-        by_item: dict[str, float] = {}
         for item, key, _, around in bench:
             amap = anomaly_map(key, around)
-            by_item[item["id"]] = model.slice_score(amap)
-            scores.setdefault(item["method"], []).append(by_item[item["id"]])
+            raw[item["id"]] = model.slice_score(amap)
             if item["label"] == 1:
                 hits.setdefault(item["method"], []).append(_hit(amap, item["box"]))
+        if model.series_relative:
+            model, calib_scores, by_item = series_relative_scores(
+                model, mapper, calib, calib_scores, items, raw, series_of, resolver, slices_by_series
+            )
+        else:
+            by_item = raw
+        threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
+        scores: dict[str, list[float]] = {}
+        for item in items:
+            scores.setdefault(item["method"], []).append(by_item[item["id"]])
         genuine = scores.get("genuine", [])
         per_method = {m: _method_metrics(genuine, scores[m], hits.get(m, []), threshold) for m in methods}
         for m in methods:
