@@ -274,8 +274,11 @@ def test_build_report_writes_valid_sr_and_kos_and_moves_to_reported(settings: Se
         assert validation_errors(sr_path) == [] and validation_errors(kos_path) == []
 
 
-def test_sr_names_the_model_version_from_its_metadata(tmp_path: Path) -> None:
-    (tmp_path / "m.json").write_text(json.dumps({"weights_sha256": "e" * 64, "software_version": "btd 9.9.9"}))
+def test_sr_names_the_model_version_and_its_measured_operating_point(tmp_path: Path) -> None:
+    performance = {"summary": "Measured on held-out patients: flags 1.8 % of genuine slices."}
+    (tmp_path / "m.json").write_text(
+        json.dumps({"weights_sha256": "e" * 64, "software_version": "btd 9.9.9", "performance": performance})
+    )
     settings = make_settings(tmp_path, model=str(tmp_path / "m.pt"))
     reported_study(settings)
     with session_scope(settings) as session:
@@ -284,7 +287,21 @@ def test_sr_names_the_model_version_from_its_metadata(tmp_path: Path) -> None:
     versions = {i.TextValue for i in walk_items(sr.ContentSequence) if i.get("ValueType") == "TEXT"
                 and i.ConceptNameCodeSequence[0].CodeValue == "111003"}  # Algorithm Version
     assert versions == {"btd 9.9.9"}
+    operating = [i.TextValue for i in walk_items(sr.ContentSequence) if i.get("ValueType") == "TEXT"
+                 and i.ConceptNameCodeSequence[0].CodeValue == "BTD0006"]
+    assert operating == [performance["summary"]]
     dispose_engines()
+
+
+def test_a_model_without_a_measured_operating_point_is_reported_as_unvalidated(tmp_path: Path) -> None:
+    """Metadata of other weights (another SHA-256) must not lend them its operating point."""
+    from worker.report_tasks import operating_point
+
+    (tmp_path / "m.json").write_text(json.dumps({"weights_sha256": "e" * 64, "performance": {"summary": "good"}}))
+    settings = make_settings(tmp_path, model=str(tmp_path / "m.pt"))
+    assert operating_point(settings, "e" * 64) == "good"
+    assert "unvalidated" in operating_point(settings, "f" * 64)
+    assert "unvalidated" in operating_point(settings, None)
 
 
 def walk_items(items) -> Iterator:

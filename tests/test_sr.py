@@ -67,6 +67,8 @@ def findings_for(images: list[Dataset], modality: str, flagged: bool, version: i
         model_name=f"btd-{modality.lower()}-test",
         model_version="test-1",
         model_sha256=SHA,
+        operating_point="Measured on held-out patients: flags 1.8 % of genuine slices. No evidence does not mean "
+        "authentic.",
         series=[
             SeriesFinding(str(first.SeriesInstanceUID), modality, "suspicious" if flagged else "no_evidence", 0.8),
             SeriesFinding("1.2.826.0.1.3680043.8.498.1", "CT", "not_assessed", None, "localizer image"),
@@ -147,6 +149,7 @@ def test_flagged_ct_sr_carries_regions_verdict_and_provenance(ct: list[Dataset])
     assert "SUSPICIOUS" in children(study_eval, "BTD0004")[0].TextValue
     not_assessed = children(study_eval, "BTD0005")
     assert len(not_assessed) == 1 and "localizer image" in not_assessed[0].TextValue
+    assert "No evidence does not mean authentic" in children(study_eval, "BTD0006")[0].TextValue
 
 
 def test_clean_sr_has_no_measurement_group_and_says_absent(ct: list[Dataset]) -> None:

@@ -114,25 +114,41 @@ def _previous_sr(session: Session, settings: Settings, study_uid: str, version: 
     return stored or predecessor_reference(study_uid, previous.sr_series_uid, previous.sr_sop_instance_uid)
 
 
-def model_version(settings: Settings, model_name: str, weights_sha256: str | None) -> str:
-    """The scoring model's version from its metadata (NAME.json beside BTD_MODEL, or the default model's),
-    if that file describes the weights that scored (same SHA-256); else the model name, the closest thing
-    to a version the database keeps."""
+def scoring_model_metadata(settings: Settings, weights_sha256: str | None) -> dict | None:
+    """The scoring model's metadata (NAME.json beside BTD_MODEL, or the default model's), only if that file
+    describes the weights that scored (same SHA-256): a report must not borrow another model's facts."""
     from models.metadata import metadata_path_for
 
     weights = Path(settings.model) if settings.model else Path(models.__file__).parent / "weights" / DEFAULT_MODEL
     try:
         meta = json.loads(metadata_path_for(weights).read_text())
     except (OSError, ValueError):
-        return model_name
-    if weights_sha256 and meta.get("weights_sha256") == weights_sha256 and meta.get("software_version"):
-        return str(meta["software_version"])
-    return model_name
+        return None
+    if not isinstance(meta, dict) or not weights_sha256 or meta.get("weights_sha256") != weights_sha256:
+        return None
+    return meta
+
+
+def model_version(settings: Settings, model_name: str, weights_sha256: str | None) -> str:
+    """The scoring model's version from its metadata; else the model name, the closest thing to a version
+    the database keeps."""
+    meta = scoring_model_metadata(settings, weights_sha256) or {}
+    return str(meta["software_version"]) if meta.get("software_version") else model_name
+
+
+def operating_point(settings: Settings, weights_sha256: str | None) -> str:
+    """What the SR says about how far the verdict can be trusted: the model's measured operating point."""
+    meta = scoring_model_metadata(settings, weights_sha256) or {}
+    summary = (meta.get("performance") or {}).get("summary")
+    if summary:
+        return str(summary)
+    return "No measured operating point is recorded for this model: treat its verdicts as unvalidated."
 
 
 def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     findings = load_findings(session, study.study_uid, study.version)
     findings.model_version = model_version(settings, findings.model_name, findings.model_sha256)
+    findings.operating_point = operating_point(settings, findings.model_sha256)
     sources = read_sources(settings, scored_instances(session, study.study_uid))
     previous = _previous_sr(session, settings, study.study_uid, study.version)
     sr = build_sr(sources, findings, previous_sr=previous)
@@ -171,9 +187,9 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
                 )
                 report = existing or _write_report(session, settings, study)
                 detail = f"report {report.sr_sop_instance_uid}" + (" (reused)" if existing else "")
-                if not transition(session, study_uid, states.SCORED, states.REPORTED, detail, where=[
-                    Study.version == study.version
-                ]):
+                if not transition(
+                    session, study_uid, states.SCORED, states.REPORTED, detail, where=[Study.version == study.version]
+                ):
                     session.rollback()
                     log_event(log, "report.discarded", logging.WARNING, study_uid=study_uid, version=study.version)
                     return TaskOutcome(SKIPPED, "study changed while the report was built")
@@ -186,8 +202,14 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
             return TaskOutcome(SKIPPED, "report built concurrently by another worker")
         except Exception as exc:  # noqa: BLE001 - missing sources, unreadable headers, an SR we cannot build
             return _report_failed(settings, study_uid, exc)
-        log_event(log, "report.built", study_uid=study_uid, outcome=kind, sr=report.sr_sop_instance_uid,
-                  kos=report.kos_sop_instance_uid)
+        log_event(
+            log,
+            "report.built",
+            study_uid=study_uid,
+            outcome=kind,
+            sr=report.sr_sop_instance_uid,
+            kos=report.kos_sop_instance_uid,
+        )
     if dispatch_next:
         _dispatch(DELIVER_REPORT, study_uid)
     return TaskOutcome(kind, report.sr_sop_instance_uid)
@@ -265,8 +287,14 @@ def run_deliver_report(
                 return TaskOutcome(SKIPPED, f"state {state}")
             report = _current_report(session, study)
             if report is None:
-                log_event(log, "delivery.skipped", logging.WARNING, study_uid=study_uid, state=study.state,
-                          detail="no report for the current version")
+                log_event(
+                    log,
+                    "delivery.skipped",
+                    logging.WARNING,
+                    study_uid=study_uid,
+                    state=study.state,
+                    detail="no report for the current version",
+                )
                 return TaskOutcome(SKIPPED, "no report for the current version")
             if study.state == states.FAILED_DELIVERY:
                 transition(session, study_uid, states.FAILED_DELIVERY, states.REPORTED, "delivery restarted")
@@ -293,8 +321,15 @@ def _deliver_pending(
             destination, key = None, text
             failures[key] = str(exc)
             _record_attempt(settings, report_id, key, False, None, str(exc))
-            log_event(log, "delivery.attempt", logging.ERROR, study_uid=study_uid, destination=key,
-                      outcome=FAILURE, error=str(exc))
+            log_event(
+                log,
+                "delivery.attempt",
+                logging.ERROR,
+                study_uid=study_uid,
+                destination=key,
+                outcome=FAILURE,
+                error=str(exc),
+            )
             continue
         key = str(destination)
         if key in already:
@@ -307,8 +342,14 @@ def _deliver_pending(
             success, status, error = outcome.success, outcome.dicom_status, outcome.error
         attempt = _record_attempt(settings, report_id, key, success, status, error)
         log_event(
-            log, "delivery.attempt", logging.INFO if success else logging.WARNING, study_uid=study_uid,
-            destination=key, attempt=attempt, outcome=SUCCESS if success else FAILURE, dicom_status=status,
+            log,
+            "delivery.attempt",
+            logging.INFO if success else logging.WARNING,
+            study_uid=study_uid,
+            destination=key,
+            attempt=attempt,
+            outcome=SUCCESS if success else FAILURE,
+            dicom_status=status,
             error=error,
         )
         if not success:
@@ -322,14 +363,28 @@ def _finish_delivery(
     guard = [Study.version == version]
     with session_scope(settings) as session:
         if not failures:
-            transition(session, study_uid, states.REPORTED, states.DELIVERED, "delivered to every destination",
-                       where=guard, error=None)
+            transition(
+                session,
+                study_uid,
+                states.REPORTED,
+                states.DELIVERED,
+                "delivered to every destination",
+                where=guard,
+                error=None,
+            )
             log_event(log, "delivery.done", study_uid=study_uid)
             return TaskOutcome(DELIVERED)
         summary = "; ".join(f"{d}: {e}" for d, e in failures.items())[:2000]
         if final_attempt:
-            transition(session, study_uid, states.REPORTED, states.FAILED_DELIVERY, f"delivery failed: {summary}",
-                       where=guard, error=summary)
+            transition(
+                session,
+                study_uid,
+                states.REPORTED,
+                states.FAILED_DELIVERY,
+                f"delivery failed: {summary}",
+                where=guard,
+                error=summary,
+            )
             log_event(log, "delivery.failed", logging.ERROR, study_uid=study_uid, error=summary)
             return TaskOutcome(FAILED, summary)
     log_event(log, "delivery.retry", logging.WARNING, study_uid=study_uid, error=summary)
@@ -357,8 +412,9 @@ def _dispatch(name: str, study_uid: str, *extra: Any) -> None:
 _settings_at_import = get_settings()
 
 
-@app.task(name=BUILD_REPORT, bind=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5,
-          acks_late=True)
+@app.task(
+    name=BUILD_REPORT, bind=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5, acks_late=True
+)
 def build_report_task(self: Any, study_uid: str) -> str:
     return run_build_report(study_uid, get_settings()).kind
 

@@ -26,6 +26,8 @@ BTD_METHOD = CodedConcept("BTD0003", PRIVATE_SCHEME, "Back-in-Time Diffusion res
 # TEXT items of the study verdict container: the verdict in words, and each series not assessed.
 STUDY_VERDICT = CodedConcept("BTD0004", PRIVATE_SCHEME, "BTD study verdict")
 SERIES_NOT_ASSESSED = CodedConcept("BTD0005", PRIVATE_SCHEME, "Series not assessed")
+# TEXT item beside the verdict: the model's operating point measured on held-out patients.
+OPERATING_POINT = CodedConcept("BTD0006", PRIVATE_SCHEME, "Measured operating point")
 
 # TID 1500 row 12: the root-level "Qualitative Evaluations" container (UMLS C0034375).
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")

@@ -52,6 +52,8 @@ class StudyFindings:
     model_name: str = "btd"
     model_version: str = "unknown"
     model_sha256: str | None = None
+    # How far the verdict can be trusted: the model's operating point measured on held-out patients.
+    operating_point: str | None = None
     series: list[SeriesFinding] = field(default_factory=list)
     regions: list[RegionFinding] = field(default_factory=list)
     # SOP Instance UIDs the detector judged suspicious (the KOS lists these, region or not).

@@ -151,6 +151,14 @@ def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ),
     ]
+    if findings.operating_point:
+        items.append(
+            hd.sr.TextContentItem(
+                name=btd_codes.OPERATING_POINT,
+                value=findings.operating_point,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     for series in findings.not_assessed:
         items.append(
             hd.sr.TextContentItem(
@@ -256,9 +264,7 @@ def build_sr(
         is_verified=False,
         previous_versions=[previous_sr] if previous_sr is not None else None,
         contributing_equipment=[_contributing_equipment()],
-        series_description=f"{SERIES_DESCRIPTION_PREFIX}: {VERDICT_WORDS.get(findings.verdict, findings.verdict)}"[
-            :64
-        ],
+        series_description=f"{SERIES_DESCRIPTION_PREFIX}: {VERDICT_WORDS.get(findings.verdict, findings.verdict)}"[:64],
         manufacturer_model_name=MODEL_NAME,
         software_versions=__version__,
     )
