@@ -1,26 +1,35 @@
 """The spool: received DICOM bytes on disk, written so that an acknowledged instance survives a crash.
 
-Why each step: bytes go to a temporary file in the destination folder (same filesystem, so the rename is
-atomic), are fsynced, then published under their final name with a link that never overwrites (two
-receivers racing on one name cannot clobber each other), and the folder is fsynced so the new name itself
-is durable. Only then may the database row and the 0x0000 answer follow. Nothing here deletes stored
+Why each step: bytes go to a temporary file on the spool's filesystem (so the link below is atomic) and
+are synced to disk, then published under their final name with a link that never overwrites (two receivers
+racing on one name cannot clobber each other), and the final folder is fsynced so the new name itself is
+durable. Only then may the database row and the 0x0000 answer follow. A crash at any point leaves at most
+a complete file under its final name without a row (a resend of the same bytes adopts it) or a temporary
+`.incoming-*.tmp` file (never acknowledged; `incoming_leftovers` lists them). Nothing here deletes stored
 instances; removing an instance is an explicit act elsewhere.
 
 Layout: `<DATA_DIR>/spool/<study_uid>/<series_uid>/<sop_uid>.v<version>.dcm`, UIDs sanitised to the
-characters a UID may hold, so a hostile UID cannot climb out of the spool.
+characters a UID may hold, so a hostile UID cannot climb out of the spool. The listener stages into
+`<DATA_DIR>/spool/~incoming/` (a name no sanitised UID can take), because it starts writing before it has
+decoded which study the bytes belong to.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 _UID_UNSAFE = re.compile(r"[^0-9A-Za-z.\-]")
+
+# Staging folder of the listener: '~' is never left in a sanitised UID, so no study folder can be named so.
+INCOMING_FOLDER = "~incoming"
+
+_staged_names = itertools.count()
 
 
 class SpoolFull(Exception):
@@ -104,30 +113,44 @@ class Spool:
         return self.root / relative
 
     def stage(self, folder: str, data: bytes) -> Path:
-        """Write `data` to a fsynced temporary file in `folder` (relative), ready for `publish`.
+        """Write `data` to a temporary file in `folder` (relative), synced to disk, ready for `publish`.
 
-        Why two steps: the slow part (writing and fsyncing the bytes) can happen before the database
+        Why two steps: the slow part (writing and syncing the bytes) can happen before the database
         transaction, which then only publishes the name; the transaction holds its locks shorter.
+        Why O_SYNC: the write returns only once the bytes and the file's metadata are on disk (fsync's
+        guarantee) in one system call, so a thread staging while another decodes the same instance does
+        not wait for the GIL between a write and an fsync.
         """
         self.check_space(len(data))
         target = self.root / folder
         _makedirs_durable(target, self.root)
-        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC | getattr(os, "O_CLOEXEC", 0)
+        while True:  # a name this process has not used; one left by a crashed process is skipped
+            path = target / f".incoming-{os.getpid()}-{next(_staged_names)}.tmp"
+            try:
+                fd = os.open(path, flags, 0o644)
+                break
+            except FileExistsError:
+                continue
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            os.fsync(fd)  # O_SYNC already made it durable; kept so no filesystem may treat O_SYNC loosely
         except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
+            os.close(fd)
+            path.unlink(missing_ok=True)
             raise
-        return Path(tmp_name)
+        os.close(fd)
+        return path
 
     def publish(self, staged: Path, relative: str, sha256: str, size: int) -> StoredFile:
-        """Give a staged file its final name (in the same folder) without ever replacing another file."""
+        """Give a staged file its final name without ever replacing another file."""
         final = self.root / relative
-        if final.parent != staged.parent:
-            raise ValueError("a staged file is published in the folder it was staged in")
+        if self.root not in staged.parents:
+            raise ValueError("a staged file is published from within the spool (one filesystem)")
+        _makedirs_durable(final.parent, self.root)
         created = True
         try:
             os.link(staged, final)  # atomic, and never replaces an existing file

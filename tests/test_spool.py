@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.spool import Spool, SpoolConflict, SpoolFull, relative_path, sanitise_uid
+from service.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, relative_path, sanitise_uid
 
 
 def test_write_stores_the_bytes_under_the_layout_and_reports_their_hash(tmp_path: Path) -> None:
@@ -63,3 +63,28 @@ def test_remove_deletes_only_the_named_file(tmp_path: Path) -> None:
     spool.write("a/b/d.v1.dcm", b"2")
     spool.remove("a/b/c.v1.dcm")
     assert not (tmp_path / "a/b/c.v1.dcm").exists() and (tmp_path / "a/b/d.v1.dcm").exists()
+
+
+def test_staged_in_the_incoming_folder_and_published_into_a_new_study_folder(tmp_path: Path) -> None:
+    """The listener stages before it knows the study: publishing creates the final folders durably."""
+    spool = Spool(tmp_path / "spool")
+    staged = spool.stage(INCOMING_FOLDER, b"bytes of an instance")
+    assert staged.parent == tmp_path / "spool" / INCOMING_FOLDER and staged.read_bytes() == b"bytes of an instance"
+    rel = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", 1)
+    digest = hashlib.sha256(b"bytes of an instance").hexdigest()
+    assert spool.publish(staged, rel, digest, 20).created
+    spool.discard(staged)
+    assert (tmp_path / "spool" / rel).read_bytes() == b"bytes of an instance"
+    assert spool.incoming_leftovers() == []
+
+
+def test_no_uid_can_name_the_incoming_folder() -> None:
+    for uid in ("~incoming", INCOMING_FOLDER, "../~incoming"):
+        assert sanitise_uid(uid) != INCOMING_FOLDER
+
+
+def test_a_staged_file_from_outside_the_spool_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.tmp"
+    outside.write_bytes(b"x")
+    with pytest.raises(ValueError):
+        Spool(tmp_path / "spool").publish(outside, "a/b/c.v1.dcm", hashlib.sha256(b"x").hexdigest(), 1)
