@@ -327,7 +327,7 @@ class StoreHandler:
     def _record(self, parsed: ParsedInstance, staging: Future[Path]) -> tuple[Dataset | int, str, ParsedInstance]:
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
-                kind = self._store(parsed, staging.result())
+                kind = self._store(parsed, staging)
                 if kind != "duplicate":
                     BYTES_RECEIVED.inc(parsed.received.size)
                 return SUCCESS, kind, parsed
@@ -345,13 +345,18 @@ class StoreHandler:
                 return _status(PROCESSING_FAILURE, "internal error"), "", parsed
         raise AssertionError("unreachable")
 
-    def _store(self, parsed: ParsedInstance, staged: Path) -> str:
-        """Inside one transaction publish the staged (synced) bytes under their final name and commit the
-        row. On any failure remove the final name this call created; the caller removes the staged file."""
+    def _store(self, parsed: ParsedInstance, staging: Future[Path]) -> str:
+        """Inside one transaction publish the staged bytes under their final name and commit the row.
+
+        The transaction's reads and study update run while the staging thread may still be syncing the
+        bytes; `store` waits for them before the name is published and the row inserted, so the row never
+        points at bytes that are not on disk. On any failure remove the final name this call created; the
+        caller removes the staged file."""
         received = parsed.received
         created: list[str] = []
 
         def store(version: int) -> str:
+            staged = staging.result()  # the bytes are on disk (or the write's error is raised here)
             rel = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
             stored = self.spool.publish(staged, rel, received.sha256, received.size)
             if stored.created:
