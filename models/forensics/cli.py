@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--per-method", type=int, default=30)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--model", type=Path, default=None, help="diffusion model the attacker uses")
+    build.add_argument(
+        "--patients",
+        default=None,
+        help="comma-separated patients to build from (default: the held-out test patients). Training patients "
+        "give a VALIDATION benchmark for choosing settings, never a figure to report",
+    )
     build.set_defaults(func=run_bench_build)
 
     run = actions.add_parser("run", help="evaluate detectors on a built benchmark")
@@ -67,13 +73,16 @@ def run_tamper(args: argparse.Namespace) -> int:
 
 
 def run_bench_build(args: argparse.Namespace) -> int:
-    from models.corpus import DEFAULT_DATA_ROOT
+    from models.corpus import DEFAULT_DATA_ROOT, DEFAULT_TEST_PATIENTS
     from models.forensics.bench import build_benchmark
 
     _one_thread()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     methods = [m for m in args.methods.split(",") if m]
-    summary = build_benchmark(args.out, args.data or DEFAULT_DATA_ROOT, methods, args.per_method, args.seed, args.model)
+    patients = [p for p in (args.patients or "").split(",") if p] or list(DEFAULT_TEST_PATIENTS)
+    summary = build_benchmark(
+        args.out, args.data or DEFAULT_DATA_ROOT, methods, args.per_method, args.seed, args.model, patients
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
