@@ -4,9 +4,10 @@ Why each step: bytes go to a temporary file on the spool's filesystem (so the li
 are synced to disk, then published under their final name with a link that never overwrites (two receivers
 racing on one name cannot clobber each other), and the final folder is fsynced so the new name itself is
 durable. Only then may the database row and the 0x0000 answer follow. A crash at any point leaves at most
-a complete file under its final name without a row (a resend of the same bytes adopts it) or a temporary
-`.incoming-*.tmp` file (never acknowledged; `incoming_leftovers` lists them). Nothing here deletes stored
-instances; removing an instance is an explicit act elsewhere.
+a complete file under its final name without a row (never acknowledged; a resend is published under the
+next free name, see `publish_new`) or a temporary `.incoming-*.tmp` file (never acknowledged;
+`incoming_leftovers` lists them). Nothing here deletes stored instances; removing an instance is an
+explicit act elsewhere.
 
 Layout: `<DATA_DIR>/spool/<study_uid>/<series_uid>/<sop_uid>.v<version>.dcm`, UIDs sanitised to the
 characters a UID may hold, so a hostile UID cannot climb out of the spool. The listener stages into
@@ -30,6 +31,7 @@ _UID_UNSAFE = re.compile(r"[^0-9A-Za-z.\-]")
 INCOMING_FOLDER = "~incoming"
 
 _staged_names = itertools.count()
+_MAX_NAMES = 100  # of one instance version's file; only orphans of repeated crashes could take more
 
 
 class SpoolFull(Exception):
@@ -148,8 +150,7 @@ class Spool:
     def publish(self, staged: Path, relative: str, sha256: str, size: int) -> StoredFile:
         """Give a staged file its final name without ever replacing another file."""
         final = self.root / relative
-        if self.root not in staged.parents:
-            raise ValueError("a staged file is published from within the spool (one filesystem)")
+        self._check_staged(staged)
         _makedirs_durable(final.parent, self.root)
         created = True
         try:
@@ -160,6 +161,38 @@ class Spool:
             created = False
         fsync_dir(final.parent)
         return StoredFile(relative, size, sha256, created)
+
+    def publish_new(self, staged: Path, relative: str) -> str:
+        """Link a staged file under `relative` or, if that name is taken, under the first free
+        `<name>~<n>.dcm` (n = 2, 3, ...), fsync the folder, and return the relative name used. This call
+        created that name, so only its caller may remove it.
+
+        Why never adopt or replace a taken name: a file can hold it without any row pointing at it, left
+        by a crash between publishing and committing (complete: bytes are synced before they are linked),
+        or published by a concurrent receiver of the same instance that has not committed yet (and may
+        still remove it). Adopting such a file races with its owner's cleanup and replacing it with the
+        owner's commit; a fresh name does neither, so an orphan never blocks a later resend, and the
+        database's unique (SOP instance, version) still lets only one of two racing rows win. A '~' never
+        occurs in a sanitised UID, so these names cannot collide with another instance's.
+        """
+        self._check_staged(staged)
+        final = self.root / relative
+        _makedirs_durable(final.parent, self.root)
+        folder, name = relative.rsplit("/", 1) if "/" in relative else ("", relative)
+        stem, dot, suffix = name.rpartition(".")
+        for n in range(1, _MAX_NAMES + 1):
+            candidate = name if n == 1 else (f"{stem}~{n}.{suffix}" if dot else f"{name}~{n}")
+            try:
+                os.link(staged, final.parent / candidate)
+            except FileExistsError:
+                continue
+            fsync_dir(final.parent)
+            return f"{folder}/{candidate}" if folder else candidate
+        raise SpoolConflict(f"{relative}: {_MAX_NAMES} names taken")
+
+    def _check_staged(self, staged: Path) -> None:
+        if self.root not in staged.parents:
+            raise ValueError("a staged file is published from within the spool (one filesystem)")
 
     @staticmethod
     def discard(staged: Path) -> None:

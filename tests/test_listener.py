@@ -211,6 +211,21 @@ def test_patient_name_is_decoded_with_the_datasets_character_set(gateway: Settin
         assert (study.patient_name, study.study_description) == ("Müller^Jürgen", "Thorax ü")
 
 
+def test_an_orphan_left_by_a_crash_does_not_block_the_resend(gateway: Settings) -> None:
+    """A crash after the bytes were published but before the row was committed leaves a file without a
+    row (the PACS got no answer and resends): the resend is stored under the next free name."""
+    ds = fresh_ct()
+    folder = gateway.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
+    folder.mkdir(parents=True)
+    (folder / f"{ds.SOPInstanceUID}.v1.dcm").write_bytes(b"bytes of an earlier, unanswered attempt")
+    assert [r.status for r in sender.send_files([ds], "127.0.0.1", gateway.dicom_port, gateway.ae_title)] == [0]
+    [row] = rows_for(gateway, sop_instance_uid=ds.SOPInstanceUID)
+    assert (row.version, row.conflict) == (1, False) and row.path.endswith(".v1~2.dcm")
+    assert hashlib.sha256((gateway.spool_dir / row.path).read_bytes()).hexdigest() == row.sha256
+    assert [r.status for r in sender.send_files([ds], "127.0.0.1", gateway.dicom_port, gateway.ae_title)] == [0]
+    assert [(r.version, r.duplicates) for r in rows_for(gateway, sop_instance_uid=ds.SOPInstanceUID)] == [(1, 1)]
+
+
 def malformed_file(folder: Path) -> Path:
     """Valid File Meta followed by an unterminated sequence: the dataset cannot be decoded."""
     meta = FileMetaDataset()

@@ -88,3 +88,18 @@ def test_a_staged_file_from_outside_the_spool_is_refused(tmp_path: Path) -> None
     outside.write_bytes(b"x")
     with pytest.raises(ValueError):
         Spool(tmp_path / "spool").publish(outside, "a/b/c.v1.dcm", hashlib.sha256(b"x").hexdigest(), 1)
+
+
+@pytest.mark.parametrize("orphan", [b"bytes of a crashed receive", b"partial", b"the new bytes"])
+def test_publish_new_never_adopts_or_replaces_a_taken_name(tmp_path: Path, orphan: bytes) -> None:
+    """A file left at a final name by a crash before its row was committed must not block a resend, and
+    nothing may touch it: it could also belong to a concurrent receiver that has not committed yet."""
+    spool = Spool(tmp_path)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a/b/c.v1.dcm").write_bytes(orphan)
+    staged = spool.stage(INCOMING_FOLDER, b"the new bytes")
+    assert spool.publish_new(staged, "a/b/c.v1.dcm") == "a/b/c.v1~2.dcm"
+    assert spool.publish_new(staged, "a/b/c.v1.dcm") == "a/b/c.v1~3.dcm"
+    assert spool.publish_new(staged, "a/b/d.v1.dcm") == "a/b/d.v1.dcm"
+    assert (tmp_path / "a/b/c.v1.dcm").read_bytes() == orphan
+    assert (tmp_path / "a/b/c.v1~2.dcm").read_bytes() == b"the new bytes"

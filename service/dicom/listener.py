@@ -357,10 +357,9 @@ class StoreHandler:
 
         def store(version: int) -> str:
             staged = staging.result()  # the bytes are on disk (or the write's error is raised here)
-            rel = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
-            stored = self.spool.publish(staged, rel, received.sha256, received.size)
-            if stored.created:
-                created.append(rel)
+            name = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
+            rel = self.spool.publish_new(staged, name)  # another name if an orphan holds this one
+            created.append(rel)
             return rel
 
         session = self.sessions()
