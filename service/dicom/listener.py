@@ -105,7 +105,10 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 _STORE_ATTEMPTS = 3  # a racing receiver of the same SOP Instance UID makes us re-read and retry
-_STAGING_THREADS = 8  # writes of concurrent associations in flight at once (more wait their turn)
+_MAX_ASSOCIATIONS = 64
+# One staging thread per association at most (created on demand): a handler holds its transaction while it
+# waits for its bytes, so a write queued behind other associations' writes would hold the database longer.
+_STAGING_THREADS = _MAX_ASSOCIATIONS
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -447,7 +450,7 @@ def _on_echo(_event: Any) -> int:
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = 0  # no limit: the peer sends PDUs as large as it likes, fewer syscalls
-    ae.maximum_associations = 64
+    ae.maximum_associations = _MAX_ASSOCIATIONS
     ae.network_timeout = 120
     ae.dimse_timeout = 120
     ae.acse_timeout = 30
