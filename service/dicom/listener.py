@@ -22,7 +22,8 @@ Associations are rejected (A-ASSOCIATE-RJ, permanent) for a calling AE title not
 no reason given: DICOM has no code for it; the log says why).
 
 Every accepted socket gets TCP_NODELAY: pynetdicom does not set it, and a small C-STORE response could
-otherwise wait for the peer's delayed ACK (about 40 ms on Linux loopback).
+otherwise wait for the peer's delayed ACK (about 40 ms on Linux loopback). It also reads PDUs with
+`_recv_exactly` (large reads into one buffer) instead of pynetdicom's 4 KiB loop.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import socket
 import ssl
 import struct
 import time
+import types
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +60,7 @@ from pynetdicom import (
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -404,11 +406,34 @@ def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress
     return any(ip in net for net in networks)
 
 
+def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """`AssociationSocket.recv` with the same contract (block until `nr_bytes` are read; fewer only if the
+    peer closed), reading into one buffer as much as the kernel has instead of 4 KiB per call: a 0.5 MB
+    instance took ~130 recv calls and as many bytearray extensions, ~0.4 ms of CPU in the PDU reader."""
+    sock = self.socket
+    assert sock is not None
+    buffer = bytearray(nr_bytes)
+    with memoryview(buffer) as view:
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:  # connection closed: return what was read, as pynetdicom's own recv does
+                break
+            got += n
+    if got < nr_bytes:
+        del buffer[got:]
+    return buffer
+
+
 def _on_conn_open(event: Any) -> None:
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    association_socket = getattr(event.assoc.dul, "socket", None)
+    sock = getattr(association_socket, "socket", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if type(association_socket).recv is AssociationSocket.recv:  # pynetdicom's own: replace for this socket
+        association_socket.recv = types.MethodType(_recv_exactly, association_socket)
 
 
 def _make_ip_guard(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Callable[[Any], None]:
