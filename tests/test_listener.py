@@ -218,6 +218,11 @@ def test_pdu_reads_return_exactly_what_was_asked_or_what_came_before_close() -> 
         sending.join()
         peer.close()
         assert _recv_exactly(reader, 10) == b"tail"  # type: ignore[arg-type]
+    lying, peer = socketlib.socketpair()
+    with lying, peer:  # a header announcing 4 GiB, then 3 bytes and a close: no 4 GiB buffer
+        peer.sendall(b"abc")
+        peer.close()
+        assert _recv_exactly(SimpleNamespace(socket=lying), 0xFFFFFFFF) == b"abc"  # type: ignore[arg-type]
 
 
 def test_patient_name_is_decoded_with_the_datasets_character_set(gateway: Settings) -> None:

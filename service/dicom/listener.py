@@ -108,6 +108,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 _STORE_ATTEMPTS = 3  # a racing receiver of the same SOP Instance UID makes us re-read and retry
 _MAX_ASSOCIATIONS = 64
+_RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; doubled while more arrives
 # One staging thread per association at most (created on demand): a handler holds its transaction while it
 # waits for its bytes, so a write queued behind other associations' writes would hold the database longer.
 _STAGING_THREADS = _MAX_ASSOCIATIONS
@@ -412,15 +413,19 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
     instance took ~130 recv calls and as many bytearray extensions, ~0.4 ms of CPU in the PDU reader."""
     sock = self.socket
     assert sock is not None
-    buffer = bytearray(nr_bytes)
-    with memoryview(buffer) as view:
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:  # connection closed: return what was read, as pynetdicom's own recv does
-                break
-            got += n
-    if got < nr_bytes:
+    # The length comes from the peer's PDU header (up to 4 GiB, the listener sets no maximum PDU size):
+    # start small and grow only as bytes arrive, so a lying header cannot make us allocate it.
+    buffer = bytearray(min(nr_bytes, _RECV_START_BYTES))
+    got = 0
+    while got < nr_bytes:
+        if got == len(buffer):
+            buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
+        with memoryview(buffer) as view:
+            n = sock.recv_into(view[got:])
+        if not n:  # connection closed: return what was read, as pynetdicom's own recv does
+            break
+        got += n
+    if got < len(buffer):
         del buffer[got:]
     return buffer
 
