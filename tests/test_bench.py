@@ -85,6 +85,10 @@ def test_evaluation_on_a_tiny_benchmark(fixtures_dir, tmp_path) -> None:
     relative = results["variants"][DEFAULT_VARIANT]
     assert relative["model"]["series_relative"] and relative["model"]["reference_median"] != 0.0
     assert len(relative["scores"]["genuine"]) == 3
+    # Series level: without series membership every slice is a series of its own.
+    series = relative["series_level"]
+    assert series["n_genuine_series"] == 3 and series["methods"]["inject-smooth"]["n"] == 3
+    assert 0.0 <= series["methods"]["remove-smooth"]["auc"] <= 1.0 and series["threshold"] is not None
     scores = results["variants"][TWO_SIDED]["scores"]
     png = plot_rocs({"remove-smooth": (scores["genuine"], scores["remove-smooth"])}, "t", tmp_path / "roc.png")
     assert png.stat().st_size > 1000

@@ -29,7 +29,7 @@ from models.anomaly import AnomalyModel, SliceMap
 from models.corpus import DEFAULT_TEST_PATIENTS, CorpusSlice, discover, split_by_patient
 from models.forensics.bench import load_item, read_manifest, test_slices
 from models.forensics.metrics import bootstrap_auc_ci, plot_rocs, roc_auc, threshold_at_fpr, tpr_at_fpr
-from models.forensics.neighbours import NeighbourResolver
+from models.forensics.neighbours import NeighbourResolver, sphere_key
 from models.lungmask import has_lungs
 
 log = logging.getLogger(__name__)
@@ -186,13 +186,14 @@ def series_relative_scores(
     series_of: Callable[[str], tuple[str, str]],
     resolver: NeighbourResolver,
     slices_by_series: dict[tuple[str, str], list[CorpusSlice]],
-) -> tuple[AnomalyModel, list[float], dict[str, float]]:
+) -> tuple[AnomalyModel, list[float], dict[str, float], dict[str, float]]:
     """Scores relative to their series, as the detector computes them (AnomalyModel.series_offset).
 
     The reference median comes from the calibration slices; a calibration slice's series median from every
     lung slice of its (training) series; a benchmark slice's from the genuine lung slices of its series, the
     slice it was made from replaced by the tampered one (a 2-D attacker changes that one slice).
-    Returns (the model with its reference median, calibration scores, benchmark scores).
+    Returns (the model with its reference median, calibration scores, benchmark scores, and the maximum
+    relative score of every calibration series over ALL its lung slices: what the series threshold needs).
     """
     lung_calib = [score for (key, _, _), score in zip(calib, calib_scores, strict=True) if mapper.maps[key].in_lungs]
     model = model.variant(reference_median=float(np.median(lung_calib or calib_scores)))
@@ -207,6 +208,12 @@ def series_relative_scores(
         score - model.series_offset(member_scores.get(series_of(corpus_slice.key), []))
         for (_, corpus_slice, _), score in zip(calib, calib_scores, strict=True)
     ]
+    series_maxima = {
+        "/".join(series): max(members) - model.series_offset(members) for series, members in member_scores.items()
+    }
+    for (_, corpus_slice, _), score in zip(calib, calib_adjusted, strict=True):
+        key = "/".join(series_of(corpus_slice.key))  # a series without lung slices: its calibration slices
+        series_maxima[key] = max(series_maxima.get(key, -np.inf), score)
     genuine_by_series: dict[tuple[str, str], dict[str, float]] = {}
     for item in items:
         if item["label"] == 0 and mapper.maps[item["id"]].in_lungs:
@@ -219,7 +226,48 @@ def series_relative_scores(
         if mapper.maps[item["id"]].in_lungs:
             lung_scores.append(raw[item["id"]])
         adjusted[item["id"]] = raw[item["id"]] - model.series_offset(lung_scores)
-    return model, calib_adjusted, adjusted
+    return model, calib_adjusted, adjusted, series_maxima
+
+
+def series_level(
+    items: list[dict[str, Any]],
+    by_item: dict[str, float],
+    series_of: Callable[[str], tuple[str, str]],
+    calibration_series: dict[str, float],
+) -> dict[str, Any]:
+    """Series level, location unknown: a series scores the maximum of its slices. A tampered series is a
+    genuine held-out series with the tampered slice in place of the one it was made from (3-D spheres: one
+    series per sphere); genuine series are the held-out series themselves. Few genuine series exist here:
+    read `n_genuine_series` before the AUC."""
+    genuine: dict[tuple[str, str], dict[str, float]] = {}
+    for item in items:
+        if item["label"] == 0:
+            genuine.setdefault(series_of(item["slice_key"]), {})[item["id"]] = by_item[item["id"]]
+    genuine_max = [max(scores.values()) for scores in genuine.values()]
+    threshold = threshold_at_fpr(list(calibration_series.values()), OPERATING_FPR) if calibration_series else None
+    tampered: dict[str, dict[Any, float]] = {}
+    for item in items:
+        if item["label"] != 1:
+            continue
+        series = series_of(item["slice_key"])
+        key = (series, sphere_key(item)) if item["method"] == "inject-3d" else item["id"]
+        others = {k: v for k, v in genuine.get(series, {}).items() if k != item["genuine_id"]}
+        current = tampered.setdefault(item["method"], {}).get(key, max(others.values(), default=-np.inf))
+        tampered[item["method"]][key] = max(current, by_item[item["id"]])
+    out: dict[str, Any] = {
+        "n_genuine_series": len(genuine_max),
+        "threshold": threshold,
+        "genuine_series_flagged": int(sum(m > threshold for m in genuine_max)) if threshold is not None else None,
+        "methods": {},
+    }
+    for method, maxima in tampered.items():
+        values = list(maxima.values())
+        out["methods"][method] = {
+            "n": len(values),
+            "auc": roc_auc(genuine_max, values),
+            "tpr_at_operating_threshold": float(np.mean(np.asarray(values) > threshold)) if threshold else None,
+        }
+    return out
 
 
 def evaluate_detector(
@@ -303,12 +351,16 @@ def evaluate_detector(
             raw[item["id"]] = model.slice_score(amap)
             if item["label"] == 1:
                 hits.setdefault(item["method"], []).append(_hit(amap, item["box"]))
+        calibration_series: dict[str, float] = {}
         if model.series_relative:
-            model, calib_scores, by_item = series_relative_scores(
+            model, calib_scores, by_item, calibration_series = series_relative_scores(
                 model, mapper, calib, calib_scores, items, raw, series_of, resolver, slices_by_series
             )
         else:
             by_item = raw
+            for (_, corpus_slice, _), score in zip(calib, calib_scores, strict=True):
+                key = "/".join(series_of(corpus_slice.key))
+                calibration_series[key] = max(calibration_series.get(key, -np.inf), score)
         threshold = threshold_at_fpr(calib_scores, OPERATING_FPR)
         scores: dict[str, list[float]] = {}
         for item in items:
@@ -323,6 +375,8 @@ def evaluate_detector(
         results["variants"][name] = {
             "threshold": threshold,
             "calibration_scores": {s.key: score for s, score in zip(calib_slices, calib_scores, strict=True)},
+            "calibration_series_scores": calibration_series,
+            "series_level": series_level(items, by_item, series_of, calibration_series),
             "held_out_fpr_at_threshold": float(np.mean(np.asarray(genuine) > threshold)) if genuine else None,
             "n_genuine": len(genuine),
             "methods": per_method,

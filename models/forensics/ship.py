@@ -56,17 +56,19 @@ def calibration_from_results(btd: dict[str, Any]) -> tuple[dict[str, Any], dict[
 
     variant = btd["variants"][DEFAULT_VARIANT]
     scores: dict[str, float] = variant["calibration_scores"]
-    by_key = {s.key: s for s in discover()}
-    series: dict[str, float] = {}
-    for key, score in scores.items():
-        item = by_key.get(key)
-        group = f"{item.patient}/{item.series_uid or item.path}" if item else key
-        series[group] = max(series.get(group, -np.inf), score)
+    series: dict[str, float] = dict(variant.get("calibration_series_scores") or {})
+    if not series:  # results of an older bench run: group the calibration slices themselves
+        by_key = {s.key: s for s in discover()}
+        for key, score in scores.items():
+            item = by_key.get(key)
+            group = f"{item.patient}/{item.series_uid or item.path}" if item else key
+            series[group] = max(series.get(group, -np.inf), score)
     record = calibration_record(
         list(scores.values()),
         list(series.values()),
         OPERATING_FPR,
-        source=f"{len(scores)} genuine slices of the training patients (calibration half; not used to fit)",
+        source=f"{len(scores)} genuine slices of the training patients (calibration half; not used to fit); "
+        f"series threshold from the maxima of {len(series)} training series over all their lung slices",
     )
     record["scoring"] = {"mode": "whole", "overlap": None, "skip_air": True}
     anomaly = dict(variant["model"])
@@ -100,9 +102,23 @@ def performance_from_results(btd: dict[str, Any], date: str) -> dict[str, Any]:
     found = "; ".join(
         f"{round(100 * a['tpr'])} % of {ATTACK_WORDS[m]} (AUC {a['auc']:.2f}, n={a['n']})" for m, a in attacks.items()
     )
+    series = variant.get("series_level") or {}
+    series_words = ""
+    if series.get("methods") and series.get("genuine_series_flagged") is not None:
+        caught = "; ".join(
+            f"{round(100 * series['methods'][m]['tpr_at_operating_threshold'])} % of series with "
+            f"{ATTACK_WORDS[m].replace('injections', 'injection').replace('removals', 'removal')} "
+            f"(n={series['methods'][m]['n']})"
+            for m in ("inject-noise", "remove")
+            if m in series["methods"]
+        )
+        series_words = (
+            f" The study verdict uses a stricter series threshold: it flagged {series['genuine_series_flagged']} "
+            f"of {series['n_genuine_series']} genuine held-out series and caught {caught}."
+        )
     summary = (
         f"Measured on held-out patients ({date}, slice level, location unknown, docs/bench/forensics.md): flags "
-        f"{100 * fpr:.1f} % of {variant['n_genuine']} genuine slices; finds {found}. "
+        f"{100 * fpr:.1f} % of {variant['n_genuine']} genuine slices; finds {found}.{series_words} "
         "No evidence does not mean authentic."
     )
     return {
