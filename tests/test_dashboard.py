@@ -160,6 +160,9 @@ def test_overview_counts_today(client: TestClient) -> None:
     assert 'id="count-flagged" data-key="flagged">1<' in html
     assert 'id="count-failed" data-key="failed">1<' in html
     assert "btd-test" in html  # the model of the latest result
+    # The configured (default) model's thresholds and its measured operating point, from its metadata.
+    assert "<dt>thresholds</dt><dd>slice " in html and ", series " in html
+    assert 'id="operating-point">Measured on held-out patients' in html
     assert "PACS@127.0.0.1:4242" in html
     _assert_no_patient(html)
     numbers = client.get("/ui/overview.json").json()

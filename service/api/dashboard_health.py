@@ -99,8 +99,11 @@ def model_in_use(settings: Settings, last_name: str | None, last_sha256: str | N
             meta = json.loads(path.with_suffix(".json").read_text())
             info["name"] = meta.get("name")
             info["version"] = meta.get("software_version") or meta.get("version")
-            calibration = meta.get("calibration") or {}
-            info["threshold"] = calibration.get("threshold") if isinstance(calibration, dict) else None
+            calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+            info["threshold"] = calibration.get("slice_threshold", calibration.get("threshold"))
+            info["series_threshold"] = calibration.get("series_threshold")
+            performance = meta.get("performance") if isinstance(meta.get("performance"), dict) else {}
+            info["operating_point"] = performance.get("summary")
         except (OSError, ValueError):
             pass
     info["last_name"] = last_name
