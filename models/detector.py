@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -321,10 +322,8 @@ class Detector:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
         pending: list[tuple[SliceRef, np.ndarray]] = []
-        lung_flags: dict[int, bool] = {}  # id(result) -> its search region was the lungs
-        chain = _NeighbourChain(
-            lambda entry, around: self._finish(entry, around, on_map, lung_flags), slice_spacing(group)
-        )
+        kept = _SeriesMaps(TOP_MAPS_KEPT if self.anomaly.series_relative else 0)
+        chain = _NeighbourChain(lambda entry, around: self._finish(entry, around, on_map, kept), slice_spacing(group))
 
         def flush() -> None:
             if pending:
@@ -349,7 +348,7 @@ class Detector:
                 flush()
         flush()
         instances.extend(chain.close())
-        self._relative_to_series(instances, [lung_flags.get(id(i), False) for i in instances])
+        self._relative_to_series(instances, kept)
         return self._series_result(group, instances)
 
     def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
@@ -360,7 +359,7 @@ class Detector:
         ]
 
     def _finish(
-        self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None, lung_flags: dict[int, bool]
+        self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None, kept: _SeriesMaps
     ) -> InstanceResult:
         """The slice's raw score and candidate regions; verdicts are final only once the series is seen
         (`_relative_to_series`). `on_map` gets the provisional verdict at the lowest bar the series could set,
@@ -374,26 +373,33 @@ class Detector:
             reason = self.uncalibrated_reason()
         regions = find_regions(amap, self.anomaly.region_threshold + lowest, self.options.max_regions)
         result = _instance_result(entry.ref, score, verdict, regions, reason)
-        lung_flags[id(result)] = entry.slice_map.in_lungs
+        kept.add(result, amap, entry.slice_map.in_lungs)
         if on_map is not None:
             on_map(result, entry.residual.mean(axis=0).astype(np.float32))
         return result
 
-    def _relative_to_series(self, instances: list[InstanceResult], in_lungs: list[bool]) -> None:
-        """Scores, regions and verdicts relative to the series (a no-op unless the model is series-relative)."""
+    def _relative_to_series(self, instances: list[InstanceResult], kept: _SeriesMaps) -> None:
+        """Scores, regions and verdicts relative to the series (a no-op unless the model is series-relative).
+
+        Regions of the slices whose maps were kept are found again at the exact bar (threshold + offset), so
+        their outlines hug what is above it; the others keep their candidates above it (found at the lowest
+        possible bar, so their outlines can be wider)."""
         if not self.anomaly.series_relative:
             return
-        lung_scores = [i.score for i, lung in zip(instances, in_lungs, strict=True) if lung and i.score is not None]
+        lung_scores = [i.score for i in instances if i.score is not None and kept.in_lungs.get(id(i), False)]
         offset = self.anomaly.series_offset(lung_scores)
+        bar = self.anomaly.region_threshold + offset
         for instance in instances:
             if instance.score is None:
                 continue
+            amap = kept.map_of(instance)
+            regions = (
+                find_regions(amap, bar, self.options.max_regions)
+                if amap is not None
+                else [r for r in instance.regions if r.score > bar]
+            )
             instance.score -= offset
-            instance.regions = [
-                dataclasses.replace(r, score=r.score - offset)
-                for r in instance.regions
-                if r.score - offset > self.anomaly.region_threshold
-            ]
+            instance.regions = [dataclasses.replace(r, score=r.score - offset) for r in regions]
             verdict, reason = verdict_for(instance.score, self.slice_threshold)
             if reason == UNCALIBRATED_REASON:
                 reason = self.uncalibrated_reason()
@@ -432,6 +438,37 @@ class _Mapped:
     ref: SliceRef
     residual: np.ndarray
     slice_map: SliceMap
+
+
+# Anomaly maps kept per series until its offset is known (float32, 1 MB each for a 512 x 512 slice).
+TOP_MAPS_KEPT = 32
+
+
+class _SeriesMaps:
+    """What a series-relative verdict needs once the series is seen: which slices showed lung, and the
+    anomaly maps of the highest-scoring slices. Only those can end up suspicious first: the offset is common
+    to the whole series, so ranking by raw score is the final ranking."""
+
+    def __init__(self, keep: int) -> None:
+        self.in_lungs: dict[int, bool] = {}  # id(result) -> its search region was the lungs
+        self._keep = keep
+        self._heap: list[tuple[float, int, np.ndarray]] = []  # (raw score, id(result), map): the lowest first
+
+    def add(self, result: InstanceResult, amap: np.ndarray, in_lungs: bool) -> None:
+        self.in_lungs[id(result)] = in_lungs
+        if self._keep <= 0 or result.score is None:
+            return
+        item = (float(result.score), id(result), amap)
+        if len(self._heap) < self._keep:
+            heapq.heappush(self._heap, item)
+        elif item[0] > self._heap[0][0]:
+            heapq.heapreplace(self._heap, item)
+
+    def map_of(self, result: InstanceResult) -> np.ndarray | None:
+        for _, key, amap in self._heap:
+            if key == id(result):
+                return amap
+        return None
 
 
 def slice_spacing(group: SeriesGroup) -> float | None:

@@ -335,3 +335,12 @@ def test_series_relative_scores_verdicts_and_regions_move_together(model_path, s
         assert moved.verdict == (SUSPICIOUS if moved.score > 1.2 else NO_EVIDENCE)
         assert all(r.score > relative.anomaly.region_threshold for r in moved.regions)
     assert after.score == pytest.approx(before.score - 0.5)
+    # Regions are found again at the exact bar: the same areas a plain model finds at threshold + offset.
+    plain.anomaly = plain.anomaly.variant(region_threshold=plain.anomaly.region_threshold + 0.5)
+    exact = plain.score_series(small_series)
+    for moved, reference in zip(after.instances, exact.instances, strict=True):
+        assert [(r.x0, r.y0, r.x1, r.y1, r.area_px) for r in moved.regions] == [
+            (r.x0, r.y0, r.x1, r.y1, r.area_px) for r in reference.regions
+        ]
+        assert [r.score for r in moved.regions] == pytest.approx([r.score - 0.5 for r in reference.regions])
+    assert any(i.regions for i in after.instances)  # the comparison above compared something
