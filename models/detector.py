@@ -36,6 +36,7 @@ from models.preprocess import PathOrDataset, to_unit
 from models.regions import DEFAULT_MAX_REGIONS, find_regions
 from models.results import (
     NOT_ASSESSED,
+    SUSPICIOUS,
     UNCALIBRATED_REASON,
     InstanceResult,
     ModelInfo,
@@ -288,8 +289,13 @@ class Detector:
         paths_or_datasets: Iterable[PathOrDataset],
         on_map: OnMap | None = None,
         progress: Progress | None = None,
+        on_flagged: OnMap | None = None,
     ) -> SeriesResult:
-        """Score the images of ONE series (unreadable files among them are reported as not assessed)."""
+        """Score the images of ONE series (unreadable files among them are reported as not assessed).
+
+        on_map: every slice's residual map as the slice is finished (its verdict may be provisional);
+        on_flagged: the residual map of each slice whose FINAL verdict is suspicious (for a series-relative
+        model, once the series is seen; only among its TOP_MAPS_KEPT highest-scoring slices)."""
         groups = self.group(paths_or_datasets)
         if not groups:
             raise ValueError("score_series got no images")
@@ -301,20 +307,25 @@ class Detector:
         for extra in groups:
             if extra is not merged:
                 merged.slices.extend(extra.slices)
-        return self.score_group(merged, on_map=on_map, progress=progress)
+        return self.score_group(merged, on_map=on_map, progress=progress, on_flagged=on_flagged)
 
     def score_paths(
         self,
         paths: Iterable[PathOrDataset],
         on_map: OnMap | None = None,
         progress: Progress | None = None,
+        on_flagged: OnMap | None = None,
     ) -> Iterator[SeriesResult]:
         """Group files and folders into series and yield one SeriesResult per series."""
         for group in self.group(paths):
-            yield self.score_group(group, on_map=on_map, progress=progress)
+            yield self.score_group(group, on_map=on_map, progress=progress, on_flagged=on_flagged)
 
     def score_group(
-        self, group: SeriesGroup, on_map: OnMap | None = None, progress: Progress | None = None
+        self,
+        group: SeriesGroup,
+        on_map: OnMap | None = None,
+        progress: Progress | None = None,
+        on_flagged: OnMap | None = None,
     ) -> SeriesResult:
         """Score one series' slices in order, a batch at a time, each against its adjacent slices."""
         mismatch = None
@@ -322,8 +333,10 @@ class Detector:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
         pending: list[tuple[SliceRef, np.ndarray]] = []
-        kept = _SeriesMaps(TOP_MAPS_KEPT if self.anomaly.series_relative else 0)
-        chain = _NeighbourChain(lambda entry, around: self._finish(entry, around, on_map, kept), slice_spacing(group))
+        kept = _SeriesMaps(TOP_MAPS_KEPT if self.anomaly.series_relative else 0, keep_residuals=on_flagged is not None)
+        chain = _NeighbourChain(
+            lambda entry, around: self._finish(entry, around, on_map, kept, on_flagged), slice_spacing(group)
+        )
 
         def flush() -> None:
             if pending:
@@ -349,6 +362,11 @@ class Detector:
         flush()
         instances.extend(chain.close())
         self._relative_to_series(instances, kept)
+        if on_flagged is not None and self.anomaly.series_relative:
+            for instance in instances:
+                residual = kept.residual_of(instance)
+                if instance.verdict == SUSPICIOUS and residual is not None:
+                    on_flagged(instance, residual)
         return self._series_result(group, instances)
 
     def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
@@ -359,7 +377,12 @@ class Detector:
         ]
 
     def _finish(
-        self, entry: _Mapped, around: list[_Mapped | None], on_map: OnMap | None, kept: _SeriesMaps
+        self,
+        entry: _Mapped,
+        around: list[_Mapped | None],
+        on_map: OnMap | None,
+        kept: _SeriesMaps,
+        on_flagged: OnMap | None = None,
     ) -> InstanceResult:
         """The slice's raw score and candidate regions; verdicts are final only once the series is seen
         (`_relative_to_series`). `on_map` gets the provisional verdict at the lowest bar the series could set,
@@ -373,9 +396,12 @@ class Detector:
             reason = self.uncalibrated_reason()
         regions = find_regions(amap, self.anomaly.region_threshold + lowest, self.options.max_regions)
         result = _instance_result(entry.ref, score, verdict, regions, reason)
-        kept.add(result, amap, entry.slice_map.in_lungs)
+        residual = entry.residual.mean(axis=0).astype(np.float32) if (on_map or on_flagged) else None
+        kept.add(result, amap, entry.slice_map.in_lungs, residual)
         if on_map is not None:
-            on_map(result, entry.residual.mean(axis=0).astype(np.float32))
+            on_map(result, residual)
+        if on_flagged is not None and not self.anomaly.series_relative and verdict == SUSPICIOUS:
+            on_flagged(result, residual)  # a per-slice model's verdict is final here
         return result
 
     def _relative_to_series(self, instances: list[InstanceResult], kept: _SeriesMaps) -> None:
@@ -446,29 +472,36 @@ TOP_MAPS_KEPT = 32
 
 class _SeriesMaps:
     """What a series-relative verdict needs once the series is seen: which slices showed lung, and the
-    anomaly maps of the highest-scoring slices. Only those can end up suspicious first: the offset is common
-    to the whole series, so ranking by raw score is the final ranking."""
+    anomaly maps (and, for `on_flagged`, residual maps) of the highest-scoring slices. Only those can end up
+    suspicious first: the offset is common to the whole series, so ranking by raw score is the final ranking."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, keep_residuals: bool = False) -> None:
         self.in_lungs: dict[int, bool] = {}  # id(result) -> its search region was the lungs
         self._keep = keep
-        self._heap: list[tuple[float, int, np.ndarray]] = []  # (raw score, id(result), map): the lowest first
+        self._keep_residuals = keep_residuals
+        # (raw score, id(result), anomaly map, residual map or None): the lowest score first
+        self._heap: list[tuple[float, int, np.ndarray, np.ndarray | None]] = []
 
-    def add(self, result: InstanceResult, amap: np.ndarray, in_lungs: bool) -> None:
+    def add(self, result: InstanceResult, amap: np.ndarray, in_lungs: bool, residual: np.ndarray | None) -> None:
         self.in_lungs[id(result)] = in_lungs
         if self._keep <= 0 or result.score is None:
             return
-        item = (float(result.score), id(result), amap)
+        item = (float(result.score), id(result), amap, residual if self._keep_residuals else None)
         if len(self._heap) < self._keep:
             heapq.heappush(self._heap, item)
         elif item[0] > self._heap[0][0]:
             heapq.heapreplace(self._heap, item)
 
+    def _entry(self, result: InstanceResult) -> tuple[float, int, np.ndarray, np.ndarray | None] | None:
+        return next((item for item in self._heap if item[1] == id(result)), None)
+
     def map_of(self, result: InstanceResult) -> np.ndarray | None:
-        for _, key, amap in self._heap:
-            if key == id(result):
-                return amap
-        return None
+        entry = self._entry(result)
+        return entry[2] if entry else None
+
+    def residual_of(self, result: InstanceResult) -> np.ndarray | None:
+        entry = self._entry(result)
+        return entry[3] if entry else None
 
 
 def slice_spacing(group: SeriesGroup) -> float | None:

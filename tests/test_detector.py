@@ -328,8 +328,16 @@ def test_series_relative_scores_verdicts_and_regions_move_together(model_path, s
     relative = Detector.load(calibrated, device="cpu")
     # The fixture's slices show no lung, so the series falls back to the genuine reference median.
     relative.anomaly = relative.anomaly.variant(series_relative=True, reference_median=0.5, series_max_lowering=0.25)
-    before = plain.score_series(small_series)
-    after = relative.score_series(small_series)
+    flagged_plain: list = []
+    flagged: list = []
+    before = plain.score_series(small_series, on_flagged=lambda i, m: flagged_plain.append((i, m)))
+    after = relative.score_series(small_series, on_flagged=lambda i, m: flagged.append((i, m)))
+    # on_flagged: exactly the slices whose FINAL verdict is suspicious, with their residual maps.
+    for results, calls in ((before, flagged_plain), (after, flagged)):
+        suspicious = [i.sop_instance_uid for i in results.instances if i.verdict == SUSPICIOUS]
+        assert [i.sop_instance_uid for i, _ in calls] == suspicious
+        assert all(m.shape == (i.rows, i.columns) and m.dtype == np.float32 for i, m in calls)
+    assert flagged  # the comparison above compared something
     for raw, moved in zip(before.instances, after.instances, strict=True):
         assert moved.score == pytest.approx(raw.score - 0.5)
         assert moved.verdict == (SUSPICIOUS if moved.score > 1.2 else NO_EVIDENCE)

@@ -178,14 +178,6 @@ def map_relpath(study_uid: str, sop_instance_uid: str, frame: int | None) -> str
     return f"{MAPS_DIR}/{study_uid}/{name}.npy"
 
 
-def _drop_maps_not_flagged(data_dir: Path, result: Any, map_paths: dict[tuple[str, int | None], str]) -> None:
-    """Keep maps only for slices whose FINAL verdict is suspicious: models hands maps over with a provisional
-    verdict (a series-relative model settles verdicts once the whole series is seen)."""
-    final = {(i.sop_instance_uid, i.frame) for i in result.instances if i.verdict == VERDICT_SUSPICIOUS}
-    for key in [k for k in map_paths if k not in final]:
-        (Path(data_dir) / map_paths.pop(key)).unlink(missing_ok=True)
-
-
 def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:
     """Write a residual map as float16 .npy atomically (a reader never sees half a file)."""
     target = Path(data_dir) / relpath
@@ -228,12 +220,12 @@ def score_study_files(
     for item in series:
         map_paths: dict[tuple[str, int | None], str] = {}
 
-        def on_map(instance_result: Any, residual_map: np.ndarray, _paths: dict = map_paths) -> None:
+        def on_flagged(instance_result: Any, residual_map: np.ndarray, _paths: dict = map_paths) -> None:
+            # models calls this only for slices whose final verdict is suspicious
             key = (instance_result.sop_instance_uid, instance_result.frame)
-            if instance_result.verdict == VERDICT_SUSPICIOUS:
-                relpath = map_relpath(study_uid, *key)
-                save_map(data_dir, relpath, residual_map)
-                _paths[key] = relpath
+            relpath = map_relpath(study_uid, *key)
+            save_map(data_dir, relpath, residual_map)
+            _paths[key] = relpath
 
         done_in_series = 0
 
@@ -245,7 +237,7 @@ def score_study_files(
                 on_progress(_offset + min(done_in_series, _n), total)
 
         started = time.perf_counter()
-        result = detector.score_series([str(f.path) for f in item.files], on_map=on_map, progress=progress)
+        result = detector.score_series([str(f.path) for f in item.files], progress=progress, on_flagged=on_flagged)
         elapsed = time.perf_counter() - started
         n_slices = max(1, len(getattr(result, "instances", []) or []))
         for _ in range(n_slices):
@@ -253,7 +245,6 @@ def score_study_files(
         done_before += len(item.files)
         if on_progress:
             on_progress(done_before, total)
-        _drop_maps_not_flagged(data_dir, result, map_paths)
         scored.append(ScoredSeries(item.series_uid, item.modality, result, map_paths))
         log_event(
             log,
