@@ -160,6 +160,19 @@ def test_clean_sr_has_no_measurement_group_and_says_absent(ct: list[Dataset]) ->
     assert "no evidence" in sr.SeriesDescription
 
 
+def test_regions_below_the_study_threshold_ask_for_review_not_absent(ct: list[Dataset]) -> None:
+    """A study under the study threshold whose slices still hold flagged regions: never "no evidence"."""
+    import dataclasses
+
+    findings = dataclasses.replace(findings_for(ct, "CT", flagged=True), verdict="no_evidence")
+    sr = build_sr(ct, findings)
+    study_eval = children(sr, "C0034375")[0]
+    assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue == "82334004"  # Indeterminate
+    assert "REVIEW: slice flags below study threshold" in children(study_eval, "BTD0004")[0].TextValue
+    assert sr.SeriesDescription == "BTD forensic report: REVIEW: slice flags below study threshold"
+    assert len(children(children(sr, "126010")[0], "125007")) == 1  # the region is still drawn
+
+
 def test_not_assessed_study_is_indeterminate(ct: list[Dataset]) -> None:
     findings = findings_for(ct, "CT", flagged=False)
     findings.verdict, findings.score = "not_assessed", None

@@ -35,6 +35,24 @@ VERDICT_WORDS = {
     "no_evidence": "no evidence of image manipulation",
     "not_assessed": "NOT ASSESSED",
 }
+# A study under the (stricter) study threshold whose slices still hold regions above the slice threshold:
+# saying "no evidence" beside a region marked "possible tampering" would contradict itself, and hiding the
+# region would be a silent pass. It is reported as what it is: slice-level findings to review.
+REVIEW_WORDS = "REVIEW: slice flags below study threshold"
+
+
+def headline(findings: StudyFindings) -> str:
+    """The verdict in words, as the series description, the KOS and the verdict text say it."""
+    if findings.verdict == "no_evidence" and findings.flagged:
+        return REVIEW_WORDS
+    return VERDICT_WORDS.get(findings.verdict, findings.verdict)
+
+
+def study_evaluation(findings: StudyFindings) -> hd.sr.CodedConcept:
+    """The study's qualitative evaluation: Indeterminate, not Absent, when slices were flagged below it."""
+    if findings.verdict == "no_evidence" and findings.flagged:
+        return btd_codes.INDETERMINATE
+    return btd_codes.VERDICT_EVALUATION.get(findings.verdict, btd_codes.INDETERMINATE)
 
 
 def report_uid(kind: str, study_uid: str, study_version: int) -> str:
@@ -48,7 +66,7 @@ def device_uid() -> str:
 
 def verdict_text(findings: StudyFindings) -> str:
     """One line a radiologist can read: the verdict, the score and how many regions were marked."""
-    words = VERDICT_WORDS.get(findings.verdict, findings.verdict)
+    words = headline(findings)
     score = f", score {findings.score:.4g}" if findings.score is not None else ""
     regions = f", {len(findings.regions)} region(s) marked" if findings.regions else ""
     return f"BTD: {words}{score}{regions} (model {findings.model_name}; not verified by a person)"
@@ -142,7 +160,7 @@ def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=btd_codes.IMAGE_MANIPULATION,
-            value=btd_codes.VERDICT_EVALUATION.get(findings.verdict, btd_codes.INDETERMINATE),
+            value=study_evaluation(findings),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ),
         hd.sr.TextContentItem(
@@ -264,7 +282,7 @@ def build_sr(
         is_verified=False,
         previous_versions=[previous_sr] if previous_sr is not None else None,
         contributing_equipment=[_contributing_equipment()],
-        series_description=f"{SERIES_DESCRIPTION_PREFIX}: {VERDICT_WORDS.get(findings.verdict, findings.verdict)}"[:64],
+        series_description=f"{SERIES_DESCRIPTION_PREFIX}: {headline(findings)}"[:64],
         manufacturer_model_name=MODEL_NAME,
         software_versions=__version__,
     )
