@@ -234,11 +234,15 @@ def series_level(
     by_item: dict[str, float],
     series_of: Callable[[str], tuple[str, str]],
     calibration_series: dict[str, float],
+    slice_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Series level, location unknown: a series scores the maximum of its slices. A tampered series is a
     genuine held-out series with the tampered slice in place of the one it was made from (3-D spheres: one
     series per sphere); genuine series are the held-out series themselves. Few genuine series exist here:
-    read `n_genuine_series` before the AUC."""
+    read `n_genuine_series` before the AUC.
+
+    Two bars, as the SR reports them: above the series threshold the study reads SUSPICIOUS; above only the
+    slice threshold it reads REVIEW (a flagged slice in a study under its threshold)."""
     genuine: dict[tuple[str, str], dict[str, float]] = {}
     for item in items:
         if item["label"] == 0:
@@ -258,6 +262,10 @@ def series_level(
         "n_genuine_series": len(genuine_max),
         "threshold": threshold,
         "genuine_series_flagged": int(sum(m > threshold for m in genuine_max)) if threshold is not None else None,
+        "slice_threshold": slice_threshold,
+        "genuine_series_with_a_flagged_slice": (
+            int(sum(m > slice_threshold for m in genuine_max)) if slice_threshold is not None else None
+        ),
         "methods": {},
     }
     for method, maxima in tampered.items():
@@ -265,7 +273,12 @@ def series_level(
         out["methods"][method] = {
             "n": len(values),
             "auc": roc_auc(genuine_max, values),
-            "tpr_at_operating_threshold": float(np.mean(np.asarray(values) > threshold)) if threshold else None,
+            "tpr_at_operating_threshold": (
+                float(np.mean(np.asarray(values) > threshold)) if threshold is not None else None
+            ),
+            "with_a_flagged_slice": (
+                float(np.mean(np.asarray(values) > slice_threshold)) if slice_threshold is not None else None
+            ),
         }
     return out
 
@@ -376,7 +389,7 @@ def evaluate_detector(
             "threshold": threshold,
             "calibration_scores": {s.key: score for s, score in zip(calib_slices, calib_scores, strict=True)},
             "calibration_series_scores": calibration_series,
-            "series_level": series_level(items, by_item, series_of, calibration_series),
+            "series_level": series_level(items, by_item, series_of, calibration_series, threshold),
             "held_out_fpr_at_threshold": float(np.mean(np.asarray(genuine) > threshold)) if genuine else None,
             "n_genuine": len(genuine),
             "methods": per_method,

@@ -106,15 +106,18 @@ def performance_from_results(btd: dict[str, Any], date: str) -> dict[str, Any]:
     series_words = ""
     if series.get("methods") and series.get("genuine_series_flagged") is not None:
         caught = "; ".join(
-            f"{round(100 * series['methods'][m]['tpr_at_operating_threshold'])} % of series with "
-            f"{ATTACK_WORDS[m].replace('injections', 'injection').replace('removals', 'removal')} "
+            f"{ATTACK_WORDS[m].replace('injections', 'injection').replace('removals', 'removal')}: "
+            f"{round(100 * series['methods'][m]['tpr_at_operating_threshold'])} % SUSPICIOUS, "
+            f"{round(100 * (series['methods'][m].get('with_a_flagged_slice') or 0))} % at least REVIEW "
             f"(n={series['methods'][m]['n']})"
             for m in ("inject-noise", "remove")
             if m in series["methods"]
         )
         series_words = (
-            f" The study verdict uses a stricter series threshold: it flagged {series['genuine_series_flagged']} "
-            f"of {series['n_genuine_series']} genuine held-out series and caught {caught}."
+            f" Study verdict (stricter series threshold; REVIEW = a slice flagged in a study under it): of "
+            f"{series['n_genuine_series']} genuine held-out series {series['genuine_series_flagged']} read "
+            f"SUSPICIOUS and {series.get('genuine_series_with_a_flagged_slice', 0)} had a flagged slice; series "
+            f"with one {caught}."
         )
     summary = (
         f"Measured on held-out patients ({date}, slice level, location unknown, docs/bench/forensics.md): flags "
@@ -126,6 +129,7 @@ def performance_from_results(btd: dict[str, Any], date: str) -> dict[str, Any]:
         "held_out_fpr": round(fpr, 4),
         "n_genuine": variant["n_genuine"],
         "attacks": attacks,
+        "series_level": series,
         "summary": summary,
     }
 
