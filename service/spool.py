@@ -22,7 +22,6 @@ import itertools
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 _UID_UNSAFE = re.compile(r"[^0-9A-Za-z.\-]")
@@ -40,14 +39,6 @@ class SpoolFull(Exception):
 
 class SpoolConflict(Exception):
     """A different file already holds this name (a racing receiver, or an orphan from a crash)."""
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    relative_path: str
-    size: int
-    sha256: str
-    created: bool  # False when identical bytes were already at this name (only a creator may remove it)
 
 
 def sanitise_uid(uid: str) -> str:
@@ -115,7 +106,7 @@ class Spool:
         return self.root / relative
 
     def stage(self, folder: str, data: bytes) -> Path:
-        """Write `data` to a temporary file in `folder` (relative), synced to disk, ready for `publish`.
+        """Write `data` to a temporary file in `folder` (relative), synced to disk, ready for `publish_new`.
 
         Why two steps: the slow part (writing and syncing the bytes) can happen before the database
         transaction, which then only publishes the name; the transaction holds its locks shorter.
@@ -146,21 +137,6 @@ class Spool:
             raise
         os.close(fd)
         return path
-
-    def publish(self, staged: Path, relative: str, sha256: str, size: int) -> StoredFile:
-        """Give a staged file its final name without ever replacing another file."""
-        final = self.root / relative
-        self._check_staged(staged)
-        _makedirs_durable(final.parent, self.root)
-        created = True
-        try:
-            os.link(staged, final)  # atomic, and never replaces an existing file
-        except FileExistsError:
-            if sha256_hex(final.read_bytes()) != sha256:
-                raise SpoolConflict(f"{relative} already holds different bytes") from None
-            created = False
-        fsync_dir(final.parent)
-        return StoredFile(relative, size, sha256, created)
 
     def publish_new(self, staged: Path, relative: str) -> str:
         """Link a staged file under `relative` or, if that name is taken, under the first free
@@ -198,15 +174,6 @@ class Spool:
     def discard(staged: Path) -> None:
         """Remove a staged temporary file (after publishing it, or when it is not needed)."""
         staged.unlink(missing_ok=True)
-
-    def write(self, relative: str, data: bytes, sha256: str | None = None) -> StoredFile:
-        """Write `data` durably at `relative`; the same bytes already there count as written."""
-        digest = sha256 or sha256_hex(data)
-        staged = self.stage(str(Path(relative).parent), data)
-        try:
-            return self.publish(staged, relative, digest, len(data))
-        finally:
-            self.discard(staged)
 
     def remove(self, relative: str) -> None:
         """Remove a file this process just wrote whose database row could not be committed."""

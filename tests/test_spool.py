@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from service.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, relative_path, sanitise_uid
+from service.spool import INCOMING_FOLDER, Spool, SpoolFull, relative_path, sanitise_uid
 
 
-def test_write_stores_the_bytes_under_the_layout_and_reports_their_hash(tmp_path: Path) -> None:
+def store(spool: Spool, relative: str, data: bytes) -> str:
+    """What the listener does: stage into ~incoming, publish under the final (or next free) name, discard."""
+    staged = spool.stage(INCOMING_FOLDER, data)
+    try:
+        return spool.publish_new(staged, relative)
+    finally:
+        spool.discard(staged)
+
+
+def test_stored_bytes_land_under_the_layout(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     rel = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", 1)
     assert rel == "1.2.3/1.2.3.4/1.2.3.4.5.v1.dcm"
-    stored = spool.write(rel, b"DICM-bytes")
-    assert stored.created and stored.size == 10
-    assert stored.sha256 == hashlib.sha256(b"DICM-bytes").hexdigest()
+    assert store(spool, rel, b"DICM-bytes") == rel
     assert (tmp_path / "spool" / rel).read_bytes() == b"DICM-bytes"
     assert spool.incoming_leftovers() == []  # the temporary file is gone
 
@@ -27,23 +33,15 @@ def test_hostile_uids_cannot_leave_the_spool(tmp_path: Path) -> None:
     assert sanitise_uid("") and "/" not in sanitise_uid("a/b")
     spool = Spool(tmp_path / "spool")
     rel = relative_path("..", "../x", "/abs", 1)
-    spool.write(rel, b"x")
+    store(spool, rel, b"x")
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) == 1 and (tmp_path / "spool") in written[0].parents
 
 
-def test_same_name_same_bytes_is_accepted_but_not_created(tmp_path: Path) -> None:
+def test_a_taken_name_is_never_overwritten(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    spool.write("a/b/c.v1.dcm", b"same")
-    again = spool.write("a/b/c.v1.dcm", b"same")
-    assert not again.created
-
-
-def test_same_name_different_bytes_never_overwrites(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    spool.write("a/b/c.v1.dcm", b"first")
-    with pytest.raises(SpoolConflict):
-        spool.write("a/b/c.v1.dcm", b"second")
+    store(spool, "a/b/c.v1.dcm", b"first")
+    assert store(spool, "a/b/c.v1.dcm", b"second") == "a/b/c.v1~2.dcm"
     assert (tmp_path / "a/b/c.v1.dcm").read_bytes() == b"first"
     assert spool.incoming_leftovers() == []
 
@@ -53,14 +51,14 @@ def test_below_the_watermark_nothing_is_written(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull):
         spool.check_space()
     with pytest.raises(SpoolFull):
-        spool.write("a/b/c.v1.dcm", b"x")
+        store(spool, "a/b/c.v1.dcm", b"x")
     assert not any(p.is_file() for p in (tmp_path / "spool").rglob("*"))
 
 
 def test_remove_deletes_only_the_named_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    spool.write("a/b/c.v1.dcm", b"1")
-    spool.write("a/b/d.v1.dcm", b"2")
+    store(spool, "a/b/c.v1.dcm", b"1")
+    store(spool, "a/b/d.v1.dcm", b"2")
     spool.remove("a/b/c.v1.dcm")
     assert not (tmp_path / "a/b/c.v1.dcm").exists() and (tmp_path / "a/b/d.v1.dcm").exists()
 
@@ -71,8 +69,7 @@ def test_staged_in_the_incoming_folder_and_published_into_a_new_study_folder(tmp
     staged = spool.stage(INCOMING_FOLDER, b"bytes of an instance")
     assert staged.parent == tmp_path / "spool" / INCOMING_FOLDER and staged.read_bytes() == b"bytes of an instance"
     rel = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5", 1)
-    digest = hashlib.sha256(b"bytes of an instance").hexdigest()
-    assert spool.publish(staged, rel, digest, 20).created
+    assert spool.publish_new(staged, rel) == rel
     spool.discard(staged)
     assert (tmp_path / "spool" / rel).read_bytes() == b"bytes of an instance"
     assert spool.incoming_leftovers() == []
@@ -87,7 +84,7 @@ def test_a_staged_file_from_outside_the_spool_is_refused(tmp_path: Path) -> None
     outside = tmp_path / "elsewhere.tmp"
     outside.write_bytes(b"x")
     with pytest.raises(ValueError):
-        Spool(tmp_path / "spool").publish(outside, "a/b/c.v1.dcm", hashlib.sha256(b"x").hexdigest(), 1)
+        Spool(tmp_path / "spool").publish_new(outside, "a/b/c.v1.dcm")
 
 
 @pytest.mark.parametrize("orphan", [b"bytes of a crashed receive", b"partial", b"the new bytes"])
