@@ -43,7 +43,7 @@ from models.results import (
     SeriesResult,
     verdict_for,
 )
-from models.series import SeriesGroup, SliceRef, expand_paths, group_series, iter_slices
+from models.series import SeriesGroup, SliceRef, adjacent, expand_paths, group_series, iter_slices, usual_spacing
 from models.tiling import residual_tiles, residual_whole
 from models.windowing import Window, unit_to_model
 
@@ -505,18 +505,15 @@ class _SeriesMaps:
 
 
 def slice_spacing(group: SeriesGroup) -> float | None:
-    """The series' usual distance between slices (median of the gaps), None without geometry."""
-    positions = sorted({ref.position for ref in group.slices if ref.position is not None})
-    gaps = np.diff(positions)
-    gaps = gaps[gaps > 1e-3]
-    return float(np.median(gaps)) if gaps.size else None
+    """The series' usual distance between slices, None without geometry."""
+    return usual_spacing(ref.position for ref in group.slices if ref.position is not None)
 
 
 class _NeighbourChain:
     """Finishes each slice once the next one is known, with the adjacent slices on either side.
 
-    Adjacent: both slices have a position, the same size, and lie at most 1.5 x the series' usual spacing
-    apart, so that a gap in the series (a missing slice, a second stack) never passes for a neighbour.
+    Adjacent: both slices have a position, the same size, and `models.series.adjacent` holds for them, so
+    that a gap in the series (a missing slice, a second stack) never passes for a neighbour.
     """
 
     def __init__(self, finish: Callable[[_Mapped, list[_Mapped | None]], InstanceResult], spacing: float | None):
@@ -526,10 +523,7 @@ class _NeighbourChain:
         self._current: _Mapped | None = None
 
     def adjacent(self, a: _Mapped, b: _Mapped) -> bool:
-        if self._spacing is None or a.ref.position is None or b.ref.position is None:
-            return False
-        gap = abs(a.ref.position - b.ref.position)
-        return 1e-3 < gap <= 1.5 * self._spacing and a.slice_map.z.shape == b.slice_map.z.shape
+        return adjacent(a.ref.position, b.ref.position, self._spacing) and a.slice_map.z.shape == b.slice_map.z.shape
 
     def push(self, entry: _Mapped) -> list[InstanceResult]:
         finished = []

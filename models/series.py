@@ -59,6 +59,26 @@ class SeriesGroup:
     slices: list[SliceRef] = field(default_factory=list)
 
 
+# Slices are neighbours when they lie at most this many times the series' usual spacing apart: a missing
+# slice or a second stack in the same series is a gap, never a neighbour.
+ADJACENT_SPACING_FACTOR = 1.5
+_SAME_POSITION_MM = 1e-3
+
+
+def usual_spacing(positions: Iterable[float]) -> float | None:
+    """A series' usual distance between slices: the median of the gaps between distinct positions."""
+    gaps = np.diff(sorted(set(positions)))
+    gaps = gaps[gaps > _SAME_POSITION_MM]
+    return float(np.median(gaps)) if gaps.size else None
+
+
+def adjacent(a: float | None, b: float | None, spacing: float | None) -> bool:
+    """Whether slices at positions a and b (mm along the series) are neighbours in a series of this spacing."""
+    if spacing is None or a is None or b is None:
+        return False
+    return _SAME_POSITION_MM < abs(a - b) <= ADJACENT_SPACING_FACTOR * spacing
+
+
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Files as given, folders walked recursively (sorted, hidden files skipped)."""
     files: list[str] = []

@@ -12,11 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
 from models.corpus import CorpusSlice
-
-ADJACENT_FACTOR = 1.5  # the same rule as the detector: at most 1.5 x the series' usual spacing apart
+from models.series import adjacent, usual_spacing
 
 
 def neighbour_index(slices: Iterable[CorpusSlice]) -> dict[str, tuple[CorpusSlice | None, CorpusSlice | None]]:
@@ -28,15 +25,16 @@ def neighbour_index(slices: Iterable[CorpusSlice]) -> dict[str, tuple[CorpusSlic
     index: dict[str, tuple[CorpusSlice | None, CorpusSlice | None]] = {}
     for members in series.values():
         members.sort(key=lambda s: s.position_z or 0.0)
-        gaps = np.abs(np.diff([s.position_z or 0.0 for s in members]))
-        positive = gaps[gaps > 1e-3]
-        if not positive.size:
-            continue
-        limit = ADJACENT_FACTOR * float(np.median(positive))
+        spacing = usual_spacing(s.position_z for s in members if s.position_z is not None)
         for i, item in enumerate(members):
-            before = members[i - 1] if i > 0 and 1e-3 < gaps[i - 1] <= limit else None
-            after = members[i + 1] if i + 1 < len(members) and 1e-3 < gaps[i] <= limit else None
-            index[item.key] = (before, after)
+            before = members[i - 1] if i > 0 and adjacent(members[i - 1].position_z, item.position_z, spacing) else None
+            after = (
+                members[i + 1]
+                if i + 1 < len(members) and adjacent(item.position_z, members[i + 1].position_z, spacing)
+                else None
+            )
+            if spacing is not None:
+                index[item.key] = (before, after)
     return index
 
 
