@@ -295,13 +295,13 @@ def test_sr_names_the_model_version_and_its_measured_operating_point(tmp_path: P
 
 def test_a_model_without_a_measured_operating_point_is_reported_as_unvalidated(tmp_path: Path) -> None:
     """Metadata of other weights (another SHA-256) must not lend them its operating point."""
-    from worker.report_tasks import operating_point
+    from worker.report_tasks import operating_point, scoring_model_metadata
 
     (tmp_path / "m.json").write_text(json.dumps({"weights_sha256": "e" * 64, "performance": {"summary": "good"}}))
     settings = make_settings(tmp_path, model=str(tmp_path / "m.pt"))
-    assert operating_point(settings, "e" * 64) == "good"
-    assert "unvalidated" in operating_point(settings, "f" * 64)
-    assert "unvalidated" in operating_point(settings, None)
+    assert operating_point(scoring_model_metadata(settings, "e" * 64)) == "good"
+    assert "unvalidated" in operating_point(scoring_model_metadata(settings, "f" * 64))
+    assert "unvalidated" in operating_point(scoring_model_metadata(settings, None))
 
 
 def walk_items(items) -> Iterator:

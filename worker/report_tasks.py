@@ -129,17 +129,15 @@ def scoring_model_metadata(settings: Settings, weights_sha256: str | None) -> di
     return meta
 
 
-def model_version(settings: Settings, model_name: str, weights_sha256: str | None) -> str:
+def model_version(meta: dict | None, model_name: str) -> str:
     """The scoring model's version from its metadata; else the model name, the closest thing to a version
     the database keeps."""
-    meta = scoring_model_metadata(settings, weights_sha256) or {}
-    return str(meta["software_version"]) if meta.get("software_version") else model_name
+    return str(meta["software_version"]) if meta and meta.get("software_version") else model_name
 
 
-def operating_point(settings: Settings, weights_sha256: str | None) -> str:
+def operating_point(meta: dict | None) -> str:
     """What the SR says about how far the verdict can be trusted: the model's measured operating point."""
-    meta = scoring_model_metadata(settings, weights_sha256) or {}
-    summary = (meta.get("performance") or {}).get("summary")
+    summary = ((meta or {}).get("performance") or {}).get("summary")
     if summary:
         return str(summary)
     return "No measured operating point is recorded for this model: treat its verdicts as unvalidated."
@@ -147,8 +145,9 @@ def operating_point(settings: Settings, weights_sha256: str | None) -> str:
 
 def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     findings = load_findings(session, study.study_uid, study.version)
-    findings.model_version = model_version(settings, findings.model_name, findings.model_sha256)
-    findings.operating_point = operating_point(settings, findings.model_sha256)
+    meta = scoring_model_metadata(settings, findings.model_sha256)
+    findings.model_version = model_version(meta, findings.model_name)
+    findings.operating_point = operating_point(meta)
     sources = read_sources(settings, scored_instances(session, study.study_uid))
     previous = _previous_sr(session, settings, study.study_uid, study.version)
     sr = build_sr(sources, findings, previous_sr=previous)

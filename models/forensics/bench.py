@@ -66,9 +66,14 @@ class BenchItem:
 def test_slices(data_root: Path = DEFAULT_DATA_ROOT, test_patients: Sequence[str] = DEFAULT_TEST_PATIENTS) -> list:
     """The held-out slices: the corpus's test side plus the TotalSegmentator series of tests/fixtures."""
     _, test = split_by_patient(discover(data_root), test_patients)
-    if "TOTALSEG-EXAMPLE" in test_patients and TOTALSEG_FIXTURE.is_dir():
-        test += discover_dicom(TOTALSEG_FIXTURE, patient="TOTALSEG-EXAMPLE")
+    if "TOTALSEG-EXAMPLE" in test_patients:
+        test += fixture_slices()
     return test
+
+
+def fixture_slices() -> list[CorpusSlice]:
+    """The held-out TotalSegmentator series of tests/fixtures (not in the chest-CT corpus folder)."""
+    return discover_dicom(TOTALSEG_FIXTURE, patient="TOTALSEG-EXAMPLE") if TOTALSEG_FIXTURE.is_dir() else []
 
 
 def _round_robin(items: list[CorpusSlice], limit: int, rng: np.random.Generator) -> list[CorpusSlice]:

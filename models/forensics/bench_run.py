@@ -27,7 +27,7 @@ import numpy as np
 
 from models.anomaly import AnomalyModel, SliceMap
 from models.corpus import DEFAULT_TEST_PATIENTS, CorpusSlice, discover, split_by_patient
-from models.forensics.bench import load_item, read_manifest, test_slices
+from models.forensics.bench import fixture_slices, load_item, read_manifest
 from models.forensics.metrics import bootstrap_auc_ci, plot_rocs, roc_auc, threshold_at_fpr, tpr_at_fpr
 from models.forensics.neighbours import NeighbourResolver, sphere_key
 from models.lungmask import has_lungs
@@ -313,7 +313,7 @@ def evaluate_detector(
 
         return unknown
 
-    all_slices = slices if slices is not None else discover() + _fixture_slices()
+    all_slices = slices if slices is not None else discover() + fixture_slices()
     resolver = NeighbourResolver(items, all_slices)
     corpus_by_key = {s.key: s for s in all_slices}
     slices_by_series: dict[tuple[str, str], list[CorpusSlice]] = {}
@@ -397,11 +397,6 @@ def evaluate_detector(
             "model": model.to_dict(),
         }
     return results
-
-
-def _fixture_slices() -> list[CorpusSlice]:
-    """The held-out TotalSegmentator series of tests/fixtures (not in the chest-CT corpus folder)."""
-    return [s for s in test_slices() if s.patient == "TOTALSEG-EXAMPLE"]
 
 
 def run_benchmark(
