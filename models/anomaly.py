@@ -19,8 +19,8 @@ edges, vessels), removals LOWER it, and its level differs by tissue. So the map 
    one. The map of the slice minus ``neighbour_weight`` x the neighbours' maps, each widened by a maximum
    filter of ``neighbour_reach_px`` (so that a structure that moved a little between slices still cancels)
    and combined by ``neighbour_reduce``. A slice without adjacent neighbours keeps its own map. Measured on
-   the forensic benchmark (docs/bench/forensics.md): the largest single gain for 2-D edits, and a loss on
-   3-D-consistent edits, which it cannot see by construction;
+   the forensic benchmark (docs/bench/forensics.md): a large gain on 2-D edits on its own, little on top of
+   step 8, and a loss on 3-D-consistent edits, which it cannot see by construction; off in the shipped model;
 7. aggregated over regions rather than one pixel: the map is averaged over ``region_px`` before the
    slice score takes its maximum;
 8. judged against its own series (``series_relative``): a slice's score minus the median score of the
