@@ -184,47 +184,6 @@ def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(
     assert dcmread(DicomBytesIO(expected)).file_meta.MediaStorageSOPInstanceUID == sop_instance
 
 
-def test_each_association_gets_its_own_copy_of_the_supported_contexts() -> None:
-    """The cheap per-association copy must be as independent as pynetdicom's deepcopy was."""
-    import copy
-
-    from service.dicom.listener import _SupportedContexts, build_ae
-
-    contexts = _SupportedContexts(build_ae(Settings()).supported_contexts)
-    first, second = copy.deepcopy(contexts), copy.deepcopy(contexts)
-    assert [(c.abstract_syntax, c.transfer_syntax) for c in first] == [
-        (c.abstract_syntax, c.transfer_syntax) for c in contexts
-    ]
-    first[0].context_id = 1
-    first[0].transfer_syntax.append("1.2.3")  # the property hands back the context's own list
-    assert contexts[0].context_id is None and second[0].context_id is None
-    assert "1.2.3" not in contexts[0].transfer_syntax and "1.2.3" not in second[0].transfer_syntax
-
-
-def test_pdu_reads_return_exactly_what_was_asked_or_what_came_before_close() -> None:
-    """The listener's replacement for AssociationSocket.recv keeps pynetdicom's contract."""
-    import socket as socketlib
-    from types import SimpleNamespace
-
-    from service.dicom.listener import _recv_exactly
-
-    ours, peer = socketlib.socketpair()
-    with ours, peer:
-        reader = SimpleNamespace(socket=ours)
-        payload = bytes(range(256)) * 2048  # 512 KiB, more than one kernel buffer
-        sending = threading.Thread(target=peer.sendall, args=(payload + b"tail",))
-        sending.start()
-        assert _recv_exactly(reader, len(payload)) == payload  # type: ignore[arg-type]
-        sending.join()
-        peer.close()
-        assert _recv_exactly(reader, 10) == b"tail"  # type: ignore[arg-type]
-    lying, peer = socketlib.socketpair()
-    with lying, peer:  # a header announcing 4 GiB, then 3 bytes and a close: no 4 GiB buffer
-        peer.sendall(b"abc")
-        peer.close()
-        assert _recv_exactly(SimpleNamespace(socket=lying), 0xFFFFFFFF) == b"abc"  # type: ignore[arg-type]
-
-
 def test_patient_name_is_decoded_with_the_datasets_character_set(gateway: Settings) -> None:
     """Only the identifying elements are decoded; Specific Character Set must be among them."""
     ds = fresh_ct(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen", StudyDescription="Thorax ü")

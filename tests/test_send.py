@@ -117,7 +117,8 @@ def test_more_than_128_contexts_are_split_over_associations() -> None:
 
 
 def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
-    """pynetdicom sets no TCP_NODELAY itself; our handlers do, so small PDUs never wait for an ACK."""
+    """pynetdicom sets no TCP_NODELAY itself: our sender's handler and our listener do, so small PDUs never wait
+    for an ACK."""
     settings = Settings(data_dir=tmp_path, dicom_host="127.0.0.1", dicom_port=free_port(), min_free_bytes=0)
     migrate.upgrade(settings)
     server = start_listener(settings)
@@ -132,7 +133,7 @@ def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
         assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         acceptors = server.active_associations
         assert acceptors, "the listener holds the association"
-        theirs = acceptors[0].dul.socket.socket
+        theirs = acceptors[0].socket
         assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assoc.release()
     finally:

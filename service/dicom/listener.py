@@ -2,8 +2,8 @@
 
 An instance is acknowledged (0x0000) only after its bytes are fsynced in the spool and its row is
 committed, so a PACS never deletes an image we could still lose. The bytes are stored exactly as received
-(what `event.encoded_dataset()` returns: the File Meta pynetdicom builds from the negotiated context, written
-by `file_meta_bytes` without pydicom, followed by the dataset bytes as the peer sent them; nothing is
+(the File Meta pynetdicom's `event.encoded_dataset()` would build from the negotiated context, written by
+`file_meta_bytes` without pydicom, followed by the dataset bytes as the peer sent them; nothing is
 transcoded), and the SHA-256 recorded is that of the stored file.
 
 Statuses we answer (C-STORE):
@@ -21,25 +21,20 @@ Associations are rejected (A-ASSOCIATE-RJ, permanent) for a calling AE title not
 (reason 0x03 "calling AE title not recognised") or a peer address outside BTD_ALLOWED_IPS (reason 0x01,
 no reason given: DICOM has no code for it; the log says why).
 
-Every accepted socket gets TCP_NODELAY: pynetdicom does not set it, and a small C-STORE response could
-otherwise wait for the peer's delayed ACK (about 40 ms on Linux loopback). It also reads PDUs with
-`_recv_exactly` (large reads into one buffer) instead of pynetdicom's 4 KiB loop.
+The association itself (negotiation, PDUs, DIMSE commands) is served by `service.dicom.scp`, one blocking
+thread per association; every accepted socket gets TCP_NODELAY there, so a small C-STORE response never
+waits for the peer's delayed ACK (about 40 ms on Linux loopback).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import ipaddress
 import logging
-import socket
 import ssl
 import struct
 import time
-import types
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -51,21 +46,18 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import (
-    AE,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
-    evt,
 )
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import repository
 from service.db.session import session_factory
+from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest
 from service.observability.logs import log_event
 from service.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
 from service.settings import Settings
@@ -108,18 +100,16 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 _STORE_ATTEMPTS = 3  # a racing receiver of the same SOP Instance UID makes us re-read and retry
 _MAX_ASSOCIATIONS = 64
-_RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; doubled while more arrives
 # One staging thread per association at most (created on demand): a handler holds its transaction while it
 # waits for its bytes, so a write queued behind other associations' writes would hold the database longer.
 _STAGING_THREADS = _MAX_ASSOCIATIONS
 
 
-def _status(code: int, comment: str | None = None) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
+Answer = tuple[int, str | None]  # a C-STORE status and its error comment
+
+
+def _status(code: int, comment: str | None = None) -> Answer:
+    return code, comment[:64] if comment else None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -143,7 +133,7 @@ class ParsedInstance:
     data: bytes
 
 
-# The only elements parse_request needs. Why not `event.dataset`: it decodes every element and copies the
+# The only elements parse_request needs. Why not decode the dataset: that decodes every element and copies the
 # pixel data (0.5 MB for a 512x512 CT); reading only these tags still walks the whole element structure, so
 # a dataset that does not decode is refused as before, but values of the other elements are skipped.
 _IDENTIFYING_TAGS: list[BaseTag | int] = [
@@ -206,24 +196,21 @@ def _identifying_dataset(stream: BytesIO, transfer_syntax: UID) -> Dataset:
     )
 
 
-def encoded_instance(event: Any) -> bytes:
+def encoded_instance(request: StoreRequest) -> bytes:
     """The bytes to store: File Meta from the negotiated context, then the dataset exactly as received."""
-    request = event.request
-    meta = file_meta_bytes(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, event.context.transfer_syntax)
-    return b"".join((meta, request.DataSet.getvalue()))
+    meta = file_meta_bytes(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
+    return b"".join((meta, request.dataset))
 
 
-def parse_request(event: Any, data: bytes | None = None) -> ParsedInstance:
+def parse_request(request: StoreRequest, data: bytes | None = None) -> ParsedInstance:
     """Decode what identifies the instance; raise InvalidDataset with the status to answer.
 
-    `data`: the instance's stored bytes (`encoded_instance(event)`), if the caller already has them."""
-    request = event.request
-    transfer_syntax: UID = event.context.transfer_syntax
-    stream: BytesIO = request.DataSet
+    `data`: the instance's stored bytes (`encoded_instance(request)`), if the caller already has them."""
+    transfer_syntax = request.transfer_syntax
     if data is None:
-        data = encoded_instance(event)
+        data = encoded_instance(request)
     try:
-        ds = _identifying_dataset(stream, transfer_syntax)
+        ds = _identifying_dataset(BytesIO(request.dataset), transfer_syntax)
         ts = str(transfer_syntax)
         sop_uid = _text(ds, "SOPInstanceUID")
         sop_class = _text(ds, "SOPClassUID")
@@ -243,14 +230,14 @@ def parse_request(event: Any, data: bytes | None = None) -> ParsedInstance:
     ):
         if not value or len(value) > 64:
             raise InvalidDataset(MISSING_UID, f"{name} missing, blank or too long")
-    requested_sop = str(request.AffectedSOPInstanceUID or "").strip()
-    requested_class = str(request.AffectedSOPClassUID or "").strip()
+    requested_sop = request.sop_instance_uid
+    requested_class = request.sop_class_uid
     if requested_sop and requested_sop != sop_uid:
         raise InvalidDataset(UID_MISMATCH, "SOPInstanceUID differs from the request")
     if sop_class and requested_class and sop_class != requested_class:
         raise InvalidDataset(UID_MISMATCH, "SOPClassUID differs from the request")
     assert sop_uid and study_uid and series_uid
-    requestor = event.assoc.requestor
+    peer = request.peer
     return ParsedInstance(
         repository.ReceivedInstance(
             study_uid=study_uid,
@@ -261,8 +248,8 @@ def parse_request(event: Any, data: bytes | None = None) -> ParsedInstance:
             size=len(data),
             sha256=sha256_hex(data),
             modality=modality[:16] if modality else None,
-            calling_ae=str(requestor.ae_title).strip()[:16] or None,
-            peer=f"{requestor.address}:{requestor.port}"[:64],
+            calling_ae=peer.ae_title[:16] or None,
+            peer=f"{peer.address}:{peer.port}"[:64],
             patient_id=patient_id[:64] if patient_id else None,
             patient_name=patient_name[:324] if patient_name else None,
             study_date=study_date[:8] if study_date else None,
@@ -287,10 +274,9 @@ class StoreHandler:
         self.sessions = sessions
         self.stager = ThreadPoolExecutor(max_workers=_STAGING_THREADS, thread_name_prefix="btd-stage")
 
-    def __call__(self, event: Any) -> Dataset | int:
+    def __call__(self, request: StoreRequest) -> Answer:
         started = time.perf_counter()
-        status, kind, parsed = self._handle(event)
-        code = status if isinstance(status, int) else int(status.Status)
+        (code, comment), kind, parsed = self._handle(request)
         INSTANCES_RECEIVED.labels(status=f"0x{code:04X}").inc()
         fields: dict[str, Any] = {
             "status": f"0x{code:04X}",
@@ -304,39 +290,38 @@ class StoreHandler:
                 calling_ae=parsed.received.calling_ae,
             )
         else:  # refused before the dataset was read: the request's own UID still says which one
-            fields["sop_instance_uid"] = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            fields["sop_instance_uid"] = request.sop_instance_uid
         if code == SUCCESS:
             log_event(log, f"instance.{kind}", **fields)
         else:
-            assert isinstance(status, Dataset)
-            log_event(log, "instance.refused", logging.WARNING, reason=status.get("ErrorComment"), **fields)
-        return status
+            log_event(log, "instance.refused", logging.WARNING, reason=comment, **fields)
+        return code, comment
 
-    def _handle(self, event: Any) -> tuple[Dataset | int, str, ParsedInstance | None]:
-        """The status to answer (an int for success: pynetdicom then skips copying a status dataset)."""
+    def _handle(self, request: StoreRequest) -> tuple[Answer, str, ParsedInstance | None]:
+        """The status to answer, what happened ("stored", "duplicate", ...) and what was decoded."""
         try:
             self.spool.check_space()
         except SpoolFull as exc:
             log_event(log, "spool.full", logging.ERROR, detail=str(exc))
             return _status(OUT_OF_RESOURCES, "spool free space below watermark"), "", None
-        data = encoded_instance(event)
+        data = encoded_instance(request)
         staging = self.stager.submit(self.spool.stage, INCOMING_FOLDER, data)
         try:
             try:
-                parsed = parse_request(event, data)
+                parsed = parse_request(request, data)
             except InvalidDataset as exc:
                 return _status(exc.status, exc.reason), "", None
             return self._record(parsed, staging)
         finally:
             staging.add_done_callback(_discard_staged)  # at once if done, else when the write ends
 
-    def _record(self, parsed: ParsedInstance, staging: Future[Path]) -> tuple[Dataset | int, str, ParsedInstance]:
+    def _record(self, parsed: ParsedInstance, staging: Future[Path]) -> tuple[Answer, str, ParsedInstance]:
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
                 kind = self._store(parsed, staging)
                 if kind != "duplicate":
                     BYTES_RECEIVED.inc(parsed.received.size)
-                return SUCCESS, kind, parsed
+                return _status(SUCCESS), kind, parsed
             except SpoolFull:
                 return _status(OUT_OF_RESOURCES, "spool free space below watermark"), "", parsed
             except (IntegrityError, SpoolConflict):
@@ -407,108 +392,33 @@ def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress
     return any(ip in net for net in networks)
 
 
-def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """`AssociationSocket.recv` with the same contract (block until `nr_bytes` are read; fewer only if the
-    peer closed), reading into one buffer as much as the kernel has instead of 4 KiB per call: a 0.5 MB
-    instance took ~130 recv calls and as many bytearray extensions, ~0.4 ms of CPU in the PDU reader."""
-    sock = self.socket
-    assert sock is not None
-    # The length comes from the peer's PDU header (up to 4 GiB, the listener sets no maximum PDU size):
-    # start small and grow only as bytes arrive, so a lying header cannot make us allocate it.
-    buffer = bytearray(min(nr_bytes, _RECV_START_BYTES))
-    got = 0
-    while got < nr_bytes:
-        if got == len(buffer):
-            buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
-        with memoryview(buffer) as view:
-            n = sock.recv_into(view[got:])
-        if not n:  # connection closed: return what was read, as pynetdicom's own recv does
-            break
-        got += n
-    if got < len(buffer):
-        del buffer[got:]
-    return buffer
+_REJECTION_REASONS = {
+    "rejected_ip": "peer address not allowed",
+    "rejected_aet": "calling AE title not allowed",
+    "rejected_protocol": "protocol version not supported",
+    "rejected_context_name": "application context name not supported",
+    "rejected_busy": "too many associations",
+}
 
 
-def _on_conn_open(event: Any) -> None:
-    association_socket = getattr(event.assoc.dul, "socket", None)
-    sock = getattr(association_socket, "socket", None)
-    if sock is None:
+def _on_association(outcome: str, peer: Peer) -> None:
+    """Count and log each association's outcome (accepted, or why it was rejected)."""
+    ASSOCIATIONS.labels(outcome=outcome).inc()
+    if outcome == "accepted":
+        log_event(log, "association.accepted", calling_ae=peer.ae_title, peer=peer.address)
         return
-    with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if type(association_socket).recv is AssociationSocket.recv:  # pynetdicom's own: replace for this socket
-        association_socket.recv = types.MethodType(_recv_exactly, association_socket)
+    reason = _REJECTION_REASONS.get(outcome, outcome)
+    log_event(log, "association.rejected", logging.WARNING, reason=reason, calling_ae=peer.ae_title, peer=peer.address)
 
 
-def _make_ip_guard(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Callable[[Any], None]:
-    def on_requested(event: Any) -> None:
-        address = str(event.assoc.requestor.address)
-        if _peer_allowed(address, networks):
-            return
-        ASSOCIATIONS.labels(outcome="rejected_ip").inc()
-        log_event(log, "association.rejected", logging.WARNING, reason="peer address not allowed", peer=address)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x01)
-        event.assoc.kill()
+@functools.lru_cache(maxsize=1)
+def supported_contexts() -> tuple[PresentationContext, ...]:
+    """Every storage SOP class with every transfer syntax we accept as sent, and Verification.
 
-    return on_requested
-
-
-def _on_accepted(event: Any) -> None:
-    ASSOCIATIONS.labels(outcome="accepted").inc()
-    requestor = event.assoc.requestor
-    log_event(log, "association.accepted", calling_ae=str(requestor.ae_title).strip(), peer=str(requestor.address))
-
-
-def _on_rejected(event: Any) -> None:
-    requestor = event.assoc.requestor
-    ASSOCIATIONS.labels(outcome="rejected_aet").inc()
-    log_event(
-        log,
-        "association.rejected",
-        logging.WARNING,
-        reason="calling AE title not allowed",
-        calling_ae=str(requestor.ae_title).strip(),
-        peer=str(requestor.address),
-    )
-
-
-def _on_echo(_event: Any) -> int:
-    return SUCCESS
-
-
-def build_ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0  # no limit: the peer sends PDUs as large as it likes, fewer syscalls
-    ae.maximum_associations = _MAX_ASSOCIATIONS
-    ae.network_timeout = 120
-    ae.dimse_timeout = 120
-    ae.acse_timeout = 30
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
-    if settings.allowed_aets:
-        ae.require_calling_aet = list(settings.allowed_aets)
-    return ae
-
-
-class _SupportedContexts(list[PresentationContext]):
-    """The listener's supported presentation contexts, copied for each association without rebuilding UIDs.
-
-    Why: pynetdicom gives every association a `deepcopy` of the server's contexts. For every storage SOP
-    class with our 21 transfer syntaxes that rebuilds ~3,600 UID objects, each checked by pydicom's regex:
-    20-50 ms of CPU per association, before the first instance (more than an instance costs). UIDs are
-    immutable strings, so sharing them is safe; each association still gets its own context objects and
-    lists, which is all the deep copy protected.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            twin.__dict__ = {k: list(v) if isinstance(v, list) else v for k, v in context.__dict__.items()}
-            copies.append(twin)
-        return copies
+    Shared by all associations: the negotiation reads them and builds its own result contexts."""
+    contexts = [build_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    contexts.append(build_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3]))
+    return tuple(contexts)
 
 
 def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -522,39 +432,27 @@ def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def start_listener(
-    settings: Settings, sessions: sessionmaker[Session] | None = None, *, block: bool = False
-) -> ThreadedAssociationServer:
+def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = None) -> DicomServer:
     """Start listening on DICOM_HOST:DICOM_PORT in background threads; call `.shutdown()` to stop.
 
     The database must already be migrated (`service.db.migrate.upgrade(settings)`; `btd serve` does it).
     """
     spool = Spool(settings.spool_dir, settings.min_free_bytes)
     handler = StoreHandler(settings, spool, sessions or session_factory(settings))
-    handlers: list[Any] = [
-        (evt.EVT_C_STORE, handler),
-        (evt.EVT_C_ECHO, _on_echo),
-        (evt.EVT_CONN_OPEN, _on_conn_open),
-        (evt.EVT_ACCEPTED, _on_accepted),
-        (evt.EVT_REJECTED, _on_rejected),
-    ]
-    if settings.allowed_ips:
-        networks = [ipaddress.ip_network(item, strict=False) for item in settings.allowed_ips]
-        handlers.append((evt.EVT_REQUESTED, _make_ip_guard(networks)))
-    ae = build_ae(settings)
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        # pynetdicom's standard handlers format every PDU and DIMSE message for its INFO/DEBUG log, which is
-        # off (configure_logging keeps pynetdicom at WARNING): skip them, about 3 % of the listener's CPU.
-        # Process-wide, read when an association is created.
-        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
-    server = ae.start_server(
-        (settings.dicom_host, settings.dicom_port),
-        block=block,
-        evt_handlers=handlers,
+    networks = [ipaddress.ip_network(item, strict=False) for item in settings.allowed_ips]
+    acceptor = AcceptorSettings(
+        ae_title=settings.ae_title,
+        contexts=list(supported_contexts()),
+        allowed_aets=[aet.strip() for aet in settings.allowed_aets],
+        peer_allowed=(lambda address: _peer_allowed(address, networks)) if networks else (lambda _address: True),
+        max_associations=_MAX_ASSOCIATIONS,
+        acse_timeout=30,
+        network_timeout=120,
         ssl_context=_server_ssl_context(settings),
+        on_association=_on_association,
     )
-    if server is not None:  # running in its threads (block=False); associations accepted from now on copy cheaply
-        server.contexts = _SupportedContexts(server.contexts)
+    server = DicomServer((settings.dicom_host, settings.dicom_port), acceptor, handler)
+    server.start()
     log_event(
         log,
         "listener.started",
@@ -563,4 +461,4 @@ def start_listener(
         port=settings.dicom_port,
         tls=settings.tls_cert is not None,
     )
-    return server  # type: ignore[return-value]
+    return server

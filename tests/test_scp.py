@@ -1,0 +1,295 @@
+"""The listener's DICOM upper layer (service/dicom/scp.py) against real peers and raw protocol bytes.
+
+The real C-STORE handler is covered by test_listener.py; here a recording handler stands in for it so that
+these tests look only at what the upper layer owns: negotiation, PDU framing and fragmentation, DIMSE
+command sets, protocol violations, association limits and shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from helpers_gateway import free_port
+from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from service.dicom.listener import supported_contexts
+from service.dicom.scp import (
+    AcceptorSettings,
+    DicomServer,
+    StoreRequest,
+    p_data_pdus,
+    parse_command,
+    read_pdu,
+    recv_exactly,
+    response_command,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+CT_SMALL = Path(__file__).parent / "fixtures" / "pydicom" / "CT_small.dcm"
+CT_SERIES = Path(__file__).parent / "fixtures" / "ct_series_20"
+
+
+class Recorder:
+    """Records every complete C-STORE the upper layer hands over, and answers success."""
+
+    def __init__(self) -> None:
+        self.requests: list[StoreRequest] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, request: StoreRequest) -> tuple[int, str | None]:
+        self.release.wait(10)
+        self.requests.append(request)
+        return 0x0000, None
+
+
+@contextlib.contextmanager
+def running_server(**overrides: object) -> Iterator[tuple[DicomServer, Recorder]]:
+    recorder = Recorder()
+    acceptor = AcceptorSettings(ae_title="BTD", contexts=list(supported_contexts()))
+    for key, value in overrides.items():
+        setattr(acceptor, key, value)
+    server = DicomServer(("127.0.0.1", free_port()), acceptor, recorder)
+    server.start()
+    try:
+        yield server, recorder
+    finally:
+        server.shutdown(timeout=5)
+
+
+def associate_rq(contexts: list[tuple[int, str, list[str]]], max_pdu: int = 16384) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID("1.2.840.10008.3.1.1.1")
+    primitive.calling_ae_title = "RAWPEER"
+    primitive.called_ae_title = "BTD"
+    for context_id, abstract, syntaxes in contexts:
+        context = build_context(abstract, syntaxes)
+        context.context_id = context_id
+        primitive.presentation_context_definition_list.append(context)
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = max_pdu
+    primitive.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+@contextlib.contextmanager
+def raw_association(server: DicomServer, contexts: list[tuple[int, str, list[str]]]) -> Iterator[socket.socket]:
+    """A TCP connection that has sent an A-ASSOCIATE-RQ; the caller reads the answer."""
+    sock = socket.create_connection(server.server_address[:2], timeout=10)
+    with sock:
+        sock.sendall(associate_rq(contexts))
+        yield sock
+
+
+def accepted(sock: socket.socket) -> A_ASSOCIATE:
+    pdu = read_pdu(sock)
+    assert pdu is not None and pdu[0] == 0x02, f"expected A-ASSOCIATE-AC, got {pdu and pdu[0]}"
+    answer = A_ASSOCIATE_AC()
+    answer.decode(struct.pack(">BBI", 0x02, 0, len(pdu[1])) + bytes(pdu[1]))
+    return answer.to_primitive()
+
+
+def request_command(command_field: int, message_id: int, sop_class: str) -> bytes:
+    """A request command set without a dataset (Implicit VR Little Endian), built like a peer would."""
+    raw = sop_class.encode() + (b"\0" if len(sop_class) % 2 else b"")
+    body = struct.pack("<HHI", 0, 0x0002, len(raw)) + raw
+    body += struct.pack("<HHIH", 0, 0x0100, 2, command_field)
+    body += struct.pack("<HHIH", 0, 0x0110, 2, message_id)
+    body += struct.pack("<HHIH", 0, 0x0800, 2, 0x0101)
+    return struct.pack("<HHII", 0, 0x0000, 4, len(body)) + body
+
+
+def read_response(sock: socket.socket) -> dict[int, bytes]:
+    command = bytearray()
+    while True:
+        pdu = read_pdu(sock)
+        assert pdu is not None and pdu[0] == 0x04, f"expected P-DATA-TF, got {pdu and pdu[0]}"
+        body = pdu[1]
+        offset = 0
+        while offset < len(body):
+            length, _context, control = struct.unpack_from(">IBB", body, offset)
+            command += body[offset + 6 : offset + 4 + length]
+            offset += 4 + length
+            if control == 0x03:
+                return parse_command(command)
+
+
+def us(elements: dict[int, bytes], element: int) -> int:
+    return struct.unpack("<H", elements[element])[0]
+
+
+def test_pdu_reads_return_exactly_what_was_asked_or_what_came_before_close() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        payload = bytes(range(256)) * 2048  # 512 KiB, more than one kernel buffer
+        sending = threading.Thread(target=peer.sendall, args=(payload + b"tail",))
+        sending.start()
+        assert recv_exactly(ours, len(payload)) == payload
+        sending.join()
+        peer.close()
+        assert recv_exactly(ours, 10) == b"tail"
+    lying, peer = socket.socketpair()
+    with lying, peer:  # a header announcing 4 GiB, then 3 bytes and a close: no 4 GiB buffer
+        peer.sendall(b"abc")
+        peer.close()
+        assert recv_exactly(lying, 0xFFFFFFFF) == b"abc"
+
+
+def test_response_command_set_decodes_as_dicom() -> None:
+    """pydicom reads our hand-packed C-STORE-RSP back, group length included."""
+    raw = response_command(0x8001, 7, 0xC210, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "dataset does not decode")
+    ds = read_dataset(BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert ds.CommandField == 0x8001 and ds.MessageIDBeingRespondedTo == 7 and ds.CommandDataSetType == 0x0101
+    assert ds.Status == 0xC210 and ds.ErrorComment == "dataset does not decode"
+    assert ds.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.AffectedSOPInstanceUID == "1.2.3.45"
+
+
+def test_p_data_fragments_respect_the_peers_maximum_pdu_length() -> None:
+    command = response_command(0x8001, 1, 0, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    stream = BytesIO(p_data_pdus(5, command, max_pdu=40))
+    pieces, controls = [], []
+    while header := stream.read(6):
+        pdu_type, _, length = struct.unpack(">BBI", header)
+        assert pdu_type == 0x04 and length <= 40
+        item_length, context_id, control = struct.unpack(">IBB", stream.read(6))
+        assert context_id == 5 and item_length == length - 4
+        pieces.append(stream.read(item_length - 2))
+        controls.append(control)
+    assert b"".join(pieces) == command
+    assert len(pieces) > 1 and controls == [0x01] * (len(pieces) - 1) + [0x03]
+
+
+def test_negotiation_accepts_supported_syntaxes_and_refuses_the_rest() -> None:
+    with (
+        running_server() as (server, _),
+        raw_association(
+            server,
+            [
+                (1, CTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian]),
+                (3, "1.2.3.4.5.6", [ImplicitVRLittleEndian]),  # no such abstract syntax
+                (5, Verification, ["1.2.840.10008.1.2.4.50"]),  # Verification over JPEG: no common syntax
+            ],
+        ) as sock,
+    ):
+        results = {cx.context_id: cx for cx in accepted(sock).presentation_context_definition_results_list}
+        assert results[1].result == 0x00 and results[1].transfer_syntax[0] == ExplicitVRLittleEndian
+        assert results[3].result == 0x03  # abstract syntax not supported
+        assert results[5].result == 0x04  # transfer syntaxes not supported
+
+
+def test_unsupported_requests_are_answered_and_the_association_goes_on() -> None:
+    with (
+        running_server() as (server, _),
+        raw_association(server, [(1, Verification, [ImplicitVRLittleEndian])]) as sock,
+    ):
+        accepted(sock)
+        sock.sendall(p_data_pdus(1, request_command(0x0020, 11, Verification), 0))  # C-FIND-RQ
+        answer = read_response(sock)
+        assert us(answer, 0x0100) == 0x8020 and us(answer, 0x0120) == 11 and us(answer, 0x0900) == 0x0211
+        sock.sendall(p_data_pdus(1, request_command(0x0030, 12, Verification), 0))  # C-ECHO-RQ
+        answer = read_response(sock)
+        assert us(answer, 0x0100) == 0x8030 and us(answer, 0x0120) == 12 and us(answer, 0x0900) == 0x0000
+        sock.sendall(struct.pack(">BBII", 0x05, 0, 4, 0))  # A-RELEASE-RQ
+        assert read_pdu(sock) == (0x06, bytearray(4))
+        assert read_pdu(sock) is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (struct.pack(">BBI", 0x09, 0, 2) + b"\0\0", 0x01),  # unknown PDU type
+        (associate_rq([(1, Verification, [ImplicitVRLittleEndian])]), 0x02),  # a second A-ASSOCIATE-RQ
+        (p_data_pdus(7, request_command(0x0030, 1, Verification), 0), 0x06),  # context 7 was never accepted
+    ],
+)
+def test_protocol_violations_abort_and_the_listener_goes_on(payload: bytes, reason: int) -> None:
+    with running_server() as (server, _):
+        with raw_association(server, [(1, Verification, [ImplicitVRLittleEndian])]) as sock:
+            accepted(sock)
+            sock.sendall(payload)
+            assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, reason]))  # A-ABORT from the provider
+            assert read_pdu(sock) is None
+        ae = AE(ae_title="AFTER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently() -> None:
+    verification = [(1, Verification, [ImplicitVRLittleEndian])]
+    with running_server(max_associations=1) as (server, _), raw_association(server, verification) as first:
+        accepted(first)
+        with raw_association(server, verification) as second:
+            # A-ASSOCIATE-RJ: transient (2), service provider presentation (3), local limit exceeded (2)
+            assert read_pdu(second) == (0x03, bytearray([0, 2, 3, 2]))
+
+
+def test_storescu_fragments_are_reassembled_byte_for_byte() -> None:
+    """storescu limited to 4 kB PDUs splits a 157 kB CT slice over ~40 P-DATA-TF PDUs: the handler gets the
+    dataset exactly as in the file (storescu sends it unchanged with -xv, as test_listener.py relies on)."""
+    path = sorted(CT_SERIES.glob("CT.*"))[0]
+    raw = path.read_bytes()
+    source = dcmread(path)
+    dataset_part = raw[144 + int.from_bytes(raw[140:144], "little") :]
+    with running_server() as (server, recorder):
+        env = dict(os.environ, TCP_NODELAY="1")
+        port = str(server.server_address[1])
+        cmd = ["storescu", "-xv", "--max-send-pdu", "4096", "-aet", "FRAG", "-aec", "BTD", "127.0.0.1", port]
+        done = subprocess.run([*cmd, str(path)], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    [request] = recorder.requests
+    assert len(request.dataset) == len(dataset_part) > 30 * 4096
+    assert request.dataset == dataset_part
+    assert request.sop_instance_uid == source.SOPInstanceUID and request.sop_class_uid == source.SOPClassUID
+    assert request.transfer_syntax == source.file_meta.TransferSyntaxUID and request.peer.ae_title == "FRAG"
+
+
+def test_shutdown_lets_the_store_in_flight_answer_then_ends_the_association() -> None:
+    with running_server() as (server, recorder):
+        recorder.release.clear()  # the handler holds the first instance until released
+        ae = AE(ae_title="INFLIGHT")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
+        assert assoc.is_established
+        ds = dcmread(CT_SMALL)
+        statuses: list[int] = []
+        sending = threading.Thread(target=lambda: statuses.append(assoc.send_c_store(ds).Status))
+        sending.start()
+        deadline = time.monotonic() + 10
+        while not any(a.busy for a in server.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopping = threading.Thread(target=server.shutdown)
+        stopping.start()
+        time.sleep(0.2)
+        assert stopping.is_alive(), "shutdown waits for the handler in flight"
+        recorder.release.set()
+        stopping.join(10)
+        sending.join(10)
+        assert not stopping.is_alive() and statuses == [0x0000]
+        assert len(recorder.requests) == 1
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert assoc.is_aborted, "the peer is told the association ended"
