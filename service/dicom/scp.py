@@ -241,7 +241,7 @@ class _Message:
     context_id: int
     command: bytearray = field(default_factory=bytearray)
     elements: dict[int, bytes] | None = None
-    dataset: list[bytes] = field(default_factory=list)
+    dataset: list[memoryview] = field(default_factory=list)
 
 
 class Association:
@@ -395,11 +395,10 @@ class Association:
             else:
                 if message.elements is None:
                     raise ProtocolError(ABORT_INVALID_PARAMETER, "dataset fragment before the command set")
-                message.dataset.append(bytes(value))
+                message.dataset.append(value)  # a view into this PDU's buffer: joined once, when complete
                 if is_last:
                     self._dispatch(message)
                     message = None
-        view.release()
         return message
 
     def _dispatch(self, message: _Message) -> None:
