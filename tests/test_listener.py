@@ -318,6 +318,33 @@ def test_database_unreachable_answers_out_of_resources(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
+def test_a_connection_the_server_dropped_is_replaced_without_failing_the_instance(tmp_path: Path) -> None:
+    """The listener does not ping pooled connections before use (a round trip per instance); when Postgres
+    has dropped one (restart, idle timeout), the store is retried once on a new connection."""
+    with postgres_database() as url, running_listener(tmp_path, database_url=url) as settings:
+        first = fresh_ct()
+        assert sender.send_files([first], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0
+        from helpers_gateway import POSTGRES_ADMIN_URL
+        from sqlalchemy import create_engine
+
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                name = url.rsplit("/", 1)[1]
+                killed = conn.execute(
+                    text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": name},
+                ).scalar_one()
+        finally:
+            admin.dispose()
+        assert killed >= 1, "the listener's pooled connection was open"
+        second = fresh_ct()
+        assert sender.send_files([second], "127.0.0.1", settings.dicom_port, settings.ae_title)[0].status == 0
+        assert {row.sop_instance_uid for row in rows_for(settings)} == {first.SOPInstanceUID, second.SOPInstanceUID}
+        assert len(spool_files(settings)) == 2
+
+
+@pytest.mark.postgres
 def test_a_row_that_cannot_be_committed_leaves_no_file_behind(tmp_path: Path) -> None:
     """The bytes are written before the row; if the row then fails, the file is removed again."""
     with postgres_database() as url, running_listener(tmp_path, database_url=url) as settings:

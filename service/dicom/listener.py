@@ -324,7 +324,8 @@ class StoreHandler:
             _discard_staged(staging)
 
     def _record(self, parsed: ParsedInstance, staging: Future[Path]) -> tuple[Answer, str, ParsedInstance]:
-        for attempt in range(1, _STORE_ATTEMPTS + 1):
+        races, reconnected = 0, False
+        while True:
             try:
                 kind = self._store(parsed, staging)
                 if kind != "duplicate":
@@ -333,16 +334,23 @@ class StoreHandler:
             except SpoolFull:
                 return _status(OUT_OF_RESOURCES, "spool free space below watermark"), "", parsed
             except (IntegrityError, SpoolConflict):
-                if attempt == _STORE_ATTEMPTS:
+                races += 1
+                if races == _STORE_ATTEMPTS:
                     log.exception("store.race")
                     return _status(OUT_OF_RESOURCES, "concurrent store of the same instance"), "", parsed
-            except (DBAPIError, OSError) as exc:
+            except DBAPIError as exc:
+                if exc.connection_invalidated and not reconnected:  # the server dropped a pooled connection
+                    reconnected = True
+                    log_event(log, "store.reconnect", logging.WARNING, error=type(exc.orig).__name__)
+                    continue
+                log_event(log, "store.unavailable", logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:500])
+                return _status(OUT_OF_RESOURCES, f"storage unavailable: {type(exc).__name__}"), "", parsed
+            except OSError as exc:
                 log_event(log, "store.unavailable", logging.ERROR, error=f"{type(exc).__name__}: {exc}"[:500])
                 return _status(OUT_OF_RESOURCES, f"storage unavailable: {type(exc).__name__}"), "", parsed
             except Exception:
                 log.exception("store.failed")
                 return _status(PROCESSING_FAILURE, "internal error"), "", parsed
-        raise AssertionError("unreachable")
 
     def _store(self, parsed: ParsedInstance, staging: Future[Path]) -> str:
         """Inside one transaction publish the staged bytes under their final name and commit the row.
@@ -446,7 +454,8 @@ def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = 
     The database must already be migrated (`service.db.migrate.upgrade(settings)`; `btd serve` does it).
     """
     spool = Spool(settings.spool_dir, settings.min_free_bytes)
-    handler = StoreHandler(settings, spool, sessions or session_factory(settings))
+    # No pre-ping: StoreHandler retries once on a connection found dead instead of a round trip per instance.
+    handler = StoreHandler(settings, spool, sessions or session_factory(settings, pre_ping=False))
     networks = [ipaddress.ip_network(item, strict=False) for item in settings.allowed_ips]
     acceptor = AcceptorSettings(
         ae_title=settings.ae_title,
