@@ -8,7 +8,12 @@ edges, vessels), removals LOWER it, and its level differs by tissue. So the map 
    standard deviation of that log-energy per (local HU bin x local structure bin), learned from genuine
    training slices (``fit_reference``) and stored in the model's metadata; z = (e - mean) / std;
 3. two-sided: a region whose residual is far too LOW (in-painted, noise-free) is as suspicious as one
-   far too high (pasted content): the map is |z| (``two_sided``), or z alone for the one-sided variant;
+   far too high (pasted content): the map is |z| (``two_sided``), or z alone for the one-sided variant.
+   Measured on the validation benchmark (training patients, 2026-11-30): the noise-matched removal
+   (harmonic fill + the slice's own noise) RAISES z at its seam (mean z in its box above the genuine
+   slice's in 14 of 18), while 67 of 114 genuine slices have their largest |z| on the LOW side (smooth soft
+   tissue, clipped air), which is why the two-sided map loses; a separate low-side score with its own
+   reference (smoothing 5-15 px) never put its maximum on a removal. One-sided as shipped;
 4. searched only where the threat model tampers: the (dilated) lung mask (``lung_only``), falling back to
    the body when a slice has no lung;
 5. judged against the slice itself (``per_slice``): z is re-centred and re-scaled by its median and MAD
