@@ -35,7 +35,9 @@ from models.metadata import ModelMetadata
 from models.preprocess import PathOrDataset, to_unit
 from models.regions import DEFAULT_MAX_REGIONS, find_regions
 from models.results import (
+    NO_EVIDENCE,
     NOT_ASSESSED,
+    REVIEW,
     SUSPICIOUS,
     UNCALIBRATED_REASON,
     InstanceResult,
@@ -442,7 +444,11 @@ class Detector:
             verdict, reason = verdict_for(score, self.series_threshold)
             if reason == UNCALIBRATED_REASON:
                 reason = self.uncalibrated_reason()
-            if reason is None and skipped:
+            flagged = sum(1 for i in scored if i.verdict == SUSPICIOUS)
+            if verdict == NO_EVIDENCE and flagged:
+                verdict = REVIEW
+                reason = f"{flagged} slice(s) over the slice threshold, series score under the series threshold"
+            elif reason is None and skipped:
                 reason = f"{len(skipped)} of {len(instances)} images not assessed ({skipped[0].reason})"
         return SeriesResult(
             study_instance_uid=group.study_instance_uid,

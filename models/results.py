@@ -12,8 +12,12 @@ from typing import Any
 
 NO_EVIDENCE = "no_evidence"
 SUSPICIOUS = "suspicious"
+# A series under the series threshold holding at least one slice over the slice threshold. Why a verdict of
+# its own: the series bar is stricter (the highest of many slices), so such a series is neither a finding
+# nor a clean pass; calling it "no evidence" beside a slice marked suspicious would be a silent pass.
+REVIEW = "review"
 NOT_ASSESSED = "not_assessed"
-VERDICTS = (NO_EVIDENCE, SUSPICIOUS, NOT_ASSESSED)
+VERDICTS = (NO_EVIDENCE, REVIEW, SUSPICIOUS, NOT_ASSESSED)
 UNCALIBRATED_REASON = "model not calibrated"
 
 
@@ -106,7 +110,8 @@ def verdict_for(score: float | None, threshold: float | None) -> tuple[str, str 
 
 
 def study_verdict(series: Iterable[SeriesResult]) -> tuple[str, float | None, str | None]:
-    """(verdict, score, reason) of a study: the max over its series; suspicious wins, then no_evidence.
+    """(verdict, score, reason) of a study: the max over its series; suspicious wins, then review, then
+    no_evidence.
 
     A study with no assessable series is not assessed, with the series' reasons.
     """
@@ -116,6 +121,9 @@ def study_verdict(series: Iterable[SeriesResult]) -> tuple[str, float | None, st
     verdicts = {r.verdict for r in results}
     if SUSPICIOUS in verdicts:
         return SUSPICIOUS, score, None
+    if REVIEW in verdicts:
+        flagged = sum(1 for r in results for i in r.instances if i.verdict == SUSPICIOUS)
+        return REVIEW, score, f"{flagged} slice(s) over the slice threshold, no series over the series threshold"
     if NO_EVIDENCE in verdicts:
         partial = [r for r in results if r.verdict == NOT_ASSESSED]
         reason = f"{len(partial)} of {len(results)} series not assessed" if partial else None

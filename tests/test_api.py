@@ -336,3 +336,32 @@ def test_stats_counts_states_and_verdicts(client: TestClient, db: SimpleNamespac
 def test_openapi_docs_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     assert "/api/studies/{study_uid}/rescore" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_review_verdict_is_listed_filtered_and_counted(tmp_path: Path) -> None:
+    """A study with a flagged slice under the study threshold is "review" over REST, never "no_evidence"."""
+    settings = Settings(data_dir=tmp_path, model=str(tmp_path / "model.pt"))
+    migrate.upgrade(settings)
+    study_uid, series_uid = uid(), uid()
+    with session_scope(settings) as session:
+        sops = [_record(session, settings, study_uid, series_uid) for _ in range(2)]
+    claim = _to_scoring(settings, study_uid)
+    scored = _fake_result(series_uid, sops, suspicious=True)  # slice 0 over the slice threshold
+    scored.result.verdict = "review"  # ... the series under the series threshold
+    verdict, score = pipeline.study_verdict([scored.result])
+    assert verdict == "review"
+    with session_scope(settings) as session:
+        tasks.store_results(session, claim, pipeline.StudyScore(verdict, score, [scored], "tiny-test", "ab" * 32))
+        assert repository.transition(
+            session, study_uid, states.SCORING, states.SCORED, "done", verdict=verdict, score=score
+        )
+    client = TestClient(create_app(settings))
+    try:
+        listed = client.get("/api/studies", params={"verdict": "review"}).json()
+        assert [s["study_uid"] for s in listed["items"]] == [study_uid]
+        detail = client.get(f"/api/studies/{study_uid}").json()
+        assert detail["verdict"] == "review" and detail["series"][0]["verdict"] == "review"
+        assert client.get("/api/stats").json()["by_verdict"]["review"] == 1
+        assert client.get("/api/studies", params={"verdict": "no_evidence"}).json()["items"] == []
+    finally:
+        dispose_engines()

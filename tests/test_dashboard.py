@@ -159,6 +159,7 @@ def test_overview_counts_today(client: TestClient) -> None:
     assert 'id="count-scored" data-key="scored">2<' in html  # flagged + clean reached SCORED today
     assert 'id="count-flagged" data-key="flagged">1<' in html
     assert 'id="count-failed" data-key="failed">1<' in html
+    assert 'id="count-review" data-key="review">0<' in html  # no study between the slice and study bars
     assert "btd-test" in html  # the model of the latest result
     # The configured (default) model's thresholds and its measured operating point, from its metadata.
     assert "<dt>thresholds</dt><dd>slice " in html and ", series " in html
@@ -166,7 +167,7 @@ def test_overview_counts_today(client: TestClient) -> None:
     assert "PACS@127.0.0.1:4242" in html
     _assert_no_patient(html)
     numbers = client.get("/ui/overview.json").json()
-    assert numbers["received"] == 3 + N_FILLER and numbers["flagged"] == 1
+    assert numbers["received"] == 3 + N_FILLER and numbers["flagged"] == 1 and numbers["review"] == 0
     assert numbers["states"]["RECEIVING"] == N_FILLER and numbers["states"]["DELIVERED"] == 2
 
 

@@ -7,6 +7,7 @@ Real slices, kept small: the 128x128 CT_small and three slices of the real chest
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from models.diffusion import GaussianDiffusion
 from models.metadata import ModelMetadata
 from models.preprocess import read_hu
 from models.regions import MAX_OUTLINE_POINTS, find_regions
-from models.results import NO_EVIDENCE, NOT_ASSESSED, SUSPICIOUS, study_verdict
+from models.results import NO_EVIDENCE, NOT_ASSESSED, REVIEW, SUSPICIOUS, study_verdict
 from models.tiling import residual_tiles, residual_whole, tile_starts
 from models.unet import Unet
 
@@ -215,6 +216,26 @@ def test_calibrated_verdicts_follow_the_thresholds(model_path, small_series, tmp
         assert all(r.x1 > r.x0 and r.y1 > r.y0 and r.area_px > 0 for r in instance.regions)
     assert any(instance.regions for instance in result.instances)
     assert study_verdict([result])[0] == SUSPICIOUS
+
+
+def test_a_slice_flag_under_the_series_threshold_reads_review_never_no_evidence(model_path, small_series, tmp_path):
+    """The series bar is stricter than the slice bar: a series between the two is sent for review."""
+    probe = Detector.load(model_path, device="cpu").score_series(small_series)
+    scores = sorted(i.score for i in probe.instances)
+    slice_threshold = (scores[0] + scores[-1]) / 2
+    calibrated_path = tiny_model(
+        tmp_path / "review.pt",
+        calibration={"slice_threshold": slice_threshold, "series_threshold": scores[-1] + 1.0, "fpr": 0.01},
+    )
+    result = Detector.load(calibrated_path, device="cpu").score_series(small_series)
+    flagged = [i for i in result.instances if i.verdict == SUSPICIOUS]
+    assert flagged and len(flagged) < len(result.instances)
+    assert result.verdict == REVIEW and f"{len(flagged)} slice(s) over the slice threshold" in result.reason
+    verdict, score, reason = study_verdict([result])
+    assert verdict == REVIEW and score == result.score and reason.startswith(f"{len(flagged)} slice(s)")
+    clean = dataclasses.replace(result, verdict=NO_EVIDENCE, reason=None, instances=[])
+    assert study_verdict([clean, result])[0] == REVIEW
+    assert study_verdict([result, dataclasses.replace(clean, verdict=SUSPICIOUS)])[0] == SUSPICIOUS
 
 
 def test_modes_auto_whole_for_our_models_tiles_for_published(model_path, small_series):

@@ -173,6 +173,15 @@ def test_regions_below_the_study_threshold_ask_for_review_not_absent(ct: list[Da
     assert len(children(children(sr, "126010")[0], "125007")) == 1  # the region is still drawn
 
 
+def test_a_review_verdict_reads_review_and_indeterminate(ct: list[Dataset]) -> None:
+    import dataclasses
+
+    sr = build_sr(ct, dataclasses.replace(findings_for(ct, "CT", flagged=True), verdict="review"))
+    study_eval = children(sr, "C0034375")[0]
+    assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue == "82334004"  # Indeterminate
+    assert sr.SeriesDescription == "BTD forensic report: REVIEW: slice flags below study threshold"
+
+
 def test_not_assessed_study_is_indeterminate(ct: list[Dataset]) -> None:
     findings = findings_for(ct, "CT", flagged=False)
     findings.verdict, findings.score = "not_assessed", None

@@ -139,6 +139,12 @@ def test_study_verdict_is_the_worst_series_and_the_max_score() -> None:
         "suspicious",
         9.0,
     )
+    assert pipeline.study_verdict([s(verdict="no_evidence", score=1.0), s(verdict="review", score=0.5)]) == (
+        "review",
+        1.0,
+    )
+    worst = pipeline.study_verdict([s(verdict="review", score=1.0), s(verdict="suspicious", score=2.0)])
+    assert worst == ("suspicious", 2.0)
 
 
 def test_celery_app_is_configured_for_long_jobs_that_must_not_be_lost() -> None:

@@ -98,6 +98,7 @@ def overview_json(settings: Settings = Depends(get_settings), session: Session =
             "received": data.received,
             "scored": data.scored,
             "flagged": data.flagged,
+            "review": data.review,
             "failed": data.failed,
             "states": data.states,
             "queue_depth": queue_depth(settings),
@@ -134,7 +135,7 @@ def studies_page(
         filters=filters,
         query=filters.as_query(),
         states=queries.MILESTONES + queries.FAILED_STATES + ("REJECTED",),
-        verdicts=("suspicious", "no_evidence", "not_assessed"),
+        verdicts=("suspicious", "review", "no_evidence", "not_assessed"),
     )
 
 
@@ -216,8 +217,14 @@ def overlay_png(
     try:
         png = render_overlay_png(dicom_path, residual, regions, frame=source.frame, window=window)
     except Exception as exc:  # an undecodable slice is shown as an error, never a broken page
-        log_event(log, "dashboard.overlay_failed", logging.WARNING, study_uid=study_uid,
-                  sop_instance_uid=sop_instance_uid, error=type(exc).__name__)
+        log_event(
+            log,
+            "dashboard.overlay_failed",
+            logging.WARNING,
+            study_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            error=type(exc).__name__,
+        )
         raise HTTPException(422, f"cannot render this slice: {type(exc).__name__}") from exc
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 

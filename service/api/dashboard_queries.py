@@ -24,6 +24,7 @@ from service.db.base import Base
 from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
 
 FLAGGED_VERDICT = "suspicious"
+REVIEW_VERDICT = "review"  # slices flagged, the study under its threshold: for a person to look at
 FAILED_STATES = ("FAILED", "FAILED_DELIVERY")
 # States whose study is waiting for, or being handled by, a worker.
 WAITING_STATES = ("STABLE", "QUEUED")
@@ -75,6 +76,7 @@ class Overview:
     received: int
     scored: int
     flagged: int
+    review: int
     failed: int
     states: dict[str, int]
     queue_depth: int
@@ -90,11 +92,15 @@ def overview(session: Session, now: datetime | None = None) -> Overview:
     now = now or datetime.now(UTC)
     since = start_of_day(now.date())
     received = int(session.execute(select(func.count()).where(Study.created_at >= since)).scalar_one())
-    flagged_query = (
-        select(func.count(func.distinct(StudyEvent.study_uid)))
-        .join(Study, Study.study_uid == StudyEvent.study_uid)
-        .where(StudyEvent.to_state == "SCORED", StudyEvent.at >= since, Study.verdict == FLAGGED_VERDICT)
-    )
+
+    def scored_today_with(verdict: str) -> int:
+        query = (
+            select(func.count(func.distinct(StudyEvent.study_uid)))
+            .join(Study, Study.study_uid == StudyEvent.study_uid)
+            .where(StudyEvent.to_state == "SCORED", StudyEvent.at >= since, Study.verdict == verdict)
+        )
+        return int(session.execute(query).scalar_one())
+
     states = count_states(session)
     last_model = session.execute(
         select(SeriesResult.model_name, SeriesResult.model_sha256).order_by(SeriesResult.id.desc()).limit(1)
@@ -108,7 +114,8 @@ def overview(session: Session, now: datetime | None = None) -> Overview:
         day=now.date(),
         received=received,
         scored=_studies_reaching(session, ("SCORED",), since),
-        flagged=int(session.execute(flagged_query).scalar_one()),
+        flagged=scored_today_with(FLAGGED_VERDICT),
+        review=scored_today_with(REVIEW_VERDICT),
         failed=_studies_reaching(session, FAILED_STATES, since),
         states=states,
         queue_depth=sum(states.get(s, 0) for s in WAITING_STATES),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Verdict = Literal["no_evidence", "suspicious", "not_assessed"]
+Verdict = Literal["no_evidence", "review", "suspicious", "not_assessed"]
 
 
 class Progress(BaseModel):

@@ -51,7 +51,7 @@ StateName = Literal[
     "FAILED_DELIVERY",
     "REJECTED",
 ]
-VerdictName = Literal["no_evidence", "suspicious", "not_assessed"]
+VerdictName = Literal["no_evidence", "review", "suspicious", "not_assessed"]
 
 SCORE_TASK = "btd.score_study"
 # A study may be sent back to scoring only once nothing is working on it.
@@ -284,7 +284,7 @@ def stats(session: Session = Depends(get_session), settings: Settings = Depends(
     by_state = dict.fromkeys(states.ALL_STATES, 0)
     for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
         by_state[state] = count
-    by_verdict = {"suspicious": 0, "no_evidence": 0, "not_assessed": 0}
+    by_verdict = {"suspicious": 0, "review": 0, "no_evidence": 0, "not_assessed": 0}
     for verdict, count in session.execute(
         select(Study.verdict, func.count()).where(Study.verdict.is_not(None)).group_by(Study.verdict)
     ):

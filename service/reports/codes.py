@@ -37,7 +37,12 @@ ABSENT = CodedConcept(codes.SCT.Absent.value, "SCT", codes.SCT.Absent.meaning)
 INDETERMINATE = CodedConcept(codes.SCT.Indeterminate.value, "SCT", codes.SCT.Indeterminate.meaning)
 
 # Verdicts of models.SeriesResult -> the qualitative evaluation a viewer shows.
-VERDICT_EVALUATION = {"suspicious": PRESENT, "no_evidence": ABSENT, "not_assessed": INDETERMINATE}
+VERDICT_EVALUATION = {
+    "suspicious": PRESENT,
+    "review": INDETERMINATE,
+    "no_evidence": ABSENT,
+    "not_assessed": INDETERMINATE,
+}
 
 CT_PROCEDURE = CodedConcept("77477000", "SCT", "Computed tomography")
 MR_PROCEDURE = CodedConcept("113091000", "SCT", "Magnetic resonance imaging")

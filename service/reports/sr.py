@@ -30,19 +30,22 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SERIES_DESCRIPTION_PREFIX = "BTD forensic report"
 
+# A study under the (stricter) study threshold whose slices still hold regions above the slice threshold
+# (verdict "review"): saying "no evidence" beside a region marked "possible tampering" would contradict
+# itself, and hiding the region would be a silent pass. It is reported as what it is: slice-level findings
+# to review.
+REVIEW_WORDS = "REVIEW: slice flags below study threshold"
 VERDICT_WORDS = {
     "suspicious": "SUSPICIOUS: possible image manipulation",
+    "review": REVIEW_WORDS,
     "no_evidence": "no evidence of image manipulation",
     "not_assessed": "NOT ASSESSED",
 }
-# A study under the (stricter) study threshold whose slices still hold regions above the slice threshold:
-# saying "no evidence" beside a region marked "possible tampering" would contradict itself, and hiding the
-# region would be a silent pass. It is reported as what it is: slice-level findings to review.
-REVIEW_WORDS = "REVIEW: slice flags below study threshold"
 
 
 def headline(findings: StudyFindings) -> str:
-    """The verdict in words, as the series description, the KOS and the verdict text say it."""
+    """The verdict in words, as the series description, the KOS and the verdict text say it. (A result
+    stored before the "review" verdict existed says "no_evidence" with flagged slices: read as review.)"""
     if findings.verdict == "no_evidence" and findings.flagged:
         return REVIEW_WORDS
     return VERDICT_WORDS.get(findings.verdict, findings.verdict)
