@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -266,12 +268,36 @@ def test_storescu_fragments_are_reassembled_byte_for_byte() -> None:
     assert request.transfer_syntax == source.file_meta.TransferSyntaxUID and request.peer.ae_title == "FRAG"
 
 
-def test_shutdown_lets_the_store_in_flight_answer_then_ends_the_association() -> None:
-    with running_server() as (server, recorder):
+@pytest.fixture(scope="module")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts around a self-signed certificate for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(cert), str(key))
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_shutdown_lets_the_store_in_flight_answer_then_ends_the_association(
+    tls: bool, request: pytest.FixtureRequest
+) -> None:
+    """Also over TLS: the answer written after shutdown began must still go out inside the TLS session."""
+    server_context, client_context = request.getfixturevalue("tls_contexts") if tls else (None, None)
+    with running_server(ssl_context=server_context) as (server, recorder):
         recorder.release.clear()  # the handler holds the first instance until released
         ae = AE(ae_title="INFLIGHT")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
+        tls_args = (client_context, "127.0.0.1") if client_context else None
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD", tls_args=tls_args)
         assert assoc.is_established
         ds = dcmread(CT_SMALL)
         statuses: list[int] = []

@@ -437,7 +437,9 @@ class Association:
         """End the association from another thread: a handler in flight finishes and answers first."""
         self.stopping = True
         with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_RD)
+            # The plain socket's shutdown even for TLS: ssl.SSLSocket.shutdown drops the TLS session, and the
+            # answer still to be written would then go out unencrypted.
+            socket.socket.shutdown(self.socket, socket.SHUT_RD)
 
 
 class _AssociationRequestHandler(socketserver.BaseRequestHandler):
