@@ -239,6 +239,34 @@ def test_protocol_violations_abort_and_the_listener_goes_on(payload: bytes, reas
         assoc.release()
 
 
+def test_after_an_abort_the_listener_waits_for_the_peer_to_close() -> None:
+    """PS3.8 state Sta13: after A-ABORT the provider leaves closing to the peer (for up to the ARTIM time),
+    dropping what is still in flight, so that a TCP reset cannot destroy the abort before the peer reads
+    it; once the peer closes, the association ends at once."""
+    verification = [(1, Verification, [ImplicitVRLittleEndian])]
+    with running_server() as (server, _), raw_association(server, verification) as sock:
+        accepted(sock)
+        junk = struct.pack(">BBI", 0x09, 0, 2) + b"\0\0" + bytes(1 << 20)  # unknown PDU, then 1 MB more
+
+        def send_all() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(junk)
+
+        sending = threading.Thread(target=send_all)
+        sending.start()
+        assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x01]))
+        sending.join(10)
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # not closed under us: the listener waits for our close
+            sock.recv(1)
+        assert len(server.active_associations) == 1
+        sock.close()
+        deadline = time.monotonic() + 1.0
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.active_associations == []
+
+
 def test_associations_beyond_the_limit_are_rejected_transiently() -> None:
     verification = [(1, Verification, [ImplicitVRLittleEndian])]
     with running_server(max_associations=1) as (server, _), raw_association(server, verification) as first:

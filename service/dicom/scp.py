@@ -67,6 +67,8 @@ REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
 # A-ABORT (source 2: service provider) reasons, PS3.8 section 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
 
+_ARTIM_SECONDS = 2.0  # how long a rejected or aborted peer is given to close (PS3.8 9.1.5, state Sta13)
+_DRAIN_LIMIT = 16 << 20  # bytes discarded at most meanwhile
 _MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ of 128 contexts is ~10 kB; more is not a real peer
 _RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; grown only as bytes arrive
 
@@ -159,6 +161,25 @@ def abort_pdu(reason: int, source: int = 0x02) -> bytes:
 
 
 RELEASE_RP = struct.pack(">BBII", 0x06, 0, 4, 0)
+
+
+def await_peer_close(sock: socket.socket, seconds: float = _ARTIM_SECONDS) -> None:
+    """After A-ASSOCIATE-RJ or A-ABORT, read and discard until the peer closes or the ARTIM time is up.
+
+    Why: closing a socket that still holds unread bytes (a peer in the middle of sending a dataset) makes
+    the kernel answer with a TCP reset, which can destroy the reject or abort before the peer reads it."""
+    deadline = time.monotonic() + seconds
+    drained = 0
+    with contextlib.suppress(OSError):  # a timeout or a reset: either way the wait is over
+        while drained < _DRAIN_LIMIT:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            drained += len(chunk)
 
 
 def _command_element(tag: int, value: bytes) -> bytes:
@@ -490,10 +511,13 @@ class DicomServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         try:
             if association.associate():
                 association.serve()
+            else:  # rejected (or the peer left before asking)
+                await_peer_close(sock)
         except ProtocolError as exc:
             log_event(log, "association.aborted", logging.WARNING, peer=association.peer.address, reason=str(exc))
             with contextlib.suppress(OSError):
                 sock.sendall(abort_pdu(exc.reason))
+                await_peer_close(sock)
         except TimeoutError:
             log_event(log, "association.timed_out", logging.WARNING, peer=association.peer.address)
             with contextlib.suppress(OSError):
