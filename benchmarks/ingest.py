@@ -11,8 +11,9 @@ and MB/s for three receivers on the same machine and the same file system:
 
 each sent to by dcmtk `storescu` with `TCP_NODELAY=1` in its environment (without it, dcmtk waits on the
 40 ms delayed ACK of loopback per message), plus btd's own sender (`btd send`) into btd's listener and into
-storescp, to check that it does not fall into the same trap. One extra row sends into storescp without
-`TCP_NODELAY` to show the trap itself.
+storescp, to check that it does not fall into the same trap. A "storescu x4" sender sends the same
+instances over 4 concurrent associations (every 4th file each), as a PACS with parallel outgoing
+associations does. One extra row sends into storescp without `TCP_NODELAY` to show the trap itself.
 
 The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apache-2.0,
 TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
@@ -356,6 +357,33 @@ def send_storescu(files: list[Path], port: int, nodelay: bool = True) -> subproc
     )
 
 
+PARALLEL_ASSOCIATIONS = 4
+
+
+def send_storescu_parallel(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    """The same instances over 4 concurrent associations (one storescu each, every 4th file), as a PACS
+    with several outgoing associations sends a study; finished when the last of them is."""
+    chunks = [files[k::PARALLEL_ASSOCIATIONS] for k in range(PARALLEL_ASSOCIATIONS)]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-xe", "-aet", f"{SENDER_AET}{k}", "-aec", RECEIVER_AET, "127.0.0.1", str(port)]
+            + [str(f) for f in chunk],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dcmtk_env(nodelay=nodelay),
+        )
+        for k, chunk in enumerate(chunks)
+        if chunk
+    ]
+    outputs = [proc.communicate() for proc in procs]
+    return subprocess.CompletedProcess(
+        args=["storescu"] * len(procs),
+        returncode=max(proc.returncode for proc in procs),
+        stdout=b"".join(out for out, _ in outputs),
+        stderr=b"".join(err for _, err in outputs),
+    )
+
+
 def send_btd(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
     """btd's own C-STORE SCU, exactly as an operator runs it (`btd send`); TCP_NODELAY is not set for it."""
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
@@ -394,6 +422,7 @@ def send_files_inprocess(files: list[Path], port: int, nodelay: bool = True) -> 
 
 SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {
     "storescu": send_storescu,
+    f"storescu x{PARALLEL_ASSOCIATIONS}": send_storescu_parallel,
     "btd send": send_btd,
     "send_files": send_files_inprocess,
 }
@@ -495,6 +524,12 @@ CASES: list[tuple[str, str, bool]] = [
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd-pg", "storescu", True),  # only with --postgres
+    # A study over 4 concurrent associations (PACS with parallel sends).
+    ("orthanc", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
+    ("btd-listener-baseline", f"storescu x{PARALLEL_ASSOCIATIONS}", True),  # only with --baseline
+    ("btd-listener", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
+    ("btd", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
+    ("btd-pg", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
     ("btd", "btd send", True),
     ("btd", "send_files", True),
     ("storescp", "btd send", True),
