@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import ssl
 import struct
@@ -21,7 +20,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from helpers_gateway import free_port
+from helpers_gateway import free_port, self_signed_certificate
 from pydicom import dcmread
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
@@ -66,7 +65,7 @@ class Recorder:
 @contextlib.contextmanager
 def running_server(**overrides: object) -> Iterator[tuple[DicomServer, Recorder]]:
     recorder = Recorder()
-    acceptor = AcceptorSettings(ae_title="BTD", contexts=list(supported_contexts()))
+    acceptor = AcceptorSettings(contexts=list(supported_contexts()))
     for key, value in overrides.items():
         setattr(acceptor, key, value)
     server = DicomServer(("127.0.0.1", free_port()), acceptor, recorder)
@@ -299,16 +298,7 @@ def test_storescu_fragments_are_reassembled_byte_for_byte() -> None:
 @pytest.fixture(scope="module")
 def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) TLS contexts around a self-signed certificate for 127.0.0.1."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
-        + ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(str(cert), str(key))
     return server, ssl.create_default_context(cafile=str(cert))

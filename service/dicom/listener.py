@@ -458,7 +458,6 @@ def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = 
     handler = StoreHandler(settings, spool, sessions or session_factory(settings, pre_ping=False))
     networks = [ipaddress.ip_network(item, strict=False) for item in settings.allowed_ips]
     acceptor = AcceptorSettings(
-        ae_title=settings.ae_title,
         contexts=list(supported_contexts()),
         allowed_aets=[aet.strip() for aet in settings.allowed_aets],
         peer_allowed=(lambda address: _peer_allowed(address, networks)) if networks else (lambda _address: True),

@@ -105,7 +105,6 @@ StoreHandlerType = Callable[[StoreRequest], tuple[int, str | None]]
 
 @dataclass
 class AcceptorSettings:
-    ae_title: str
     contexts: list[PresentationContext]
     allowed_aets: list[str] = field(default_factory=list)
     peer_allowed: Callable[[str], bool] = lambda _address: True
