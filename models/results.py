@@ -6,6 +6,7 @@ nothing here depends on torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -111,12 +112,12 @@ def verdict_for(score: float | None, threshold: float | None) -> tuple[str, str 
 
 def study_verdict(series: Iterable[SeriesResult]) -> tuple[str, float | None, str | None]:
     """(verdict, score, reason) of a study: the max over its series; suspicious wins, then review, then
-    no_evidence.
+    no_evidence. The one ranking of study verdicts: the worker stores what this returns.
 
     A study with no assessable series is not assessed, with the series' reasons.
     """
     results = list(series)
-    scores = [r.score for r in results if r.score is not None]
+    scores = [float(r.score) for r in results if r.score is not None and math.isfinite(r.score)]
     score = max(scores) if scores else None
     verdicts = {r.verdict for r in results}
     if SUSPICIOUS in verdicts:

@@ -110,3 +110,14 @@ def test_series_offset_is_the_median_of_lung_slices_with_a_floor_and_a_fallback(
     assert model.series_offset([0.1, 0.2, 0.3, 0.4]) == 1.5  # a quiet series lowers the bar by 0.5 at most
     assert model.lowest_series_offset() == 1.5
     assert AnomalyModel().series_offset([3.0, 3.5, 2.5, 9.0]) == 0.0 == AnomalyModel().lowest_series_offset()
+
+
+def test_a_reference_is_fitted_on_its_own_bins_even_when_given_features_of_other_edges(chest) -> None:
+    # The benchmark computes features once with the shipped edges and fits variants with other edges: each
+    # variant must bin the pixels with its own edges, not reuse the shipped model's bins.
+    shipped_features = AnomalyModel().features(chest)
+    coarse = AnomalyModel(hu_edges=[-800.0, 0.0])
+    given = coarse.fit_reference([(highpass(chest), chest, shipped_features)])
+    computed = coarse.fit_reference([(highpass(chest), chest)])
+    assert np.asarray(given.ref_mean).shape == (3, len(coarse.structure_edges) + 1)
+    assert np.allclose(given.ref_mean, computed.ref_mean) and np.allclose(given.ref_std, computed.ref_std)

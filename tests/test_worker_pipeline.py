@@ -17,6 +17,7 @@ import pytest
 import torch
 from sqlalchemy import func, select, update
 
+from models import results as model_results
 from service.db import migrate, repository, states
 from service.db.models import InstanceResult, Region, SeriesResult, Study, StudyEvent
 from service.db.session import dispose_engines, session_scope
@@ -127,24 +128,26 @@ def scored_events(settings: Settings, study_uid: str) -> int:
     return count(settings, StudyEvent, StudyEvent.study_uid == study_uid, StudyEvent.to_state == states.SCORED)
 
 
+def _series(verdict: str, score: float | None) -> model_results.SeriesResult:
+    """A models.SeriesResult as the detector returns it; a `review` series holds its flagged slice."""
+    flagged = model_results.InstanceResult(
+        None, "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", None, 8, 8, score, model_results.SUSPICIOUS
+    )
+    instances = [flagged] if verdict == model_results.REVIEW else []
+    return model_results.SeriesResult("1.2.3", "1.2.3.4", "CT", verdict, score, None, instances, len(instances), "m")
+
+
 def test_study_verdict_is_the_worst_series_and_the_max_score() -> None:
-    s = SimpleNamespace
-    assert pipeline.study_verdict([]) == ("not_assessed", None)
-    assert pipeline.study_verdict([s(verdict="not_assessed", score=None)]) == ("not_assessed", None)
-    assert pipeline.study_verdict([s(verdict="no_evidence", score=2.0), s(verdict="not_assessed", score=None)]) == (
-        "no_evidence",
-        2.0,
-    )
-    assert pipeline.study_verdict([s(verdict="no_evidence", score=9.0), s(verdict="suspicious", score=5.0)]) == (
-        "suspicious",
-        9.0,
-    )
-    assert pipeline.study_verdict([s(verdict="no_evidence", score=1.0), s(verdict="review", score=0.5)]) == (
-        "review",
-        1.0,
-    )
-    worst = pipeline.study_verdict([s(verdict="review", score=1.0), s(verdict="suspicious", score=2.0)])
-    assert worst == ("suspicious", 2.0)
+    verdict = pipeline.study_verdict
+    assert verdict([]) == ("not_assessed", None)
+    assert verdict([_series("not_assessed", None)]) == ("not_assessed", None)
+    assert verdict([_series("no_evidence", 2.0), _series("not_assessed", None)]) == ("no_evidence", 2.0)
+    assert verdict([_series("no_evidence", 9.0), _series("suspicious", 5.0)]) == ("suspicious", 9.0)
+    assert verdict([_series("no_evidence", 1.0), _series("review", 0.5)]) == ("review", 1.0)
+    assert verdict([_series("review", 1.0), _series("suspicious", 2.0)]) == ("suspicious", 2.0)
+    # a NaN score (a series that could not be scored numerically) never becomes the study's score
+    assert verdict([_series("no_evidence", float("nan")), _series("no_evidence", 0.3)]) == ("no_evidence", 0.3)
+    assert verdict([_series("no_evidence", 0.3), _series("no_evidence", float("nan"))]) == ("no_evidence", 0.3)
 
 
 def test_celery_app_is_configured_for_long_jobs_that_must_not_be_lost() -> None:

@@ -32,13 +32,6 @@ from service.settings import Settings
 
 log = logging.getLogger("btd.worker.pipeline")
 
-VERDICT_SUSPICIOUS = "suspicious"
-VERDICT_NO_EVIDENCE = "no_evidence"
-VERDICT_NOT_ASSESSED = "not_assessed"
-VERDICT_REVIEW = "review"
-# Worst first: the study verdict is the worst verdict among its series.
-_VERDICT_RANK = {VERDICT_SUSPICIOUS: 3, VERDICT_REVIEW: 2, VERDICT_NO_EVIDENCE: 1, VERDICT_NOT_ASSESSED: 0}
-
 MAPS_DIR = "maps"
 PROGRESS_DIR = "progress"
 
@@ -194,12 +187,11 @@ def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:
 
 
 def study_verdict(series_results: Sequence[Any]) -> tuple[str, float | None]:
-    """The worst series verdict (suspicious > review > no_evidence > not_assessed) and the highest score."""
-    if not series_results:
-        return VERDICT_NOT_ASSESSED, None
-    verdict = max((r.verdict for r in series_results), key=lambda v: _VERDICT_RANK.get(v, -1))
-    scores = [float(r.score) for r in series_results if r.score is not None and np.isfinite(r.score)]
-    return verdict, (max(scores) if scores else None)
+    """(verdict, score) of a study, ranked by `models.results.study_verdict` (its reason is not stored)."""
+    from models.results import study_verdict as ranked
+
+    verdict, score, _reason = ranked(series_results)
+    return verdict, score
 
 
 ProgressCallback = Callable[[int, int], None]
