@@ -58,9 +58,6 @@ DEFAULT_HU_EDGES = [-950.0, -900.0, -850.0, -800.0, -700.0, -550.0, -350.0, -150
 # anatomy edges are "explained" while the noise level (what in-painting changes) is not conditioned on.
 DEFAULT_STRUCTURE_EDGES = [5.0, 15.0, 40.0, 100.0]
 STRUCTURE_SIGMA_PX = 3.0
-# Optional location bins: signed distance (px) to the undilated lung boundary, negative outside the lung (the
-# pleura and chest wall inside the dilated search region), positive inside. Empty = not conditioned on it.
-DEFAULT_LOCATION_EDGES: list[float] = []
 MIN_BIN_COUNT = 200
 NEIGHBOUR_REDUCTIONS = ("max", "mean")
 
@@ -101,9 +98,7 @@ class AnomalyModel:
     lung_dilate_px: int = 10
     hu_edges: list[float] = field(default_factory=lambda: list(DEFAULT_HU_EDGES))
     structure_edges: list[float] = field(default_factory=lambda: list(DEFAULT_STRUCTURE_EDGES))
-    location_edges: list[float] = field(default_factory=lambda: list(DEFAULT_LOCATION_EDGES))
-    # (len(hu_edges)+1) x (len(structure_edges)+1) tables, with a third axis of len(location_edges)+1 when
-    # location_edges is set; empty = not fitted (global statistics only)
+    # (len(hu_edges)+1) x (len(structure_edges)+1) tables; empty = not fitted (global statistics only)
     ref_mean: list[list[float]] = field(default_factory=list)
     ref_std: list[list[float]] = field(default_factory=list)
     normalise: bool = True
@@ -131,7 +126,6 @@ class AnomalyModel:
         "lung_dilate_px",
         "hu_edges",
         "structure_edges",
-        "location_edges",
         "ref_mean",
         "ref_std",
         "normalise",
@@ -199,47 +193,14 @@ class AnomalyModel:
         hu_bin, structure_bin = self.tissue_bins(hu)
         body = self.body_mask(hu)
         lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
-        features = {
+        return {
             "hu_bin": hu_bin,
             "structure_bin": structure_bin,
             "body": body,
             "lungs": lungs if lungs.mean() > 0.01 else body,
             "has_lungs": np.array(lungs.mean() > 0.01),
-            "key": self._feature_key(),
+            "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
         }
-        if self.location_edges:
-            features["location_bin"] = self.location_bins(hu)
-        return features
-
-    def _feature_key(self) -> np.ndarray:
-        return np.array(
-            [
-                self.smoothing_px,
-                self.lung_dilate_px,
-                *self.hu_edges,
-                -1e9,
-                *self.structure_edges,
-                -1e9,
-                *self.location_edges,
-            ]
-        )
-
-    def location_bins(self, hu: np.ndarray) -> np.ndarray:
-        """Bin of the signed distance to the undilated lung boundary (px; negative outside the lung).
-
-        Why: the rim of the search region (pleura, chest wall, mediastinal edge) is where genuine slices put
-        their false maxima (docs/bench/forensics.md); a reference per location judges it against genuine rims.
-        """
-        lungs = lung_mask(hu, dilate_px=0)
-        inside = ndimage.distance_transform_edt(lungs)
-        outside = ndimage.distance_transform_edt(~lungs)
-        return np.digitize(inside - outside, self.location_edges)
-
-    def _bins(self, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        """Index of each pixel into the reference tables (2 axes, or 3 with location)."""
-        if self.location_edges:
-            return feats["hu_bin"], feats["structure_bin"], feats["location_bin"]
-        return feats["hu_bin"], feats["structure_bin"]
 
     def _features(
         self, hu: np.ndarray, features: dict[str, np.ndarray] | None, needs_bins: bool | None = None
@@ -253,7 +214,8 @@ class AnomalyModel:
             same_masks = int(features["key"][1]) == self.lung_dilate_px
             if needs_bins is None:
                 needs_bins = self.normalise and bool(self.ref_mean)
-            if same_masks and (not needs_bins or np.array_equal(features["key"], self._feature_key())):
+            key = np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges])
+            if same_masks and (not needs_bins or np.array_equal(features["key"], key)):
                 return features
         return self.features(hu)
 
@@ -263,9 +225,10 @@ class AnomalyModel:
         if not self.normalise:
             return energy
         if self.ref_mean:
-            bins = self._bins(self._features(hu, features))
-            mean = np.asarray(self.ref_mean, dtype=np.float32)[bins]
-            std = np.asarray(self.ref_std, dtype=np.float32)[bins]
+            feats = self._features(hu, features)
+            hu_bin, structure_bin = feats["hu_bin"], feats["structure_bin"]
+            mean = np.asarray(self.ref_mean, dtype=np.float32)[hu_bin, structure_bin]
+            std = np.asarray(self.ref_std, dtype=np.float32)[hu_bin, structure_bin]
             return (energy - mean) / np.maximum(std, 1e-3)
         return (energy - self.energy_mean) / max(self.energy_std, 1e-6)
 
@@ -337,66 +300,43 @@ class AnomalyModel:
         """Learn per-tissue mean/std of the log-energy from genuine (residual, hu[, features]), in the search mask.
 
         Bins with too few genuine pixels borrow the statistics of the nearest populated HU bin of the same
-        structure class (and location), then those of the same tissue over all locations, then the global
-        ones, so that no tissue is left without a reference.
+        structure class (then the global ones), so that no tissue is left without a reference.
         """
-        shape = (len(self.hu_edges) + 1, len(self.structure_edges) + 1)
-        if self.location_edges:
-            shape = (*shape, len(self.location_edges) + 1)
-        size = int(np.prod(shape))
-        total, total_sq, count = np.zeros(size), np.zeros(size), np.zeros(size)
+        n_hu, n_structure = len(self.hu_edges) + 1, len(self.structure_edges) + 1
+        total = np.zeros((n_hu, n_structure))
+        total_sq = np.zeros((n_hu, n_structure))
+        count = np.zeros((n_hu, n_structure))
         all_values: list[np.ndarray] = []
         for residual, hu, *maybe_features in pairs:
             energy = self.log_energy(residual)
             feats = self._features(hu, maybe_features[0] if maybe_features else None, needs_bins=True)
+            hu_bin, structure_bin = feats["hu_bin"], feats["structure_bin"]
             mask = feats["lungs"] if self.lung_only else feats["body"]
-            flat = np.ravel_multi_index(tuple(b[mask] for b in self._bins(feats)), shape)
+            flat = hu_bin[mask] * n_structure + structure_bin[mask]
             values = energy[mask].astype(np.float64)
-            count += np.bincount(flat, minlength=size)
-            total += np.bincount(flat, values, minlength=size)
-            total_sq += np.bincount(flat, values**2, minlength=size)
+            count += np.bincount(flat, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
+            total += np.bincount(flat, values, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
+            total_sq += np.bincount(flat, values**2, minlength=n_hu * n_structure).reshape(n_hu, n_structure)
             all_values.append(values[:: max(1, values.size // 20000)])
         pooled = np.concatenate(all_values) if all_values else np.zeros(1)
         global_mean, global_std = float(pooled.mean()), float(pooled.std() + 1e-6)
-        count, total, total_sq = (a.reshape(shape) for a in (count, total, total_sq))
-        fallback: tuple[np.ndarray, np.ndarray] | None = None
-        if len(shape) == 3:
-            # The same tissue over all locations: what a rarely seen (tissue, location) bin falls back to.
-            fallback = _filled_table(count.sum(2), total.sum(2), total_sq.sum(2), global_mean, global_std)
-        mean, std = _filled_table(count, total, total_sq, global_mean, global_std, fallback)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / count
+            std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        populated = count >= MIN_BIN_COUNT
+        for j in range(n_structure):
+            good = np.nonzero(populated[:, j])[0]
+            for i in range(n_hu):
+                if populated[i, j]:
+                    continue
+                if len(good):
+                    nearest = good[np.argmin(np.abs(good - i))]
+                    mean[i, j], std[i, j] = mean[nearest, j], std[nearest, j]
+                else:
+                    mean[i, j], std[i, j] = global_mean, global_std
         return self.variant(
             energy_mean=global_mean,
             energy_std=global_std,
             ref_mean=np.round(mean, 5).tolist(),
             ref_std=np.round(np.maximum(std, 0.05), 5).tolist(),
         )
-
-
-def _filled_table(
-    count: np.ndarray,
-    total: np.ndarray,
-    total_sq: np.ndarray,
-    global_mean: float,
-    global_std: float,
-    fallback: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean/std per bin (HU on axis 0); a bin under MIN_BIN_COUNT takes its nearest populated HU bin's values,
-    else `fallback` (indexed by the first two axes), else the global statistics."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    populated = count >= MIN_BIN_COUNT
-    for rest in np.ndindex(*count.shape[1:]):
-        column = (slice(None), *rest)
-        good = np.nonzero(populated[column])[0]
-        for i in range(count.shape[0]):
-            if populated[(i, *rest)]:
-                continue
-            if len(good):
-                nearest = int(good[np.argmin(np.abs(good - i))])
-                mean[(i, *rest)], std[(i, *rest)] = mean[(nearest, *rest)], std[(nearest, *rest)]
-            elif fallback is not None:
-                mean[(i, *rest)], std[(i, *rest)] = fallback[0][i, rest[0]], fallback[1][i, rest[0]]
-            else:
-                mean[(i, *rest)], std[(i, *rest)] = global_mean, global_std
-    return mean, std
