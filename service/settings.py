@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     allowed_aets: CsvList = Field(default_factory=list)  # empty = any calling AE title
     allowed_ips: CsvList = Field(default_factory=list)  # empty = any peer address
     min_free_bytes: int = 1_000_000_000  # below this free space on the spool's disk C-STORE answers 0xA700
+    max_instance_bytes: int = 2 * 1024**3  # a larger dataset is answered 0xA700 (it is held in memory until whole)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

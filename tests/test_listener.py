@@ -288,6 +288,19 @@ def test_below_the_free_space_watermark_nothing_is_written(tmp_path: Path) -> No
     assert refused_count() == before + 2  # counted in the Prometheus metrics
 
 
+def test_an_instance_over_the_size_cap_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    before = refused_count()
+    with running_listener(tmp_path, max_instance_bytes=100_000) as settings:
+        done = storescu(
+            settings, str(FIXTURES / "ct_series_20"), str(CT_SMALL), options=("-v", "-nh", "-xv", "+sd", "+sp", "CT.*")
+        )
+        assert "Refused: OutOfResources" in done.stderr
+        # every ~157 kB slice of the series refused, the 39 kB CT_small after them stored
+        assert [row.sop_instance_uid for row in rows_for(settings)] == [dcmread(CT_SMALL).SOPInstanceUID]
+        assert len(spool_files(settings)) == 1
+    assert refused_count() == before + 20
+
+
 def test_logs_carry_uids_never_patient_identity(gateway: Settings, caplog: pytest.LogCaptureFixture) -> None:
     ds = fresh_ct(PatientName="Secret^Patient", PatientID="PID-SECRET-42")
     with caplog.at_level(logging.INFO, logger="btd.listener"):

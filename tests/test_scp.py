@@ -295,6 +295,36 @@ def test_storescu_fragments_are_reassembled_byte_for_byte() -> None:
     assert request.transfer_syntax == source.file_meta.TransferSyntaxUID and request.peer.ae_title == "FRAG"
 
 
+def test_a_dataset_over_the_cap_is_dropped_as_it_arrives_and_the_association_goes_on() -> None:
+    """The cap bounds what one message may hold in memory: a larger C-STORE reaches the handler without its
+    dataset, flagged with its size (the listener refuses it, test_listener.py), and a smaller instance after
+    it on the same association arrives whole."""
+    large = dcmread(sorted(CT_SERIES.glob("CT.*"))[0])  # ~157 kB of dataset
+    small = dcmread(CT_SMALL)  # ~39 kB
+    with running_server(max_dataset_bytes=100_000) as (server, recorder):
+        ae = AE(ae_title="CAPPED")
+        for dataset in (large, small):
+            ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD", max_pdu=16384)
+        assert assoc.is_established
+        assert assoc.send_c_store(large).Status == 0x0000  # what the recorder answers
+        assert assoc.send_c_store(small).Status == 0x0000
+        assoc.release()
+    dropped, stored = recorder.requests
+    assert dropped.sop_instance_uid == large.SOPInstanceUID and dropped.dataset == b""
+    assert dropped.dropped_bytes > 100_000
+    assert stored.sop_instance_uid == small.SOPInstanceUID and stored.dropped_bytes == 0
+    assert len(stored.dataset) > 30_000
+
+
+def test_a_pdu_longer_than_any_acceptable_message_is_aborted_before_it_is_read() -> None:
+    verification = [(1, Verification, [ImplicitVRLittleEndian])]
+    with running_server(max_dataset_bytes=100_000) as (server, _), raw_association(server, verification) as sock:
+        accepted(sock)
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 1 << 30))  # announces a 1 GiB P-DATA-TF, sends none of it
+        assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x06]))  # A-ABORT: invalid PDU parameter
+
+
 @pytest.fixture(scope="module")
 def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) TLS contexts around a self-signed certificate for 127.0.0.1."""

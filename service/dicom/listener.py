@@ -9,7 +9,8 @@ transcoded), and the SHA-256 recorded is that of the stored file.
 Statuses we answer (C-STORE):
 - 0x0000 success, also for an identical resend (recorded as a duplicate) and for different bytes under a
   known SOP Instance UID (kept as a new, flagged version);
-- 0xA700 out of resources: free space below BTD_MIN_FREE_BYTES, the database unreachable, a disk error;
+- 0xA700 out of resources: free space below BTD_MIN_FREE_BYTES, the database unreachable, a disk error,
+  a dataset over BTD_MAX_INSTANCE_BYTES (answered by service.dicom.scp, its bytes dropped as they arrive);
   nothing is left in the spool (a file written before the failure is removed again);
 - 0xC210 cannot understand: the dataset does not decode;
 - 0xC211 cannot understand: SOP Instance, Study or Series Instance UID missing, blank or over 64 chars;
@@ -299,6 +300,9 @@ class StoreHandler:
 
     def _handle(self, request: StoreRequest) -> tuple[Answer, str, ParsedInstance | None]:
         """The status to answer, what happened ("stored", "duplicate", ...) and what was decoded."""
+        if request.dropped_bytes:
+            limit = self.settings.max_instance_bytes
+            return _status(OUT_OF_RESOURCES, f"dataset over BTD_MAX_INSTANCE_BYTES ({limit})"), "", None
         try:
             self.spool.check_space()
         except SpoolFull as exc:
@@ -466,6 +470,7 @@ def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = 
         network_timeout=120,
         ssl_context=_server_ssl_context(settings),
         on_association=_on_association,
+        max_dataset_bytes=settings.max_instance_bytes,
     )
     server = DicomServer((settings.dicom_host, settings.dicom_port), acceptor, handler)
     server.start()

@@ -71,6 +71,7 @@ _ARTIM_SECONDS = 2.0  # how long a rejected or aborted peer is given to close (P
 _DRAIN_LIMIT = 16 << 20  # bytes discarded at most meanwhile
 _MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ of 128 contexts is ~10 kB; more is not a real peer
 _RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; grown only as bytes arrive
+_COMMAND_SLACK_BYTES = 64 * 1024  # room in one PDU for PDV headers and a command set beside a dataset fragment
 
 
 class ProtocolError(Exception):
@@ -97,6 +98,9 @@ class StoreRequest:
     transfer_syntax: UID
     dataset: bytes  # the dataset exactly as the peer sent it, in `transfer_syntax`
     peer: Peer
+    # > 0: the dataset was this long, over AcceptorSettings.max_dataset_bytes, and was dropped as it arrived
+    # (`dataset` is empty); the handler must refuse it
+    dropped_bytes: int = 0
 
 
 # The handler answers a status code and an optional error comment (at most 64 characters are sent).
@@ -113,6 +117,10 @@ class AcceptorSettings:
     network_timeout: float = 120.0
     ssl_context: ssl.SSLContext | None = None
     on_association: Callable[[str, Peer], None] = lambda _outcome, _peer: None
+    # The largest dataset one C-STORE may carry. A message is held in memory until complete, so a peer
+    # streaming an endless dataset would otherwise exhaust memory for every association: past the cap the
+    # rest is read and dropped, and the handler gets the request with `dropped_bytes` set to refuse it.
+    max_dataset_bytes: int = 2 * 1024**3
 
 
 # ------------------------------------------------------------------------------------------ wire format
@@ -137,14 +145,17 @@ def recv_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def read_pdu(sock: socket.socket) -> tuple[int, bytearray] | None:
-    """(PDU type, body) or None if the peer closed between PDUs; a PDU cut short raises ProtocolError."""
+def read_pdu(sock: socket.socket, max_length: int | None = None) -> tuple[int, bytearray] | None:
+    """(PDU type, body) or None if the peer closed between PDUs; a PDU cut short raises ProtocolError, as
+    does one longer than `max_length` (it would have to be held in memory whole)."""
     header = recv_exactly(sock, 6)
     if not header:
         return None
     if len(header) < 6:
         raise ProtocolError(ABORT_INVALID_PARAMETER, "connection closed inside a PDU header")
     pdu_type, _, length = struct.unpack(">BBI", header)
+    if max_length is not None and length > max_length:
+        raise ProtocolError(ABORT_INVALID_PARAMETER, f"PDU of {length} bytes, over the {max_length} accepted")
     body = recv_exactly(sock, length)
     if len(body) < length:
         raise ProtocolError(ABORT_INVALID_PARAMETER, "connection closed inside a PDU")
@@ -262,6 +273,8 @@ class _Message:
     command: bytearray = field(default_factory=bytearray)
     elements: dict[int, bytes] | None = None
     dataset: list[memoryview] = field(default_factory=list)
+    dataset_bytes: int = 0
+    oversized: bool = False  # past AcceptorSettings.max_dataset_bytes: the rest is dropped as it arrives
 
 
 class Association:
@@ -284,14 +297,12 @@ class Association:
     def associate(self) -> bool:
         """Read the A-ASSOCIATE-RQ and answer AC or RJ; True if the association is established."""
         self.socket.settimeout(self.settings.acse_timeout)
-        pdu = read_pdu(self.socket)
+        pdu = read_pdu(self.socket, _MAX_ASSOCIATE_RQ)
         if pdu is None:
             return False
         pdu_type, body = pdu
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise ProtocolError(ABORT_UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
-        if len(body) > _MAX_ASSOCIATE_RQ:
-            raise ProtocolError(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-RQ too long")
         request = A_ASSOCIATE_RQ()
         try:
             request.decode(struct.pack(">BBI", A_ASSOCIATE_RQ_TYPE, 0, len(body)) + bytes(body))
@@ -361,8 +372,10 @@ class Association:
         """Receive PDUs until release, abort, close or shutdown; answer each complete request in turn."""
         self.socket.settimeout(self.settings.network_timeout)
         message: _Message | None = None
+        # A PDU holds at most one dataset fragment plus headers; a larger one could not be a storable message.
+        max_pdu = self.settings.max_dataset_bytes + _COMMAND_SLACK_BYTES
         while True:
-            pdu = read_pdu(self.socket)
+            pdu = read_pdu(self.socket, max_pdu)
             if pdu is None:
                 if not self.stopping:
                     log_event(log, "association.closed_by_peer", peer=self.peer.address)
@@ -415,7 +428,11 @@ class Association:
             else:
                 if message.elements is None:
                     raise ProtocolError(ABORT_INVALID_PARAMETER, "dataset fragment before the command set")
-                message.dataset.append(value)  # a view into this PDU's buffer: joined once, when complete
+                message.dataset_bytes += len(value)
+                if message.dataset_bytes > self.settings.max_dataset_bytes:
+                    message.oversized, message.dataset = True, []
+                elif not message.oversized:
+                    message.dataset.append(value)  # a view into this PDU's buffer: joined once, when complete
                 if is_last:
                     self._dispatch(message)
                     message = None
@@ -438,6 +455,7 @@ class Association:
                     transfer_syntax=UID(str(context.transfer_syntax[0])),
                     dataset=b"".join(message.dataset),
                     peer=self.peer,
+                    dropped_bytes=message.dataset_bytes if message.oversized else 0,
                 )
                 status, comment = self.server.store(request)
                 reply = response_command(C_STORE_RSP, message_id, status, sop_class, sop_instance, comment)
