@@ -317,6 +317,19 @@ def test_a_dataset_over_the_cap_is_dropped_as_it_arrives_and_the_association_goe
     assert len(stored.dataset) > 30_000
 
 
+def test_an_endless_command_set_is_aborted() -> None:
+    """Command fragments are held until the last one: a peer that never ends its command set is aborted
+    once it passes 64 kB, instead of growing the listener's memory without bound."""
+    verification = [(1, Verification, [ImplicitVRLittleEndian])]
+    fragment = bytes(16_000)
+    pdu = struct.pack(">BBII", 0x04, 0, 6 + len(fragment), 2 + len(fragment)) + bytes([1, 0x01]) + fragment
+    with running_server() as (server, _), raw_association(server, verification) as sock:
+        accepted(sock)
+        for _ in range(5):  # 80 kB of command, never marked last
+            sock.sendall(pdu)
+        assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x06]))
+
+
 def test_a_pdu_longer_than_any_acceptable_message_is_aborted_before_it_is_read() -> None:
     verification = [(1, Verification, [ImplicitVRLittleEndian])]
     with running_server(max_dataset_bytes=100_000) as (server, _), raw_association(server, verification) as sock:

@@ -71,7 +71,7 @@ _ARTIM_SECONDS = 2.0  # how long a rejected or aborted peer is given to close (P
 _DRAIN_LIMIT = 16 << 20  # bytes discarded at most meanwhile
 _MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ of 128 contexts is ~10 kB; more is not a real peer
 _RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; grown only as bytes arrive
-_COMMAND_SLACK_BYTES = 64 * 1024  # room in one PDU for PDV headers and a command set beside a dataset fragment
+_COMMAND_SLACK_BYTES = 64 * 1024  # the largest command set taken; room for it beside a dataset fragment in a PDU
 
 
 class ProtocolError(Exception):
@@ -420,6 +420,8 @@ class Association:
                 if message.elements is not None:
                     raise ProtocolError(ABORT_INVALID_PARAMETER, "command fragment after the command set ended")
                 message.command += value
+                if len(message.command) > _COMMAND_SLACK_BYTES:  # a real command set is a few hundred bytes
+                    raise ProtocolError(ABORT_INVALID_PARAMETER, f"command set over {_COMMAND_SLACK_BYTES} bytes")
                 if is_last:
                     message.elements = parse_command(message.command)
                     if _us(message.elements, 0x0800) == NO_DATASET:
