@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.results import study_verdict as ranked_study_verdict
 from service.observability.logs import log_event
 from service.observability.metrics import MODEL_LOAD_SECONDS, SCORING_SECONDS_PER_SLICE
 from service.settings import Settings
@@ -188,9 +189,7 @@ def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:
 
 def study_verdict(series_results: Sequence[Any]) -> tuple[str, float | None]:
     """(verdict, score) of a study, ranked by `models.results.study_verdict` (its reason is not stored)."""
-    from models.results import study_verdict as ranked
-
-    verdict, score, _reason = ranked(series_results)
+    verdict, score, _reason = ranked_study_verdict(series_results)
     return verdict, score
 
 
