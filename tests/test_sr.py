@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,8 +175,6 @@ def test_regions_below_the_study_threshold_ask_for_review_not_absent(ct: list[Da
 
 
 def test_a_review_verdict_reads_review_and_indeterminate(ct: list[Dataset]) -> None:
-    import dataclasses
-
     sr = build_sr(ct, dataclasses.replace(findings_for(ct, "CT", flagged=True), verdict="review"))
     study_eval = children(sr, "C0034375")[0]
     assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue == "82334004"  # Indeterminate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from service.api import dashboard_health as health
 from service.api import dashboard_queries as queries
 from service.api.deps import get_session, get_settings, queue_depth, read_progress
+from service.api.schemas import Verdict
 from service.db.session import session_factory
 from service.heatmap import CT_WINDOWS, RegionBox, load_residual_map, render_overlay_png
 from service.observability.logs import log_event
@@ -135,7 +136,7 @@ def studies_page(
         filters=filters,
         query=filters.as_query(),
         states=queries.MILESTONES + queries.FAILED_STATES + ("REJECTED",),
-        verdicts=("suspicious", "review", "no_evidence", "not_assessed"),
+        verdicts=get_args(Verdict),
     )
 
 

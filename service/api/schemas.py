@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Verdict = Literal["no_evidence", "review", "suspicious", "not_assessed"]
+# Every study verdict the API and dashboard show, worst first (models.results.study_verdict ranks them).
+Verdict = Literal["suspicious", "review", "no_evidence", "not_assessed"]
 
 
 class Progress(BaseModel):

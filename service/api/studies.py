@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from sqlalchemy import String, func, inspect, literal, select, text
@@ -27,6 +27,7 @@ from service.api.schemas import (
     StudyEventOut,
     StudyList,
     StudySummary,
+    Verdict,
 )
 from service.db import states
 from service.db.base import utcnow
@@ -51,7 +52,6 @@ StateName = Literal[
     "FAILED_DELIVERY",
     "REJECTED",
 ]
-VerdictName = Literal["no_evidence", "review", "suspicious", "not_assessed"]
 
 SCORE_TASK = "btd.score_study"
 # A study may be sent back to scoring only once nothing is working on it.
@@ -100,7 +100,7 @@ def list_studies(
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
     state: StateName | None = None,
-    verdict: VerdictName | None = None,
+    verdict: Verdict | None = None,
     since: datetime | None = Query(None, description="studies first received at or after this time (ISO 8601)"),
     modality: str | None = Query(None, pattern=r"^[A-Za-z]{2,16}$"),
     session: Session = Depends(get_session),
@@ -284,7 +284,7 @@ def stats(session: Session = Depends(get_session), settings: Settings = Depends(
     by_state = dict.fromkeys(states.ALL_STATES, 0)
     for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
         by_state[state] = count
-    by_verdict = {"suspicious": 0, "review": 0, "no_evidence": 0, "not_assessed": 0}
+    by_verdict = dict.fromkeys(get_args(Verdict), 0)
     for verdict, count in session.execute(
         select(Study.verdict, func.count()).where(Study.verdict.is_not(None)).group_by(Study.verdict)
     ):
