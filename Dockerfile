@@ -32,6 +32,8 @@ RUN python -m venv /opt/btd \
 
 WORKDIR /src
 COPY pyproject.toml ./
+COPY btd/ btd/
+COPY core/ core/
 COPY models/ models/
 COPY service/ service/
 COPY worker/ worker/

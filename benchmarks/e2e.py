@@ -193,8 +193,8 @@ def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | N
     """The study's state, its last instance's receipt time and the first time it entered each phase after."""
     from sqlalchemy import func, select
 
-    from service.db.models import Instance, Study, StudyEvent
-    from service.db.session import make_engine
+    from core.db.schema import Instance, Study, StudyEvent
+    from core.db.session import make_engine
 
     engine = make_engine(database_url)
     try:
@@ -256,14 +256,14 @@ def run_once(
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         (work / "pacs").mkdir(exist_ok=True)
         procs.append(pacs)
-        gateway = subprocess.Popen([PYTHON, "-m", "service.cli", "serve"], cwd=REPO, env=env, stdout=logs,
+        gateway = subprocess.Popen([PYTHON, "-m", "btd.cli", "serve"], cwd=REPO, env=env, stdout=logs,
                                    stderr=subprocess.STDOUT)
         procs.append(gateway)
         try:
             wait_for_port(pacs_port, pacs)
             wait_for_port(dicom_port, gateway)
             if mode == "celery":
-                worker = subprocess.Popen([PYTHON, "-m", "service.cli", "worker"], cwd=REPO, env=env, stdout=logs,
+                worker = subprocess.Popen([PYTHON, "-m", "btd.cli", "worker"], cwd=REPO, env=env, stdout=logs,
                                           stderr=subprocess.STDOUT)
                 procs.append(worker)
                 time.sleep(5)  # let the worker connect and load; the model itself loads on its first task

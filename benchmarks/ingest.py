@@ -19,7 +19,7 @@ The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apac
 TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
 
 Usage: .venv/bin/python benchmarks/ingest.py [--n 128] [--repeats 3] [--json out.json] [--markdown]
-       [--only KEY ...] [--baseline DIR]   (DIR: `git archive <commit> service migrations | tar -x -C DIR`)
+       [--only KEY ...] [--baseline DIR]   (DIR: `git archive <commit> core service migrations | tar -x -C DIR`)
 """
 
 from __future__ import annotations
@@ -280,9 +280,13 @@ def btd_serve(root: Path, nodelay: bool = True, database_url: str | None = None)
 # difference between the two btd rows.
 LISTENER_ONLY = """
 import signal, threading
-from service.db.migrate import upgrade
 from service.dicom.listener import start_listener
-from service.settings import Settings
+try:
+    from core.db.migrate import upgrade
+    from core.settings import Settings
+except ImportError:  # a baseline tree from before the foundation package (core/) existed
+    from service.db.migrate import upgrade
+    from service.settings import Settings
 settings = Settings()
 upgrade(settings)
 server = start_listener(settings)
@@ -293,7 +297,7 @@ server.shutdown()
 """
 
 
-# Set by --baseline: another checkout of btd (e.g. `git archive <commit> service migrations | tar -x -C DIR`)
+# Set by --baseline: another checkout of btd (e.g. `git archive <commit> core service migrations | tar -x -C DIR`)
 # whose listener runs as an extra receiver, so a change is measured against its parent under the same load.
 BASELINE_TREE: Path | None = None
 
@@ -395,10 +399,10 @@ def send_btd(files: list[Path], port: int, nodelay: bool = True) -> subprocess.C
     )
 
 
-# service.dicom.sender.send_files timed inside its process: the transfer without interpreter start-up.
+# core.dicom.sender.send_files timed inside its process: the transfer without interpreter start-up.
 SEND_FILES_TIMED = """
 import json, sys, time
-from service.dicom.sender import send_files
+from core.dicom.sender import send_files
 port, aet, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 start = time.perf_counter()
 results = send_files(files, "127.0.0.1", port, aet, calling_aet="BENCH_SCU")
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another btd source tree (service/ and migrations/ of an older commit); adds a row for its listener "
+        help="another btd source tree (core/, service/ and migrations/ of an older commit); adds a row for its listener "
         "(with btd-listener), run round-robin with the others: a change against its parent under the same load",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")

@@ -1,1 +1,1 @@
-"""Alembic migrations of btd's database (run with `btd db upgrade`; see service/db/migrate.py)."""
+"""Alembic migrations of btd's database (run with `btd db upgrade`; see core/db/migrate.py)."""

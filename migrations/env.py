@@ -1,25 +1,18 @@
-"""Alembic environment: runs migrations on the connection or URL that service.db.migrate hands over.
+"""Alembic environment: runs migrations on the connection or URL that core.db.migrate hands over.
 
 Why no alembic.ini: `btd db upgrade` must work from any working directory and from an installed package,
-so service/db/migrate.py builds the Alembic Config in code and passes the database URL (or an open
+so core/db/migrate.py builds the Alembic Config in code and passes the database URL (or an open
 connection, for tests) through `config.attributes`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-
 from alembic import context
 from sqlalchemy import Connection
 
-from service.db.base import Base
-from service.db.session import make_engine
-
-# Import every module that defines tables, so autogenerate sees the whole schema.
-for _module in ("service.db.models", "service.db.reporting"):
-    with contextlib.suppress(ModuleNotFoundError):
-        importlib.import_module(_module)
+import core.db.schema  # noqa: F401 - defines every table on Base.metadata, so autogenerate sees the schema
+from core.db.base import Base
+from core.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -6,9 +6,13 @@ Python or from the `btd` command line.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one place the version is written; installed metadata carries it
+    __version__ = version("btd")
+except PackageNotFoundError:  # a source tree used without installing (pip install -e . fixes that)
+    __version__ = "0+unknown"
 
 __all__ = ["Detector", "InstanceResult", "ModelInfo", "Region", "SeriesResult", "__version__"]
 

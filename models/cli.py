@@ -1,4 +1,4 @@
-"""`btd score`, `btd calibrate` and `btd evaluate` (registered by service.cli).
+"""`btd score`, `btd calibrate` and `btd evaluate` (registered by btd.cli).
 
 Exit codes: 0 = every image was scored; 1 = some items could not be assessed (each named on stderr,
 the rest was still scored); 2 = nothing could run (bad model, bad arguments).

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from models.anomaly import AnomalyModel, SliceMap
 from models.diffusion import GaussianDiffusion
-from models.metadata import ModelMetadata
+from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
 from models.preprocess import PathOrDataset, to_unit
 from models.regions import DEFAULT_MAX_REGIONS, find_regions
 from models.results import (
@@ -51,7 +51,6 @@ from models.windowing import Window, unit_to_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "btd-ct-default.pt"
 MODES = ("auto", "tiles", "whole")
 PRECISIONS = ("auto", "fp32", "bf16")
 

@@ -23,6 +23,9 @@ MODALITIES = ("CT", "MR")
 # range onto [0, 1] like the 8-bit images the published MR model was trained on.
 NORMALIZATIONS = ("window", "minmax")
 
+# The model btd scores with when none is named (BTD_MODEL unset, `btd score` without --model): package data.
+DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "btd-ct-default.pt"
+
 PUBLISHED_CT_WINDOW = {"low": -700.0, "high": 2000.0}
 PUBLISHED_PATCH_SIZE = {"CT": 96, "MR": 128}
 

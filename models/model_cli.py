@@ -1,6 +1,6 @@
 """`btd model info PATH`: what a checkpoint is, before anyone scores with it.
 
-Registered by service.cli. torch is imported inside the command so that `btd --help` stays cheap.
+Registered by btd.cli. torch is imported inside the command so that `btd --help` stays cheap.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ SUSPICIOUS = "suspicious"
 REVIEW = "review"
 NOT_ASSESSED = "not_assessed"
 VERDICTS = (NO_EVIDENCE, REVIEW, SUSPICIOUS, NOT_ASSESSED)
+# The one ranking of verdicts, worst first: a study (or a report) takes the first of these that any of its
+# series has. Not assessed ranks last because it only says nothing could be judged; with any judged series
+# beside it, that series' verdict is the study's.
+VERDICTS_WORST_FIRST = (SUSPICIOUS, REVIEW, NO_EVIDENCE, NOT_ASSESSED)
 UNCALIBRATED_REASON = "model not calibrated"
 
 
@@ -110,6 +114,12 @@ def verdict_for(score: float | None, threshold: float | None) -> tuple[str, str 
     return (SUSPICIOUS if score >= threshold else NO_EVIDENCE), None
 
 
+def worst_verdict(verdicts: Iterable[str]) -> str:
+    """The worst of `verdicts` by `VERDICTS_WORST_FIRST`; not assessed when there is none to rank."""
+    present = set(verdicts)
+    return next((v for v in VERDICTS_WORST_FIRST if v in present), NOT_ASSESSED)
+
+
 def study_verdict(series: Iterable[SeriesResult]) -> tuple[str, float | None, str | None]:
     """(verdict, score, reason) of a study: the max over its series; suspicious wins, then review, then
     no_evidence. The one ranking of study verdicts: the worker stores what this returns.
@@ -119,13 +129,13 @@ def study_verdict(series: Iterable[SeriesResult]) -> tuple[str, float | None, st
     results = list(series)
     scores = [float(r.score) for r in results if r.score is not None and math.isfinite(r.score)]
     score = max(scores) if scores else None
-    verdicts = {r.verdict for r in results}
-    if SUSPICIOUS in verdicts:
+    verdict = worst_verdict(r.verdict for r in results)
+    if verdict == SUSPICIOUS:
         return SUSPICIOUS, score, None
-    if REVIEW in verdicts:
+    if verdict == REVIEW:
         flagged = sum(1 for r in results for i in r.instances if i.verdict == SUSPICIOUS)
         return REVIEW, score, f"{flagged} slice(s) over the slice threshold, no series over the series threshold"
-    if NO_EVIDENCE in verdicts:
+    if verdict == NO_EVIDENCE:
         partial = [r for r in results if r.verdict == NOT_ASSESSED]
         reason = f"{len(partial)} of {len(results)} series not assessed" if partial else None
         return NO_EVIDENCE, score, reason

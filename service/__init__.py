@@ -1,3 +1,2 @@
-"""The hospital-facing gateway: DICOM in and out, the study database, the REST API and the `btd` CLI."""
-
-__version__ = "0.1.0"
+"""The gateway, the hospital-facing edge: the DICOM listener, the study stability monitor, the REST API and
+the dashboard. It stands on `core` and never imports `worker`: the two meet through the database and the queue."""

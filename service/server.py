@@ -1,7 +1,8 @@
 """`btd serve`: the whole gateway in one process.
 
 Start order: migrate the database (so a fresh install works with one command), the in-process task
-executor (only without a broker), the REST API application (built, not yet serving), the DICOM listener,
+executor (only without a broker: it runs the task table the composition root hands over, so the gateway
+never imports worker code), the REST API application (built, not yet serving), the DICOM listener,
 the stability monitor (which may dispatch at once), then the REST API in the foreground (uvicorn).
 SIGTERM or SIGINT stops uvicorn gracefully; then the listener stops accepting (an instance in flight
 finishes its handler and is answered first), the monitor and the executor stop (a task still running
@@ -15,14 +16,16 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from service import queue
-from service.db import migrate
-from service.db.session import dispose_engines
-from service.observability.logs import configure_logging, log_event
-from service.settings import Settings, get_settings
+from core import queue
+from core.db import migrate
+from core.db.session import dispose_engines
+from core.observability.logs import configure_logging, log_event
+from core.queue import TaskFunction
+from core.settings import Settings
 
 log = logging.getLogger("btd.server")
 
@@ -48,8 +51,11 @@ class _StopSignals:
             self.server.should_exit = True
 
 
-def serve(settings: Settings | None = None) -> int:
-    settings = settings or get_settings()
+def serve(settings: Settings, in_process_tasks: Mapping[str, TaskFunction] | None = None) -> int:
+    """Run the gateway until SIGTERM/SIGINT. Without a broker, `in_process_tasks` (task name -> function)
+    is what the in-process executor runs; with a broker it is not needed (Celery workers run the tasks)."""
+    if not settings.broker_url and in_process_tasks is None:
+        raise ValueError("no broker (BTD_BROKER_URL) and no in-process tasks: nothing would ever score a study")
     stop = _StopSignals()
     stop.install()
     configure_logging(settings.log_level)
@@ -59,7 +65,8 @@ def serve(settings: Settings | None = None) -> int:
     from service.dicom.listener import start_listener
     from service.stability import StabilityMonitor
 
-    executor = queue.start_executor() if not settings.broker_url else None
+    tasks = dict(in_process_tasks or {})
+    executor = queue.start_executor(tasks.get) if not settings.broker_url else None
     listener: Any = None
     monitor: StabilityMonitor | None = None
     try:
@@ -98,29 +105,4 @@ def serve(settings: Settings | None = None) -> int:
         # is taken over at the next start, so leave at once, cleanly, after flushing the logs.
         logging.shutdown()
         os._exit(0)
-    return 0
-
-
-def run_worker(settings: Settings | None = None, extra_args: list[str] | None = None) -> int:
-    """`btd worker`: a Celery worker on BTD_QUEUE_NAME, one task at a time (the model holds the GPU)."""
-    settings = settings or get_settings()
-    configure_logging(settings.log_level)
-    if not settings.broker_url:
-        log_event(log, "worker.no_broker", logging.ERROR, hint="set BTD_BROKER_URL (btd serve runs tasks itself)")
-        return 2
-    from worker.celery_app import app  # the worker process may import worker code; the gateway never does
-
-    argv: list[Any] = [
-        "worker",
-        "-Q",
-        settings.queue_name,
-        "--concurrency",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "--loglevel",
-        settings.log_level,
-        *(extra_args or []),
-    ]
-    app.worker_main(argv=argv)
     return 0

@@ -28,20 +28,16 @@ from typing import Any
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import queue
-from service.db import repository, states
-from service.db.base import utcnow
-from service.db.models import Instance, Study
-from service.db.session import session_factory
-from service.observability.logs import log_event
-from service.settings import Settings
+from core import queue
+from core.contracts import SCOREABLE_SOP_CLASSES, State, Task
+from core.db import repository
+from core.db.base import utcnow
+from core.db.schema import Instance, Study
+from core.db.session import session_factory
+from core.observability.logs import log_event
+from core.settings import Settings
 
 log = logging.getLogger("btd.stability")
-
-SCORE_STUDY = "btd.score_study"
-BUILD_REPORT = "btd.build_report"
-DELIVER_REPORT = "btd.deliver_report"
-
 
 Dispatcher = Callable[..., None]
 
@@ -51,7 +47,7 @@ def has_scoreable_instance(session: Session, study_uid: str) -> bool:
         session.scalar(
             select(
                 exists().where(
-                    Instance.study_uid == study_uid, Instance.sop_class_uid.in_(states.SCOREABLE_SOP_CLASSES)
+                    Instance.study_uid == study_uid, Instance.sop_class_uid.in_(SCOREABLE_SOP_CLASSES)
                 )
             )
         )
@@ -111,15 +107,15 @@ class StabilityMonitor:
                 if repository.transition(
                     session,
                     study_uid,
-                    states.RECEIVING,
-                    states.STABLE,
+                    State.RECEIVING,
+                    State.STABLE,
                     f"quiet for {self.settings.stable_seconds:g} s",
                     where=[Study.quiet_deadline <= now],
                 ):
                     session.commit()
                     log_event(log, "study.stable", study_uid=study_uid)
         with self.sessions() as session:
-            stable = list(session.scalars(select(Study.study_uid).where(Study.state == states.STABLE)))
+            stable = list(session.scalars(select(Study.study_uid).where(Study.state == State.STABLE)))
         queued = [uid for uid in stable if self._queue(uid, now)]
         if self.embedded:
             self._redispatch_expired_leases(now)
@@ -134,7 +130,7 @@ class StabilityMonitor:
             expired = list(
                 session.execute(
                     select(Study.study_uid, Study.lease_until).where(
-                        Study.state == states.SCORING, Study.lease_until.is_not(None), Study.lease_until < now
+                        Study.state == State.SCORING, Study.lease_until.is_not(None), Study.lease_until < now
                     )
                 )
             )
@@ -143,20 +139,20 @@ class StabilityMonitor:
                 continue
             self._lease_redispatched[study_uid] = lease_until
             log_event(log, "study.lease_expired", logging.WARNING, study_uid=study_uid)
-            self._send(study_uid, SCORE_STUDY)
+            self._send(study_uid, Task.SCORE_STUDY)
 
     def _queue(self, study_uid: str, now: datetime) -> bool:
         with self.sessions() as session:
             if not has_scoreable_instance(session, study_uid):
                 reason = "no CT or MR image instance to score"
-                if repository.transition(session, study_uid, states.STABLE, states.REJECTED, reason, error=reason):
+                if repository.transition(session, study_uid, State.STABLE, State.REJECTED, reason, error=reason):
                     session.commit()
                     log_event(log, "study.rejected", study_uid=study_uid, reason=reason)
                 return False
-            if not repository.transition(session, study_uid, states.STABLE, states.QUEUED, queued_at=now):
+            if not repository.transition(session, study_uid, State.STABLE, State.QUEUED, queued_at=now):
                 return False
             session.commit()
-        return self._send(study_uid, SCORE_STUDY, requeue_on_failure=True)
+        return self._send(study_uid, Task.SCORE_STUDY, requeue_on_failure=True)
 
     def _send(self, study_uid: str, task: str, *, requeue_on_failure: bool = False) -> bool:
         try:
@@ -166,7 +162,7 @@ class StabilityMonitor:
             if requeue_on_failure:
                 with self.sessions() as session:
                     if repository.transition(
-                        session, study_uid, states.QUEUED, states.STABLE, f"dispatch failed: {exc}"[:500]
+                        session, study_uid, State.QUEUED, State.STABLE, f"dispatch failed: {exc}"[:500]
                     ):
                         session.commit()
             return False
@@ -179,7 +175,7 @@ class StabilityMonitor:
             stale = list(
                 session.execute(
                     select(Study.study_uid, Study.queued_at).where(
-                        Study.state == states.QUEUED, Study.queued_at.is_not(None), Study.queued_at < cutoff
+                        Study.state == State.QUEUED, Study.queued_at.is_not(None), Study.queued_at < cutoff
                     )
                 )
             )
@@ -187,14 +183,14 @@ class StabilityMonitor:
             with self.sessions() as session:
                 claimed = session.execute(
                     update(Study)
-                    .where(Study.study_uid == study_uid, Study.state == states.QUEUED, Study.queued_at == queued_at)
+                    .where(Study.study_uid == study_uid, Study.state == State.QUEUED, Study.queued_at == queued_at)
                     .values(queued_at=now)
                     .execution_options(synchronize_session=False)
                 )
                 session.commit()
             if claimed.rowcount == 1:  # type: ignore[attr-defined]
                 log_event(log, "study.requeued_stale", study_uid=study_uid)
-                self._send(study_uid, SCORE_STUDY)
+                self._send(study_uid, Task.SCORE_STUDY)
 
     # Start-up recovery ---------------------------------------------------------------------------
 
@@ -209,7 +205,7 @@ class StabilityMonitor:
             # study wait out up to half the visibility timeout. The next pass then re-dispatches it.
             orphaned = session.execute(
                 update(Study)
-                .where(Study.state == states.SCORING, Study.lease_until.is_not(None), Study.lease_until > now)
+                .where(Study.state == State.SCORING, Study.lease_until.is_not(None), Study.lease_until > now)
                 .values(lease_until=now)
                 .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
@@ -217,12 +213,12 @@ class StabilityMonitor:
         if orphaned:
             log_event(log, "study.leases_released", count=orphaned, reason="scoring process is gone")
         plan: dict[str, tuple[Any, str]] = {
-            SCORE_STUDY: (
-                or_(Study.state == states.QUEUED, and_(Study.state == states.SCORING, Study.lease_until.is_(None))),
+            Task.SCORE_STUDY: (
+                or_(Study.state == State.QUEUED, and_(Study.state == State.SCORING, Study.lease_until.is_(None))),
                 "queued, or scoring without a lease (expired leases are picked up by every pass)",
             ),
-            BUILD_REPORT: (Study.state == states.SCORED, "scored, report not built"),
-            DELIVER_REPORT: (Study.state == states.REPORTED, "reported, not delivered"),
+            Task.BUILD_REPORT: (Study.state == State.SCORED, "scored, report not built"),
+            Task.DELIVER_REPORT: (Study.state == State.REPORTED, "reported, not delivered"),
         }
         sent: dict[str, list[str]] = {}
         for task, (condition, why) in plan.items():

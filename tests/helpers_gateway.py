@@ -101,7 +101,7 @@ def postgres_database(prefix: str = "btd_test") -> Iterator[str]:
     try:
         yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        from service.db.session import dispose_engines
+        from core.db.session import dispose_engines
 
         dispose_engines()
         drop_postgres_database(name)
@@ -143,7 +143,7 @@ class GatewayProcess:
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "service.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            [PYTHON, "-m", "btd.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         if wait:

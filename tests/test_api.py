@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+from core.contracts import State
+from core.db import migrate, repository
+from core.db.session import dispose_engines, session_scope
+from core.settings import Settings
 from models.metadata import ModelMetadata
 from service.api.app import create_app
-from service.db import migrate, repository, states
-from service.db.session import dispose_engines, session_scope
-from service.settings import Settings
 from worker import pipeline, tasks
 
 PATIENT_ID = "PID-SECRET-4711"
@@ -58,9 +59,9 @@ def _record(session, settings: Settings, study_uid: str, series_uid: str, modali
 
 def _to_scoring(settings: Settings, study_uid: str) -> tasks.Claim:
     with session_scope(settings) as session:
-        assert repository.transition(session, study_uid, states.RECEIVING, states.STABLE, "quiet")
+        assert repository.transition(session, study_uid, State.RECEIVING, State.STABLE, "quiet")
         assert repository.transition(
-            session, study_uid, states.STABLE, states.QUEUED, "queued", queued_at=datetime.now(UTC)
+            session, study_uid, State.STABLE, State.QUEUED, "queued", queued_at=datetime.now(UTC)
         )
         claim = tasks.claim_study(session, study_uid, "test-worker", settings)
     assert isinstance(claim, tasks.Claim)
@@ -128,10 +129,10 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
         with session_scope(settings) as session:
             tasks.store_results(session, claim, pipeline.StudyScore(verdict, score, [scored], "tiny-test", "ab" * 32))
             assert repository.transition(
-                session, study_uid, states.SCORING, states.SCORED, "done", verdict=verdict, score=score
+                session, study_uid, State.SCORING, State.SCORED, "done", verdict=verdict, score=score
             )
     claim = _to_scoring(settings, ns.failed)
-    assert tasks._release(settings, claim, states.FAILED, "failed: spool files missing", "spool files missing")
+    assert tasks._release(settings, claim, State.FAILED, "failed: spool files missing", "spool files missing")
     yield ns
     dispose_engines()
 
@@ -278,7 +279,7 @@ def test_rescore_needs_the_token(db: SimpleNamespace) -> None:
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert guarded.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
     with session_scope(db.settings) as session:
-        assert repository.get_study(session, db.clean).state == states.SCORED  # untouched
+        assert repository.get_study(session, db.clean).state == State.SCORED  # untouched
 
 
 def test_rescore_refuses_a_study_being_received(client: TestClient, db: SimpleNamespace) -> None:
@@ -301,7 +302,7 @@ def test_rescore_requeues_a_failed_study_as_a_new_version(db: SimpleNamespace) -
     with session_scope(settings) as session:
         _record(session, settings, study_uid, study_uid + ".1")
     claim = _to_scoring(settings, study_uid)
-    assert tasks._release(settings, claim, states.FAILED, "failed: boom", "boom")
+    assert tasks._release(settings, claim, State.FAILED, "failed: boom", "boom")
 
     client = TestClient(create_app(settings))
     auth = {"Authorization": "Bearer s3cret"}
@@ -353,7 +354,7 @@ def test_a_review_verdict_is_listed_filtered_and_counted(tmp_path: Path) -> None
     with session_scope(settings) as session:
         tasks.store_results(session, claim, pipeline.StudyScore(verdict, score, [scored], "tiny-test", "ab" * 32))
         assert repository.transition(
-            session, study_uid, states.SCORING, states.SCORED, "done", verdict=verdict, score=score
+            session, study_uid, State.SCORING, State.SCORED, "done", verdict=verdict, score=score
         )
     client = TestClient(create_app(settings))
     try:

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 import torch
 
+from btd.cli import main
 from models.checkpoint import save_model
 from models.diffusion import GaussianDiffusion
 from models.metadata import ModelMetadata
 from models.unet import Unet
-from service.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -164,7 +164,7 @@ def test_btd_entry_point_runs_score(model_path, study):
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "btd.cli",
             "score",
             str(file),
             "--model",

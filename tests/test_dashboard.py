@@ -24,14 +24,14 @@ from helpers_gateway import REPO_ROOT, free_port, gateway_env, wait_for_port, wa
 from PIL import Image
 from sqlalchemy import inspect, text
 
+from core.db.migrate import upgrade
+from core.db.schema import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
+from core.db.session import session_scope
+from core.settings import Settings
 from service.api import dashboard_health
 from service.api.app import create_app
 from service.api.dashboard_queries import milestones
-from service.db.migrate import upgrade
-from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
-from service.db.session import session_scope
 from service.heatmap import REGION_COLOUR, RegionBox, render_overlay
-from service.settings import Settings
 
 FLAGGED_UID = "1.2.826.0.1.3680043.8.498.1001"
 CLEAN_UID = "1.2.826.0.1.3680043.8.498.1002"
@@ -338,7 +338,7 @@ def test_celery_worker_health_from_a_real_worker(env: dict[str, object], tmp_pat
     dashboard_health._cache.clear()
     worker_env = gateway_env(tmp_path, broker_url=broker, queue_name="dashboard-health",
                              database_url=settings.resolved_database_url)
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=REPO_ROOT, env=worker_env,
+    worker = subprocess.Popen([sys.executable, "-m", "btd.cli", "worker"], cwd=REPO_ROOT, env=worker_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         health = wait_until(lambda: _fresh_ping(with_broker), timeout=90, interval=1.0, what="worker ping")

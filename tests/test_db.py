@@ -16,11 +16,12 @@ from helpers_gateway import postgres_database
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import migrate, repository, states
-from service.db.base import Base
-from service.db.models import Instance, Study, StudyEvent
-from service.db.session import dispose_engines, session_factory, session_scope
-from service.settings import Settings
+from core.contracts import State
+from core.db import migrate, repository
+from core.db.base import Base
+from core.db.schema import Instance, Study, StudyEvent
+from core.db.session import dispose_engines, session_factory, session_scope
+from core.settings import Settings
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -104,11 +105,11 @@ def test_first_instance_creates_a_receiving_study_with_a_quiet_deadline(settings
     outcome = record(settings, received(study_uid), now=now, stable=30)
     assert outcome.kind == "stored" and outcome.version == 1 and not outcome.reopened
     found = study(settings, study_uid)
-    assert found.state == states.RECEIVING
+    assert found.state == State.RECEIVING
     assert found.quiet_deadline == now + timedelta(seconds=30)
     assert found.quiet_deadline.tzinfo is not None
     assert found.n_instances == 1 and found.modalities == "CT" and found.version == 1
-    assert events(settings, study_uid) == [(None, states.RECEIVING, "first instance received")]
+    assert events(settings, study_uid) == [(None, State.RECEIVING, "first instance received")]
 
 
 def test_every_instance_restarts_the_timer(settings: Settings) -> None:
@@ -143,7 +144,7 @@ def test_identical_resend_restarts_the_timer_but_counts_nothing_new(settings: Se
     assert again.kind == "duplicate"
     found = study(settings, study_uid)
     assert found.quiet_deadline == t0 + timedelta(seconds=15)
-    assert (found.n_instances, found.modalities, found.state) == (1, "CT", states.RECEIVING)
+    assert (found.n_instances, found.modalities, found.state) == (1, "CT", State.RECEIVING)
 
 
 def test_a_new_modality_is_merged_once_and_kept_sorted(settings: Settings) -> None:
@@ -152,7 +153,7 @@ def test_a_new_modality_is_merged_once_and_kept_sorted(settings: Settings) -> No
         record(settings, received(study_uid, modality=modality))
     found = study(settings, study_uid)
     assert (found.modalities, found.n_instances) == ("CT,MR,SR", 4)
-    assert [e[1] for e in events(settings, study_uid)] == [states.RECEIVING]  # one creation event, no more
+    assert [e[1] for e in events(settings, study_uid)] == [State.RECEIVING]  # one creation event, no more
 
 
 def test_different_bytes_for_the_same_sop_uid_become_a_flagged_version(settings: Settings) -> None:
@@ -170,19 +171,19 @@ def test_transition_is_compare_and_set(settings: Settings) -> None:
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        assert not repository.transition(session, study_uid, states.QUEUED, states.SCORING)
-        assert repository.transition(session, study_uid, (states.STABLE, states.RECEIVING), states.STABLE, "quiet")
-        assert not repository.transition(session, study_uid, states.RECEIVING, states.STABLE)
+        assert not repository.transition(session, study_uid, State.QUEUED, State.SCORING)
+        assert repository.transition(session, study_uid, (State.STABLE, State.RECEIVING), State.STABLE, "quiet")
+        assert not repository.transition(session, study_uid, State.RECEIVING, State.STABLE)
     with session_scope(settings) as session:
-        assert not repository.transition(session, "2.25.0", states.STABLE, states.QUEUED)
+        assert not repository.transition(session, "2.25.0", State.STABLE, State.QUEUED)
         assert repository.transition(
-            session, study_uid, states.STABLE, states.QUEUED, queued_at=datetime.now(UTC), attempts=Study.attempts + 1
+            session, study_uid, State.STABLE, State.QUEUED, queued_at=datetime.now(UTC), attempts=Study.attempts + 1
         )
     found = study(settings, study_uid)
-    assert found.state == states.QUEUED and found.attempts == 1 and found.queued_at is not None
+    assert found.state == State.QUEUED and found.attempts == 1 and found.queued_at is not None
     assert events(settings, study_uid)[1:] == [
-        (states.RECEIVING, states.STABLE, "quiet"),
-        (states.STABLE, states.QUEUED, None),
+        (State.RECEIVING, State.STABLE, "quiet"),
+        (State.STABLE, State.QUEUED, None),
     ]
 
 
@@ -192,33 +193,33 @@ def test_transition_extra_condition_guards_the_quiet_timer(settings: Settings) -
     record(settings, received(study_uid), now=now, stable=60)
     with session_scope(settings) as session:
         assert not repository.transition(
-            session, study_uid, states.RECEIVING, states.STABLE, where=[Study.quiet_deadline <= now]
+            session, study_uid, State.RECEIVING, State.STABLE, where=[Study.quiet_deadline <= now]
         )
-    assert study(settings, study_uid).state == states.RECEIVING
+    assert study(settings, study_uid).state == State.RECEIVING
 
 
 def test_transition_not_committed_when_the_caller_rolls_back(settings: Settings) -> None:
     study_uid = uid()
     record(settings, received(study_uid))
     session: Session = session_factory(settings)()
-    assert repository.transition(session, study_uid, states.RECEIVING, states.STABLE)
+    assert repository.transition(session, study_uid, State.RECEIVING, State.STABLE)
     session.rollback()
     session.close()
-    assert study(settings, study_uid).state == states.RECEIVING
+    assert study(settings, study_uid).state == State.RECEIVING
 
 
 def test_only_one_of_racing_transitions_wins(settings: Settings) -> None:
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.QUEUED)
+        repository.transition(session, study_uid, State.RECEIVING, State.QUEUED)
     wins: list[bool] = []
     barrier = threading.Barrier(4)
 
     def claim() -> None:
         barrier.wait()
         with session_scope(settings) as session:
-            wins.append(repository.transition(session, study_uid, states.QUEUED, states.SCORING, "claimed"))
+            wins.append(repository.transition(session, study_uid, State.QUEUED, State.SCORING, "claimed"))
 
     threads = [threading.Thread(target=claim) for _ in range(4)]
     for t in threads:
@@ -226,19 +227,19 @@ def test_only_one_of_racing_transitions_wins(settings: Settings) -> None:
     for t in threads:
         t.join()
     assert sorted(wins) == [False, False, False, True]
-    assert sum(1 for e in events(settings, study_uid) if e[1] == states.SCORING) == 1
+    assert sum(1 for e in events(settings, study_uid) if e[1] == State.SCORING) == 1
 
 
 def test_instance_after_scoring_reopens_the_study_as_a_new_version(settings: Settings) -> None:
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.SCORED, verdict="no_evidence", score=0.1)
+        repository.transition(session, study_uid, State.RECEIVING, State.SCORED, verdict="no_evidence", score=0.1)
     outcome = record(settings, received(study_uid))
     assert outcome.reopened
     found = study(settings, study_uid)
-    assert (found.state, found.version, found.verdict, found.n_instances) == (states.RECEIVING, 2, None, 2)
-    assert events(settings, study_uid)[-1][:2] == (states.SCORED, states.RECEIVING)
+    assert (found.state, found.version, found.verdict, found.n_instances) == (State.RECEIVING, 2, None, 2)
+    assert events(settings, study_uid)[-1][:2] == (State.SCORED, State.RECEIVING)
     assert "reopened" in (events(settings, study_uid)[-1][2] or "")
 
 
@@ -246,32 +247,32 @@ def test_instance_while_stable_resumes_without_a_new_version(settings: Settings)
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.STABLE)
+        repository.transition(session, study_uid, State.RECEIVING, State.STABLE)
     outcome = record(settings, received(study_uid))
     assert not outcome.reopened
     found = study(settings, study_uid)
-    assert (found.state, found.version) == (states.RECEIVING, 1)
+    assert (found.state, found.version) == (State.RECEIVING, 1)
 
 
 def test_reopen_while_scoring_makes_the_workers_commit_fail(settings: Settings) -> None:
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.SCORING, lease_owner="w1")
+        repository.transition(session, study_uid, State.RECEIVING, State.SCORING, lease_owner="w1")
     record(settings, received(study_uid))  # a late instance arrives while the worker scores
     with session_scope(settings) as session:
-        assert not repository.transition(session, study_uid, states.SCORING, states.SCORED)
+        assert not repository.transition(session, study_uid, State.SCORING, State.SCORED)
     found = study(settings, study_uid)
-    assert (found.state, found.version, found.lease_owner) == (states.RECEIVING, 2, None)
+    assert (found.state, found.version, found.lease_owner) == (State.RECEIVING, 2, None)
 
 
 def test_duplicate_of_a_finished_study_does_not_reopen_it(settings: Settings) -> None:
     study_uid, sop = uid(), uid()
     record(settings, received(study_uid, sop, sha="e" * 64))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.DELIVERED)
+        repository.transition(session, study_uid, State.RECEIVING, State.DELIVERED)
     assert record(settings, received(study_uid, sop, sha="e" * 64)).kind == "duplicate"
-    assert study(settings, study_uid).state == states.DELIVERED
+    assert study(settings, study_uid).state == State.DELIVERED
 
 
 def test_our_own_report_routed_back_is_kept_without_reopening_the_study(settings: Settings) -> None:
@@ -282,12 +283,12 @@ def test_our_own_report_routed_back_is_kept_without_reopening_the_study(settings
     study_uid = uid()
     record(settings, received(study_uid))
     with session_scope(settings) as session:
-        repository.transition(session, study_uid, states.RECEIVING, states.DELIVERED, verdict="suspicious")
+        repository.transition(session, study_uid, State.RECEIVING, State.DELIVERED, verdict="suspicious")
     sr = dataclasses.replace(received(study_uid), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", modality="SR")
     outcome = record(settings, sr)
     assert outcome.kind == "stored" and not outcome.reopened
     found = study(settings, study_uid)
-    assert (found.state, found.version, found.verdict, found.n_instances) == (states.DELIVERED, 1, "suspicious", 2)
+    assert (found.state, found.version, found.verdict, found.n_instances) == (State.DELIVERED, 1, "suspicious", 2)
     assert record(settings, received(study_uid)).reopened
     assert study(settings, study_uid).version == 2
 
@@ -303,8 +304,8 @@ def test_times_are_timezone_aware_utc(settings: Settings, tmp_path: Path) -> Non
 def test_btd_db_upgrade_works_from_any_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from service.cli import main
-    from service.settings import get_settings
+    from btd.cli import main
+    from core.settings import get_settings
 
     monkeypatch.chdir(tmp_path)  # nowhere near the repository's migrations folder
     monkeypatch.delenv("BTD_DATABASE_URL", raising=False)

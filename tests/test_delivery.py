@@ -28,17 +28,17 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import KeyObjectSelectionDocumentStorage
 from sqlalchemy import select
 
+from core.contracts import State, Task
+from core.db import migrate
+from core.db.base import Base
+from core.db.schema import DeliveryAttempt, Instance, InstanceResult, Region, Report, SeriesResult, Study
+from core.db.session import dispose_engines, get_engine, session_scope
+from core.observability.metrics import DELIVERY_ATTEMPTS
+from core.settings import Settings
+from core.spool import relative_path
 from service.api.app import create_app
-from service.db import migrate, states
-from service.db.base import Base
-from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study
-from service.db.reporting import DeliveryAttempt, Report
-from service.db.session import dispose_engines, get_engine, session_scope
-from service.observability.metrics import DELIVERY_ATTEMPTS
-from service.reports.validate import validation_errors
-from service.settings import Settings
-from service.spool import relative_path
 from worker import report_tasks
+from worker.reports.validate import validation_errors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CT_FILES = sorted(p for p in (FIXTURES / "ct_series_20").iterdir() if p.name.startswith("CT."))[:4]
@@ -67,7 +67,7 @@ def seed_scored_study(settings: Settings, flagged: bool = True, version: int = 1
     study_uid, series_uid = str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID)
     with session_scope(settings) as session:
         if session.scalar(select(Study).where(Study.study_uid == study_uid)) is None:
-            session.add(Study(study_uid=study_uid, state=states.SCORED, version=version, n_instances=4,
+            session.add(Study(study_uid=study_uid, state=State.SCORED, version=version, n_instances=4,
                               verdict="suspicious" if flagged else "no_evidence", score=0.9 if flagged else 0.1,
                               modalities="CT"))
             session.flush()  # the study row first: instances refer to it
@@ -197,8 +197,9 @@ class SilentPeer:
 @pytest.fixture
 def env_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Settings that the in-process executor (which reads the environment) shares with the test."""
-    from service import queue
-    from service.settings import get_settings
+    from core import queue
+    from core.settings import get_settings
+    from worker.registry import in_process_tasks
 
     down_port = free_port()
     for key, value in {"DATA_DIR": tmp_path / "data", "DESTINATIONS": f"LATER@127.0.0.1:{down_port}",
@@ -208,6 +209,7 @@ def env_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
     get_settings.cache_clear()
     settings = get_settings()
     migrate.upgrade(settings)
+    queue.start_executor(in_process_tasks(settings).get)  # what `btd serve` starts without a broker
     yield settings
     queue.stop_executor()
     get_settings.cache_clear()
@@ -259,7 +261,7 @@ def test_build_report_writes_valid_sr_and_kos_and_moves_to_reported(settings: Se
     outcome = report_tasks.run_build_report(study_uid, settings, dispatch_next=False)
     assert outcome.kind == report_tasks.BUILT
     study = study_row(settings, study_uid)
-    assert study.state == states.REPORTED and study.verdict == "suspicious"
+    assert study.state == State.REPORTED and study.verdict == "suspicious"
     with session_scope(settings) as session:
         report = session.scalars(select(Report)).one()
     sr_path, kos_path = settings.data_dir / report.sr_path, settings.data_dir / report.kos_path
@@ -315,14 +317,14 @@ def test_clean_study_gets_an_sr_and_no_kos(settings: Settings) -> None:
     with session_scope(settings) as session:
         report = session.scalars(select(Report)).one()
     assert report.kos_path is None and report.kos_sop_instance_uid is None
-    assert study_row(settings, study_uid).state == states.REPORTED
+    assert study_row(settings, study_uid).state == State.REPORTED
 
 
 def test_a_repeated_build_reuses_the_report(settings: Settings) -> None:
     study_uid = reported_study(settings)
     assert report_tasks.run_build_report(study_uid, settings, dispatch_next=False).kind == report_tasks.SKIPPED
     with session_scope(settings) as session:  # a crash after the report, before the state moved on
-        session.execute(Study.__table__.update().values(state=states.SCORED))
+        session.execute(Study.__table__.update().values(state=State.SCORED))
     assert report_tasks.run_build_report(study_uid, settings, dispatch_next=False).kind == report_tasks.REUSED
     with session_scope(settings) as session:
         assert len(session.scalars(select(Report)).all()) == 1
@@ -341,7 +343,7 @@ def test_two_workers_building_the_same_report_on_postgres_make_one(tmp_path: Pat
         for thread in threads:
             thread.join(timeout=120)
         assert sorted(outcomes) == [report_tasks.BUILT, report_tasks.SKIPPED]
-        assert study_row(settings, study_uid).state == states.REPORTED
+        assert study_row(settings, study_uid).state == State.REPORTED
         with session_scope(settings) as session:
             assert len(session.scalars(select(Report)).all()) == 1
 
@@ -350,7 +352,7 @@ def test_rescore_builds_a_new_sr_naming_the_previous_as_predecessor(settings: Se
     study_uid = reported_study(settings)
     with session_scope(settings) as session:
         first = session.scalars(select(Report)).one()
-        session.execute(Study.__table__.update().values(state=states.SCORED, version=2, verdict="no_evidence"))
+        session.execute(Study.__table__.update().values(state=State.SCORED, version=2, verdict="no_evidence"))
         # the PACS routed btd's first SR back to it: it is in the spool and the instances table now
         sr_rel = relative_path(study_uid, first.sr_series_uid, first.sr_sop_instance_uid, 1)
         (settings.spool_dir / sr_rel).parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +384,7 @@ def test_sources_deleted_from_the_spool_fail_clearly_and_keep_the_verdict(
         outcome = report_tasks.run_build_report(study_uid, settings, dispatch_next=False)
     assert outcome.kind == report_tasks.FAILED
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED
+    assert study.state == State.FAILED
     assert "4 of 4 source instance(s) missing" in study.error
     assert (study.verdict, study.score) == ("suspicious", 0.9)
     assert any(getattr(r, "event", "") == "report.failed" for r in caplog.records)
@@ -398,7 +400,7 @@ def test_delivery_to_storescp_stores_sr_and_kos(tmp_path: Path, storescp: tuple[
     study_uid = reported_study(settings)
     before = DELIVERY_ATTEMPTS.labels(outcome="success")._value.get()
     assert report_tasks.run_deliver_report(study_uid, settings).kind == report_tasks.DELIVERED
-    assert study_row(settings, study_uid).state == states.DELIVERED
+    assert study_row(settings, study_uid).state == State.DELIVERED
     stored = {pydicom.dcmread(p).SOPClassUID for p in out.iterdir()}
     assert stored == {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.59"}
     assert attempts(settings) == [(destination, 1, "success", 0)]
@@ -413,14 +415,14 @@ def test_a_destination_down_for_a_while_gets_the_report_and_the_other_no_second_
         study_uid = reported_study(settings)
         first = report_tasks.run_deliver_report(study_uid, settings, final_attempt=False, timeout=5)
         assert first.kind == report_tasks.RETRY
-        assert study_row(settings, study_uid).state == states.REPORTED
+        assert study_row(settings, study_uid).state == State.REPORTED
         assert len(up.received) == 2  # SR + KOS
         with CountingSCP("LATER", port=down_port) as later:
             second = report_tasks.run_deliver_report(study_uid, settings, final_attempt=False, timeout=5)
             assert second.kind == report_tasks.DELIVERED
             assert len(later.received) == 2
         assert len(up.received) == 2  # not sent again
-    assert study_row(settings, study_uid).state == states.DELIVERED
+    assert study_row(settings, study_uid).state == State.DELIVERED
     log = attempts(settings)
     assert log[0] == (up.destination, 1, "success", 0)
     assert log[1][:3] == (f"LATER@127.0.0.1:{down_port}", 1, "failure")
@@ -448,7 +450,7 @@ def test_a_bad_destination_ends_in_failed_delivery_with_its_reason(
             outcome = report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=2)
     assert outcome.kind == report_tasks.FAILED
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED_DELIVERY
+    assert study.state == State.FAILED_DELIVERY
     assert (study.verdict, study.score) == ("suspicious", 0.9)
     expected_error = {
         "refuses_association": "association rejected",
@@ -482,7 +484,7 @@ def test_a_report_file_gone_before_delivery_ends_in_failed_delivery(tmp_path: Pa
         outcome = report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=5)
     assert outcome.kind == report_tasks.FAILED and pacs.received == []
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED_DELIVERY and "report file(s) missing" in (study.error or "")
+    assert study.state == State.FAILED_DELIVERY and "report file(s) missing" in (study.error or "")
     assert study.verdict == "suspicious"
     dispose_engines()
 
@@ -490,7 +492,7 @@ def test_a_report_file_gone_before_delivery_ends_in_failed_delivery(tmp_path: Pa
 def test_no_destinations_leaves_the_study_reported(settings: Settings) -> None:
     study_uid = reported_study(settings)
     assert report_tasks.run_deliver_report(study_uid, settings).kind == report_tasks.NO_DESTINATIONS
-    assert study_row(settings, study_uid).state == states.REPORTED
+    assert study_row(settings, study_uid).state == State.REPORTED
     assert attempts(settings) == []
 
 
@@ -499,8 +501,8 @@ def test_in_process_delivery_retries_with_backoff_then_fails(env_settings: Setti
     then 0.1 s), and after BTD_DELIVERY_RETRIES retries the study is FAILED_DELIVERY."""
     settings = env_settings
     study_uid = reported_study(settings)
-    assert report_tasks.deliver_report(study_uid) == report_tasks.RETRY
-    wait_until(lambda: study_row(settings, study_uid).state == states.FAILED_DELIVERY, timeout=60,
+    assert report_tasks.deliver_report(study_uid, settings=settings) == report_tasks.RETRY
+    wait_until(lambda: study_row(settings, study_uid).state == State.FAILED_DELIVERY, timeout=60,
                what="FAILED_DELIVERY after the retries")
     assert [a[1:3] for a in attempts(settings)] == [(1, "failure"), (2, "failure"), (3, "failure")]
     assert "LATER@127.0.0.1" in (study_row(settings, study_uid).error or "")
@@ -523,13 +525,13 @@ def test_reports_api_lists_the_delivery_log_and_redeliver_sends_after_a_failure(
     url = f"/api/studies/{study_uid}/redeliver"
     assert client.post(url).status_code == 401
     assert client.post(url, headers={"Authorization": "Bearer no"}).status_code == 403
-    assert study_row(settings, study_uid).state == states.FAILED_DELIVERY
+    assert study_row(settings, study_uid).state == State.FAILED_DELIVERY
     port = int(settings.destinations[0].rsplit(":", 1)[1])
     with CountingSCP("LATER", port=port) as later:
         response = client.post(url, headers={"Authorization": "Bearer s3cret"})
         assert response.status_code == 202, response.text
-        assert response.json()["state"] == states.REPORTED
-        wait_until(lambda: study_row(settings, study_uid).state == states.DELIVERED, timeout=60, what="DELIVERED")
+        assert response.json()["state"] == State.REPORTED
+        wait_until(lambda: study_row(settings, study_uid).state == State.DELIVERED, timeout=60, what="DELIVERED")
         assert len(later.received) == 2  # SR + KOS
     again = client.post(url, headers={"Authorization": "Bearer s3cret"})
     assert again.status_code == 409  # DELIVERED is not redelivered
@@ -550,7 +552,7 @@ def test_celery_worker_retries_delivery_until_the_pacs_is_back(tmp_path: Path) -
     from helpers_gateway import gateway_env
     from test_e2e_celery import REDIS_URL, Worker, redis_available
 
-    from service.queue import dispatch
+    from core.queue import dispatch
 
     if not redis_available():
         pytest.skip(f"no Redis at {REDIS_URL}")
@@ -563,11 +565,11 @@ def test_celery_worker_retries_delivery_until_the_pacs_is_back(tmp_path: Path) -
     study_uid = reported_study(settings)
     worker = Worker(gateway_env(settings.data_dir, **values), tmp_path / "worker.log")
     try:
-        dispatch(report_tasks.DELIVER_REPORT, study_uid, settings=settings)
+        dispatch(Task.DELIVER_REPORT, study_uid, settings=settings)
         wait_until(lambda: attempts(settings), timeout=120, what="a first (failed) delivery attempt")
-        assert study_row(settings, study_uid).state == states.REPORTED  # waiting for its retry, not failed
+        assert study_row(settings, study_uid).state == State.REPORTED  # waiting for its retry, not failed
         with CountingSCP("LATER", port=port) as later:
-            wait_until(lambda: study_row(settings, study_uid).state == states.DELIVERED, timeout=120,
+            wait_until(lambda: study_row(settings, study_uid).state == State.DELIVERED, timeout=120,
                        what=f"DELIVERED; worker log:\n{worker.log_text()[-3000:]}")
             assert len(later.received) == 2
     finally:
@@ -635,5 +637,5 @@ def test_delivery_over_mutual_tls_verifies_the_pacs(tmp_path: Path, pki: Path, s
         assert outcome.kind == report_tasks.DELIVERED and len(pacs.received) == 2
     else:
         assert outcome.kind == report_tasks.FAILED and pacs.received == []
-        assert study_row(settings, study_uid).state == states.FAILED_DELIVERY
+        assert study_row(settings, study_uid).state == State.FAILED_DELIVERY
     dispose_engines()

@@ -31,9 +31,9 @@ from test_e2e_embedded import (
     wait_for_verdict,
 )
 
-from service.db.models import InstanceResult, SeriesResult
-from service.db.session import dispose_engines, session_scope
-from service.settings import Settings
+from core.db.schema import InstanceResult, SeriesResult
+from core.db.session import dispose_engines, session_scope
+from core.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(600)]
 
@@ -61,7 +61,7 @@ class Worker:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "service.cli", "worker"],
+                [PYTHON, "-m", "btd.cli", "worker"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,

@@ -18,9 +18,9 @@ from helpers_gateway import GatewayProcess, wait_until
 from pydicom import dcmread
 from sqlalchemy import select
 
-from service.db.models import Instance
-from service.db.session import dispose_engines, session_scope
-from service.settings import Settings
+from core.db.schema import Instance
+from core.db.session import dispose_engines, session_scope
+from core.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 

@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from service.reports.findings import RegionFinding, StudyFindings
-from service.reports.kos import build_kos
-from service.reports.sr import is_btd_document
-from service.reports.validate import validation_errors
+from worker.reports.findings import RegionFinding, StudyFindings
+from worker.reports.kos import build_kos
+from worker.reports.sr import is_btd_document
+from worker.reports.validate import validation_errors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -33,14 +33,14 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select, text
 
-from service.db import migrate
-from service.db.models import Instance, Study
-from service.db.session import get_engine, session_scope
-from service.dicom import sender
+from core.db import migrate
+from core.db.schema import Instance, Study
+from core.db.session import get_engine, session_scope
+from core.dicom import sender
+from core.observability.logs import JsonFormatter
+from core.settings import Settings
+from core.spool import Spool
 from service.dicom.listener import file_meta_bytes, start_listener
-from service.observability.logs import JsonFormatter
-from service.settings import Settings
-from service.spool import Spool
 
 pytestmark = pytest.mark.timeout(120)
 

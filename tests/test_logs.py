@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line, a correlation id, never a patient name or ID.
 
-The unit tests drive `service.observability.logs` directly; the flow test reads everything a real
+The unit tests drive `core.observability.logs` directly; the flow test reads everything a real
 `btd serve` wrote while it received, scored, reported and delivered the 20-slice CT series
 (tests/dashboard_flow.py, shared with the browser tests so the series is scored once per session).
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from service.observability.logs import (
+from core.observability.logs import (
     JsonFormatter,
     configure_logging,
     correlation,

@@ -10,12 +10,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.db.migrate import upgrade
+from core.db.schema import Study
+from core.db.session import session_scope
+from core.observability import metrics
+from core.settings import Settings
 from service.api.app import create_app
-from service.db.migrate import upgrade
-from service.db.models import Study
-from service.db.session import session_scope
-from service.observability import metrics
-from service.settings import Settings
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from btd.cli import main
 
 REFERENCE = Path(__file__).parent / "fixtures" / "btd-reference"
 

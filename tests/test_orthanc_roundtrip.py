@@ -28,8 +28,8 @@ from helpers_gateway import GatewayProcess, free_port, wait_until
 from test_delivery import CT_FILES, make_settings, reported_study, study_row
 from test_viewer_check import check, viewer_check  # noqa: F401 - viewer_check is a (session) fixture
 
-from service.db import states
-from service.db.session import dispose_engines
+from core.contracts import State
+from core.db.session import dispose_engines
 from worker import report_tasks
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
@@ -150,7 +150,7 @@ def test_delivered_report_lands_in_the_orthanc_study(tmp_path: Path) -> None:
         settings = make_settings(tmp_path, destinations=[orthanc.destination])
         study_uid = reported_study(settings, flagged=True)
         assert report_tasks.run_deliver_report(study_uid, settings, timeout=20).kind == report_tasks.DELIVERED
-        assert study_row(settings, study_uid).state == states.DELIVERED
+        assert study_row(settings, study_uid).state == State.DELIVERED
         stored = orthanc.instances_by_class(study_uid)
     dispose_engines()
     images = {str(ds.SOPInstanceUID) for ds in stored["1.2.840.10008.5.1.4.1.1.2"]}
@@ -195,10 +195,6 @@ def tiny_model(folder: Path) -> Path:
 
 
 def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path, viewer_check: Path) -> None:  # noqa: F811
-    import importlib.util
-
-    if importlib.util.find_spec("service.queue") is None:
-        pytest.skip("`btd serve` has no in-process queue in this checkout (service/queue.py)")
     btd_port = free_port()
     with Orthanc(tmp_path / "orthanc", modalities={"btd": ["BTD", "127.0.0.1", btd_port]}) as orthanc:
         orthanc.upload(ALL_CT_FILES)
@@ -216,7 +212,7 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path, viewer_check
             try:
                 def report_back() -> bool:
                     btd_state = btd_study_state(gateway.http_port, study_uid)
-                    if btd_state in (states.FAILED, states.FAILED_DELIVERY, states.REJECTED):
+                    if btd_state in (State.FAILED, State.FAILED_DELIVERY, State.REJECTED):
                         raise TimeoutError(f"btd gave up on the study: {btd_state}")
                     return orthanc.has_class(study_uid, KOS_CLASS) and orthanc.has_class(study_uid, SR_CLASS)
 
@@ -234,7 +230,7 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back(tmp_path: Path, viewer_check
     assert "suspicious" in sr.CompletionFlagDescription and "SUSPICIOUS" in sr.SeriesDescription
     assert evidence_uids(sr) == images
     assert region_references(sr) and region_references(sr) <= images
-    assert state["state"] in (states.DELIVERED, states.REPORTED)  # REPORTED: the last ack is being recorded
+    assert state["state"] in (State.DELIVERED, State.REPORTED)  # REPORTED: the last ack is being recorded
 
     # The SR exactly as the PACS holds it, with the model's real region outlines: OHIF draws every region.
     sr_path = tmp_path / "from-orthanc.dcm"

@@ -1,4 +1,4 @@
-"""`btd send` and service.dicom.sender against dcmtk storescp (a real peer), and TCP_NODELAY on both
+"""`btd send` and core.dicom.sender against dcmtk storescp (a real peer), and TCP_NODELAY on both
 ends of our own associations."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from service.cli import main as cli_main
-from service.db import migrate
-from service.db.session import dispose_engines
-from service.dicom import sender
+from btd.cli import main as cli_main
+from core.db import migrate
+from core.db.session import dispose_engines
+from core.dicom import sender
+from core.settings import Settings
 from service.dicom.listener import start_listener
-from service.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERIES = FIXTURES / "ct_series_20"
@@ -55,7 +55,7 @@ def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
 
 def btd_send(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "-m", "service.cli", "send", *args],
+        [PYTHON, "-m", "btd.cli", "send", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -9,11 +9,11 @@ import httpx
 from helpers_gateway import GatewayProcess, wait_until
 from sqlalchemy import select
 
-from service.db import states
-from service.db.models import SeriesResult, Study, StudyEvent
-from service.db.session import dispose_engines, session_scope
-from service.dicom import sender
-from service.settings import Settings
+from core.contracts import State
+from core.db.schema import SeriesResult, Study, StudyEvent
+from core.db.session import dispose_engines, session_scope
+from core.dicom import sender
+from core.settings import Settings
 
 SERIES = Path(__file__).parent / "fixtures" / "ct_series_20"
 
@@ -33,20 +33,20 @@ def test_stopped_mid_scoring_exits_cleanly_and_the_next_start_scores_the_study(t
         results = sender.send_files([SERIES], "127.0.0.1", gateway.dicom_port, "BTD", "SHUTDOWN", timeout=60)
         assert len(results) == 20 and all(r.ok for r in results)
         study_uid = wait_until(
-            lambda: (s := _study(settings)).state == states.SCORING and s.study_uid, timeout=60, what="SCORING"
+            lambda: (s := _study(settings)).state == State.SCORING and s.study_uid, timeout=60, what="SCORING"
         )
         assert gateway.stop(timeout=60) == 0, gateway.log_text()[-2000:]
         log = gateway.log_text()
         assert "terminate called" not in log
         assert '"event": "gateway.stopped"' in log
         stopped = _study(settings)
-        assert stopped.state == states.SCORING and stopped.lease_until is not None
+        assert stopped.state == State.SCORING and stopped.lease_until is not None
         dispose_engines()
 
         gateway.start(timeout=120)
         url = f"http://127.0.0.1:{gateway.http_port}/api/studies/{study_uid}"
         wait_until(
-            lambda: httpx.get(url, timeout=10).json()["state"] in (states.SCORED, states.REPORTED, states.DELIVERED),
+            lambda: httpx.get(url, timeout=10).json()["state"] in (State.SCORED, State.REPORTED, State.DELIVERED),
             timeout=300,
             interval=1,
             what="study scored after the restart",
@@ -57,7 +57,7 @@ def test_stopped_mid_scoring_exits_cleanly_and_the_next_start_scores_the_study(t
     with session_scope(settings) as session:
         results_rows = session.scalars(select(SeriesResult).where(SeriesResult.study_uid == study_uid)).all()
         scored_events = session.scalars(
-            select(StudyEvent).where(StudyEvent.study_uid == study_uid, StudyEvent.to_state == states.SCORED)
+            select(StudyEvent).where(StudyEvent.study_uid == study_uid, StudyEvent.to_state == State.SCORED)
         ).all()
     assert len(results_rows) == 1 and len(scored_events) == 1
     assert results_rows[0].n_assessed == 20

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.spool import INCOMING_FOLDER, Spool, SpoolFull, relative_path, sanitise_uid
+from core.spool import INCOMING_FOLDER, Spool, SpoolFull, relative_path, sanitise_uid
 
 
 def store(spool: Spool, relative: str, data: bytes) -> str:

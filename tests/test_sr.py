@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from service.reports.findings import RegionFinding, SeriesFinding, StudyFindings
-from service.reports.sr import build_sr, is_btd_document, predecessor_reference
-from service.reports.validate import dciodvfy_errors, dsrdump_errors, validation_errors
+from worker.reports.findings import RegionFinding, SeriesFinding, StudyFindings
+from worker.reports.sr import build_sr, is_btd_document, predecessor_reference
+from worker.reports.validate import dciodvfy_errors, dsrdump_errors, validation_errors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHA = "0123456789abcdef" * 4

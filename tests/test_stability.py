@@ -17,13 +17,17 @@ import redis
 from helpers_gateway import GatewayProcess, wait_until
 from sqlalchemy import select
 
-from service import queue
-from service.db import migrate, repository, states
-from service.db.models import Study, StudyEvent
-from service.db.session import dispose_engines, session_scope
-from service.dicom import sender
-from service.settings import Settings
-from service.stability import BUILD_REPORT, DELIVER_REPORT, SCORE_STUDY, StabilityMonitor
+from core import queue
+from core.contracts import State, Task
+from core.db import migrate, repository
+from core.db.schema import Study, StudyEvent
+from core.db.session import dispose_engines, session_scope
+from core.dicom import sender
+from core.settings import Settings
+from service.stability import StabilityMonitor
+from worker.registry import in_process_tasks
+
+SCORE_STUDY, BUILD_REPORT, DELIVER_REPORT = Task.SCORE_STUDY, Task.BUILD_REPORT, Task.DELIVER_REPORT
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SR_DOCUMENT = "1.2.840.10008.5.1.4.1.1.88.22"
@@ -96,19 +100,19 @@ def test_each_instance_restarts_the_quiet_timer(settings: Settings) -> None:
     sent = Recorder()
     monitor = StabilityMonitor(settings, dispatch=sent, embedded=False)
     monitor.run_once(now=t0 + timedelta(seconds=12))  # 12 s after the first, 5 s after the last
-    assert state_of(settings, study_uid).state == states.RECEIVING and (SCORE_STUDY, study_uid) not in sent.sent
+    assert state_of(settings, study_uid).state == State.RECEIVING and (SCORE_STUDY, study_uid) not in sent.sent
     monitor.run_once(now=t0 + timedelta(seconds=17.5))
     study = state_of(settings, study_uid)
-    assert study.state == states.QUEUED and study.queued_at == t0 + timedelta(seconds=17.5)
+    assert study.state == State.QUEUED and study.queued_at == t0 + timedelta(seconds=17.5)
     assert (SCORE_STUDY, study_uid) in sent.sent
     with session_scope(settings) as session:
         steps = session.execute(
             select(StudyEvent.from_state, StudyEvent.to_state).where(StudyEvent.study_uid == study_uid)
         ).all()
     assert [tuple(s) for s in steps] == [
-        (None, states.RECEIVING),
-        (states.RECEIVING, states.STABLE),
-        (states.STABLE, states.QUEUED),
+        (None, State.RECEIVING),
+        (State.RECEIVING, State.STABLE),
+        (State.STABLE, State.QUEUED),
     ]
 
 
@@ -118,27 +122,27 @@ def test_a_study_without_ct_or_mr_images_is_rejected(settings: Settings) -> None
     sent = Recorder()
     StabilityMonitor(settings, dispatch=sent, embedded=False).run_once()
     study = state_of(settings, study_uid)
-    assert study.state == states.REJECTED and "no CT or MR image" in (study.error or "")
+    assert study.state == State.REJECTED and "no CT or MR image" in (study.error or "")
     assert all(uid != study_uid for _, uid in sent.sent)
 
 
 def test_a_failed_dispatch_is_retried_on_the_next_pass(settings: Settings) -> None:
     study_uid = new_study(settings, datetime.now(UTC) - timedelta(minutes=5))
     StabilityMonitor(settings, dispatch=Recorder(fail=True), embedded=False).run_once()
-    assert state_of(settings, study_uid).state == states.STABLE
+    assert state_of(settings, study_uid).state == State.STABLE
     sent = Recorder()
     StabilityMonitor(settings, dispatch=sent, embedded=False).run_once()
-    assert state_of(settings, study_uid).state == states.QUEUED and (SCORE_STUDY, study_uid) in sent.sent
+    assert state_of(settings, study_uid).state == State.QUEUED and (SCORE_STUDY, study_uid) in sent.sent
 
 
 def test_embedded_start_re_dispatches_what_the_lost_queue_held(settings: Settings) -> None:
     past = datetime.now(UTC) - timedelta(minutes=5)
     queued, scoring, scored, reported, delivered = (new_study(settings, past) for _ in range(5))
-    set_state(settings, queued, states.QUEUED)
-    set_state(settings, scoring, states.SCORING)  # no lease: its worker thread died with the process
-    set_state(settings, scored, states.SCORED)
-    set_state(settings, reported, states.REPORTED)
-    set_state(settings, delivered, states.DELIVERED)
+    set_state(settings, queued, State.QUEUED)
+    set_state(settings, scoring, State.SCORING)  # no lease: its worker thread died with the process
+    set_state(settings, scored, State.SCORED)
+    set_state(settings, reported, State.REPORTED)
+    set_state(settings, delivered, State.DELIVERED)
     sent = Recorder()
     StabilityMonitor(settings, dispatch=sent, embedded=True).recover()
     assert {(SCORE_STUDY, queued), (SCORE_STUDY, scoring), (BUILD_REPORT, scored), (DELIVER_REPORT, reported)} <= set(
@@ -153,7 +157,7 @@ def test_embedded_start_re_dispatches_what_the_lost_queue_held(settings: Setting
 def test_an_expired_lease_is_re_dispatched_once(settings: Settings) -> None:
     study_uid = new_study(settings, datetime.now(UTC) - timedelta(minutes=5))
     set_state(
-        settings, study_uid, states.SCORING, lease_owner="dead", lease_until=datetime.now(UTC) - timedelta(seconds=1)
+        settings, study_uid, State.SCORING, lease_owner="dead", lease_until=datetime.now(UTC) - timedelta(seconds=1)
     )
     sent = Recorder()
     monitor = StabilityMonitor(settings, dispatch=sent, embedded=True)
@@ -167,7 +171,7 @@ def test_embedded_start_ends_the_lease_of_the_process_that_is_gone(settings: Set
     mode, so the study is picked up at once instead of waiting out the lease."""
     study_uid = new_study(settings, datetime.now(UTC) - timedelta(minutes=5))
     set_state(
-        settings, study_uid, states.SCORING, lease_owner="gone", lease_until=datetime.now(UTC) + timedelta(hours=1)
+        settings, study_uid, State.SCORING, lease_owner="gone", lease_until=datetime.now(UTC) + timedelta(hours=1)
     )
     with_broker = Recorder()
     broker_monitor = StabilityMonitor(settings, dispatch=with_broker, embedded=False)
@@ -184,7 +188,7 @@ def test_embedded_start_ends_the_lease_of_the_process_that_is_gone(settings: Set
 def test_with_a_broker_a_long_queued_study_is_re_dispatched(settings: Settings) -> None:
     study_uid = new_study(settings, datetime.now(UTC) - timedelta(minutes=5))
     old = datetime.now(UTC) - timedelta(seconds=settings.visibility_timeout + 60)
-    set_state(settings, study_uid, states.QUEUED, queued_at=old)
+    set_state(settings, study_uid, State.QUEUED, queued_at=old)
     sent = Recorder()
     monitor = StabilityMonitor(settings, dispatch=sent, embedded=False)
     monitor.run_once()
@@ -216,6 +220,7 @@ def test_in_process_executor_logs_an_unknown_task_and_keeps_running(caplog: pyte
 def test_in_process_dispatch_of_a_name_worker_tasks_lacks_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture, settings: Settings
 ) -> None:
+    queue.start_executor(in_process_tasks(settings).get)  # what `btd serve` starts without a broker
     with caplog.at_level(logging.ERROR, logger="btd.queue"):
         queue.dispatch("btd.no_such_task", "2.25.1", settings=settings)  # no broker in these settings
         executor = queue.current_executor()
@@ -263,14 +268,14 @@ def test_gateway_restarted_during_the_quiet_period_still_completes_the_study(tmp
         assert gateway.stop() == 0  # SIGTERM: a clean exit
         with session_scope(settings) as session:
             study = session.scalars(select(Study)).one()
-            assert study.state == states.RECEIVING and study.n_instances == 20
+            assert study.state == State.RECEIVING and study.n_instances == 20
             last = max(i.received_at for i in repository.study_instances(session, study.study_uid))
             assert study.quiet_deadline == last + timedelta(seconds=6)  # restarted by the last instance
             study_uid = study.study_uid
         dispose_engines()
         gateway.start(timeout=120)
         wait_until(lambda: client.llen(queue_name) == 1, timeout=60, what="score_study message in Redis")
-        assert state_of(settings, study_uid).state == states.QUEUED
+        assert state_of(settings, study_uid).state == State.QUEUED
     finally:
         gateway.stop()
         client.delete(queue_name)

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from service.reports.findings import RegionFinding, SeriesFinding, StudyFindings
-from service.reports.sr import build_sr
+from worker.reports.findings import RegionFinding, SeriesFinding, StudyFindings
+from worker.reports.sr import build_sr
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

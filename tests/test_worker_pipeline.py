@@ -17,12 +17,14 @@ import pytest
 import torch
 from sqlalchemy import func, select, update
 
+from core.contracts import State, Task, progress_path
+from core.db import migrate, repository
+from core.db.schema import InstanceResult, Region, Report, SeriesResult, Study, StudyEvent
+from core.db.session import dispose_engines, session_scope
+from core.queue import backoff_seconds
+from core.settings import Settings
 from models import results as model_results
-from service.db import migrate, repository, states
-from service.db.models import InstanceResult, Region, SeriesResult, Study, StudyEvent
-from service.db.session import dispose_engines, session_scope
-from service.settings import Settings
-from worker import celery_app, pipeline, tasks
+from worker import celery_app, pipeline, registry, tasks
 
 CT_SMALL = Path(__file__).parent / "fixtures" / "pydicom" / "CT_small.dcm"
 SUSPICIOUS_EVERYWHERE = -1e9  # a threshold every slice passes: exercises the "suspicious" path (maps, regions)
@@ -106,9 +108,9 @@ def receive(settings: Settings, study_uid: str, source: Path = CT_SMALL, sop_uid
 
 def queue(settings: Settings, study_uid: str) -> None:
     with session_scope(settings) as session:
-        assert repository.transition(session, study_uid, states.RECEIVING, states.STABLE, "quiet")
+        assert repository.transition(session, study_uid, State.RECEIVING, State.STABLE, "quiet")
         assert repository.transition(
-            session, study_uid, states.STABLE, states.QUEUED, "queued", queued_at=datetime.now(UTC)
+            session, study_uid, State.STABLE, State.QUEUED, "queued", queued_at=datetime.now(UTC)
         )
 
 
@@ -125,7 +127,7 @@ def count(settings: Settings, model: type, *where) -> int:
 
 
 def scored_events(settings: Settings, study_uid: str) -> int:
-    return count(settings, StudyEvent, StudyEvent.study_uid == study_uid, StudyEvent.to_state == states.SCORED)
+    return count(settings, StudyEvent, StudyEvent.study_uid == study_uid, StudyEvent.to_state == State.SCORED)
 
 
 def _series(verdict: str, score: float | None) -> model_results.SeriesResult:
@@ -151,19 +153,16 @@ def test_study_verdict_is_the_worst_series_and_the_max_score() -> None:
 
 
 def test_celery_app_is_configured_for_long_jobs_that_must_not_be_lost() -> None:
-    app = celery_app.create_celery_app(Settings(broker_url="redis://127.0.0.1:6379/0", queue_name="q-test"))
-    conf = app.conf
-    assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1
-    options = conf.broker_transport_options
+    conf = celery_app.celery_config(Settings(broker_url="redis://127.0.0.1:6379/0", queue_name="q-test"))
+    assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    options = conf["broker_transport_options"]
     assert options["visibility_timeout"] == 7200 and options["unacked_restore_interval"] == 60
     assert options["unacked_key"] == "q-test.unacked"  # not shared with other deployments on the same Redis
-    assert conf.task_default_queue == "q-test" and conf.task_serializer == "json"
-    assert "worker.tasks" in conf.include
-    assert tasks.SCORE_STUDY in celery_app.app.tasks
-    assert set(tasks.TASKS) >= {"btd.score_study", "btd.build_report", "btd.deliver_report"}
-    settings = Settings()
-    delays = [celery_app.backoff_delay(settings, n) for n in range(3)]
+    assert conf["task_default_queue"] == "q-test" and conf["task_serializer"] == "json"
+    assert {Task.SCORE_STUDY, Task.BUILD_REPORT, Task.DELIVER_REPORT} <= set(celery_app.app.tasks)
+    assert set(registry.in_process_tasks(Settings())) == {task.value for task in Task}
+    delays = [backoff_seconds(Settings().score_backoff_seconds, n) for n in range(3)]
     assert delays[1] == 2 * delays[0] and delays[2] == 4 * delays[0]
 
 
@@ -195,7 +194,7 @@ def test_scores_a_study_once_and_stores_everything(env: SimpleNamespace) -> None
         assert r.map_path == f"maps/{study_uid}/{r.sop_instance_uid}.npy"
         residual = np.load(env.data_dir / r.map_path)
         assert residual.dtype == np.float16 and residual.shape == (128, 128)
-    assert not pipeline.progress_path(settings.data_dir, study_uid).exists()  # cleared when done
+    assert not progress_path(settings.data_dir, study_uid).exists()  # cleared when done
 
     # A duplicate delivery of the same message does nothing.
     again = tasks.run_score_study(study_uid, settings, owner="w2", dispatch_next=False)
@@ -227,7 +226,7 @@ def test_live_lease_is_respected_and_an_expired_one_taken_over(env: SimpleNamesp
     outcome = tasks.run_score_study(study_uid, settings, owner="w2", dispatch_next=False)
     assert outcome.kind == tasks.SCORED
     study = study_row(settings, study_uid)
-    assert study.state == states.SCORED and study.attempts == 2
+    assert study.state == State.SCORED and study.attempts == 2
     assert scored_events(settings, study_uid) == 1
     assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 1
     with session_scope(settings) as session:
@@ -248,7 +247,7 @@ def test_results_of_a_study_reopened_while_scoring_are_discarded(env: SimpleName
     outcome = tasks._score_claimed(settings, claim)
     assert outcome.kind == tasks.DISCARDED
     study = study_row(settings, study_uid)
-    assert study.state == states.RECEIVING and study.version == 2 and study.verdict is None
+    assert study.state == State.RECEIVING and study.version == 2 and study.verdict is None
     assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 0
 
 
@@ -262,7 +261,7 @@ def test_missing_spool_file_fails_the_study_with_a_clear_error(env: SimpleNamesp
     outcome = tasks.run_score_study(study_uid, settings, owner="w1", dispatch_next=False)
     assert outcome.kind == tasks.FAILED
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED and study.attempts == 1
+    assert study.state == State.FAILED and study.attempts == 1
     assert "spool files missing: 1 of 1" in (study.error or "")
 
 
@@ -289,12 +288,12 @@ def test_transient_error_is_retried_then_fails_with_attempt_count(env: SimpleNam
     first = tasks.run_score_study(study_uid, settings, final_attempt=False, owner="w1", dispatch_next=False)
     assert first.kind == tasks.RETRY
     study = study_row(settings, study_uid)
-    assert study.state == states.QUEUED and study.error and study.lease_owner is None
+    assert study.state == State.QUEUED and study.error and study.lease_owner is None
 
     last = tasks.run_score_study(study_uid, settings, final_attempt=True, owner="w1", dispatch_next=False)
     assert last.kind == tasks.FAILED
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED and study.attempts == 2 and "attempt 2" in (study.error or "")
+    assert study.state == State.FAILED and study.attempts == 2 and "attempt 2" in (study.error or "")
 
 
 def test_unknown_study_is_skipped(env: SimpleNamespace) -> None:
@@ -321,35 +320,27 @@ def test_lease_keeper_renews_a_live_claim_and_notices_when_it_is_lost(env: Simpl
         wait_until(lambda: keeper.lost, timeout=20, what="lost lease noticed")
     finally:
         keeper.stop()
-    assert study_row(settings, study_uid).state == states.RECEIVING
+    assert study_row(settings, study_uid).state == State.RECEIVING
 
 
-def test_celery_task_retries_with_backoff_then_fails(
-    env: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_celery_task_retries_with_backoff_then_fails(env: SimpleNamespace, tmp_path: Path) -> None:
     """The Celery entry point itself (run eagerly: Celery's own local executor, retries without waiting)."""
-    from service.settings import get_settings
-
     broken_model = tmp_path / "broken.pt"
     broken_model.write_bytes(b"this is not a checkpoint")
-    monkeypatch.setenv("BTD_DATA_DIR", str(env.data_dir))
-    monkeypatch.setenv("BTD_MODEL", str(broken_model))
-    monkeypatch.setenv("BTD_DEVICE", "cpu")
-    get_settings.cache_clear()
+    settings = env.settings.model_copy(update={"model": str(broken_model), "device": "cpu"})
+    celery_app.configure(settings)
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    tasks.score_study_task.app.conf.task_always_eager = True
     try:
-        settings = get_settings()
-        study_uid = uid()
-        receive(settings, study_uid)
-        queue(settings, study_uid)
-        tasks.score_study_task.app.conf.task_always_eager = True
         tasks.score_study_task.apply(args=(study_uid,))
     finally:
         tasks.score_study_task.app.conf.task_always_eager = False
-        get_settings.cache_clear()
 
     study = study_row(env.settings, study_uid)
-    max_retries = tasks.score_study_task.max_retries
-    assert study.state == states.FAILED and study.attempts == max_retries + 1
+    max_retries = settings.score_retries
+    assert study.state == State.FAILED and study.attempts == max_retries + 1
     with session_scope(env.settings) as session:
         details = session.scalars(select(StudyEvent.detail).where(StudyEvent.study_uid == study_uid)).all()
     assert sum(1 for d in details if (d or "").startswith("retry after error")) == max_retries
@@ -364,7 +355,7 @@ def test_a_study_that_keeps_killing_its_workers_ends_failed(env: SimpleNamespace
     queue(settings, study_uid)
     with session_scope(settings) as session:
         assert isinstance(tasks.claim_study(session, study_uid, "doomed-worker", settings), tasks.Claim)
-    limit = celery_app.score_retries(settings) + 1
+    limit = settings.score_retries + 1
     with session_scope(settings) as session:  # its workers died `limit` times; the last lease ran out
         session.execute(
             update(Study)
@@ -374,6 +365,31 @@ def test_a_study_that_keeps_killing_its_workers_ends_failed(env: SimpleNamespace
     outcome = tasks.run_score_study(study_uid, settings, owner="w9", dispatch_next=False)
     assert outcome.kind == tasks.FAILED
     study = study_row(settings, study_uid)
-    assert study.state == states.FAILED and study.lease_owner is None
+    assert study.state == State.FAILED and study.lease_owner is None
     assert f"worker lost while scoring, {limit} times" in (study.error or "")
     assert count(settings, SeriesResult, SeriesResult.study_uid == study_uid) == 0
+
+
+def test_scoring_and_the_report_read_the_same_instances_without_btds_own_documents(env: SimpleNamespace) -> None:
+    """One reading of "the study's instances" (repository.latest_instances) for both steps: the latest version
+    of each SOP instance, and never btd's own SR routed back by the PACS (it is no evidence about the images,
+    and an SR must not cite its predecessor as a source). Before, scoring read the routed-back SR too."""
+    settings = env.settings
+    study_uid = uid()
+    image = receive(settings, study_uid)
+    routed_back_sr = receive(settings, study_uid)  # stands for our own SR forwarded back into the study
+    with session_scope(settings) as session:
+        session.add(
+            Report(
+                study_uid=study_uid,
+                study_version=1,
+                sr_sop_instance_uid=routed_back_sr,
+                sr_series_uid=study_uid + ".99",
+                sr_path="reports/x.dcm",
+                created_at=datetime.now(UTC),
+            )
+        )
+    with session_scope(settings) as session:
+        scored = [f.sop_instance_uid for s in tasks.load_series_inputs(session, settings, study_uid) for f in s.files]
+        reported = [row.sop_instance_uid for row in repository.latest_instances(session, study_uid)]
+    assert scored == reported == [image]

@@ -7,39 +7,29 @@ worker was killed goes back to the queue (`task_reject_on_worker_lost`). Redis r
 message after `visibility_timeout`, so that timeout must be longer than the longest job; the study's
 state machine in the database (not Celery) stops a re-delivered message from scoring twice. No result
 backend: the database is the truth.
+
+Why the app is configured by `configure`, not at import: the tasks register themselves on `app` when
+their modules are imported, but which broker, queue and timeouts apply is the process's settings, read
+once when the process starts (the composition root: `btd worker`, or `btd.celery_entry` for the `celery`
+command line).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from core.settings import Settings
 
-# Task modules the worker loads; report tasks belong to the reports area and may be absent.
-TASK_MODULES = ("worker.tasks", "worker.report_tasks")
+app = Celery("btd", set_as_current=False)
 
-
-
-def score_retries(settings: Settings) -> int:
-    """How many times a failing scoring job is retried before the study is FAILED."""
-    return settings.score_retries
+_settings: Settings | None = None
 
 
-def retry_backoff_seconds(settings: Settings) -> float:
-    """The first retry's delay; each later retry doubles it."""
-    return settings.score_backoff_seconds
-
-
-def backoff_delay(settings: Settings, retries_done: int, cap: float = 600.0) -> float:
-    """Exponential backoff: base, 2*base, 4*base, ... capped, so a flapping dependency is not hammered."""
-    return min(cap, retry_backoff_seconds(settings) * (2**retries_done))
-
-
-def available_task_modules() -> list[str]:
-    """The task modules that exist in this installation (the reports area may not be deployed yet)."""
-    return [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
+def configured_settings() -> Settings:
+    """The settings this worker process was configured with (`configure`)."""
+    if _settings is None:
+        raise RuntimeError("the Celery app is not configured: start workers with `btd worker`")
+    return _settings
 
 
 def transport_options(settings: Settings) -> dict[str, object]:
@@ -65,28 +55,31 @@ def transport_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def create_celery_app(settings: Settings | None = None) -> Celery:
-    """Build the Celery app from the settings (tests build their own with a unique queue name)."""
-    settings = settings or get_settings()
-    app = Celery("btd", broker=settings.broker_url or "redis://127.0.0.1:6379/0", include=available_task_modules())
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options=transport_options(settings),
-        broker_connection_retry_on_startup=True,
-        task_default_queue=settings.queue_name,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        worker_hijack_root_logger=False,
-        worker_max_tasks_per_child=None,
-        timezone="UTC",
-        enable_utc=True,
-    )
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Everything the Celery app takes from the settings."""
+    return {
+        "broker_url": settings.broker_url or "redis://127.0.0.1:6379/0",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue_name,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "worker_hijack_root_logger": False,
+        "worker_max_tasks_per_child": None,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def configure(settings: Settings) -> Celery:
+    """Configure this process's Celery app (and its tasks) from `settings`; returns the app."""
+    global _settings
+    _settings = settings
+    app.conf.update(celery_config(settings))
     return app
-
-
-app = create_celery_app()

@@ -6,10 +6,10 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy import select
 
-from service.db.models import Study
-from service.db.session import session_scope
-from service.observability.logs import correlation, study_correlation_id
-from service.settings import Settings
+from core.db.schema import Study
+from core.db.session import session_scope
+from core.observability.logs import correlation, study_correlation_id
+from core.settings import Settings
 
 
 def study_correlation(settings: Settings, study_uid: str) -> AbstractContextManager[str]:

@@ -11,7 +11,6 @@ gets a study never pays for it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,15 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from core.contracts import map_relpath, progress_path
+from core.observability.logs import log_event
+from core.observability.metrics import MODEL_LOAD_SECONDS, SCORING_SECONDS_PER_SLICE
+from core.settings import Settings
+from core.spool import sha256_file
 from models.results import study_verdict as ranked_study_verdict
-from service.observability.logs import log_event
-from service.observability.metrics import MODEL_LOAD_SECONDS, SCORING_SECONDS_PER_SLICE
-from service.settings import Settings
 
 log = logging.getLogger("btd.worker.pipeline")
-
-MAPS_DIR = "maps"
-PROGRESS_DIR = "progress"
 
 
 class PermanentScoringError(Exception):
@@ -81,15 +79,6 @@ def model_sha256(detector: Any) -> str | None:
 # Progress, readable by the API whichever process scores
 
 
-def progress_path(data_dir: Path, study_uid: str) -> Path:
-    """`<DATA_DIR>/progress/<study_uid>.json`: {"done", "total", "updated_at"} while a study is scored.
-
-    Why a file: a Celery worker and the gateway share the data directory (the worker reads the spool
-    from it), so a small file is readable by the API in both deployment modes without a new table.
-    """
-    return Path(data_dir) / PROGRESS_DIR / f"{study_uid}.json"
-
-
 def write_progress(data_dir: Path, study_uid: str, done: int, total: int) -> None:
     path = progress_path(data_dir, study_uid)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,16 +123,8 @@ def verify_spool_files(series: Sequence[SeriesInput]) -> None:
     if missing:
         raise PermanentScoringError(f"spool files missing: {len(missing)} of {len(files)} (first: {missing[0].path})")
     for f in files:
-        if f.sha256 and _sha256_of(f.path) != f.sha256:
+        if f.sha256 and sha256_file(f.path) != f.sha256:
             raise PermanentScoringError(f"spool file altered since receipt (SHA-256 differs): {f.path}")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,12 +146,6 @@ class StudyScore:
     series: list[ScoredSeries]
     model_name: str | None
     model_sha256: str | None
-
-
-def map_relpath(study_uid: str, sop_instance_uid: str, frame: int | None) -> str:
-    """`maps/<study_uid>/<sop_uid>.npy` (multi-frame instances add `_<frame>` before `.npy`)."""
-    name = sop_instance_uid if frame is None else f"{sop_instance_uid}_{frame}"
-    return f"{MAPS_DIR}/{study_uid}/{name}.npy"
 
 
 def save_map(data_dir: Path, relpath: str, residual_map: np.ndarray) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,28 +24,26 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-import models
-from service.db import states
-from service.db.base import utcnow
-from service.db.models import Instance, Study
-from service.db.reporting import FAILURE, SUCCESS, DeliveryAttempt, Report
-from service.db.repository import transition
-from service.db.session import session_scope
-from service.observability.logs import log_event
-from service.observability.metrics import DELIVERY_ATTEMPTS
-from service.reports.delivery import Destination, parse_destination, send_report
-from service.reports.findings import load_findings
-from service.reports.kos import build_kos
-from service.reports.sr import build_sr, predecessor_reference
-from service.reports.store import read_document, write_document
-from service.settings import Settings, get_settings
-from worker.celery_app import app
+from core.contracts import DeliveryOutcome, State, Task, model_path
+from core.db.base import utcnow
+from core.db.repository import latest_instances, transition
+from core.db.schema import DeliveryAttempt, Instance, Report, Study
+from core.db.session import session_scope
+from core.dicom.destination import Destination, parse_destination
+from core.observability.logs import log_event
+from core.observability.metrics import DELIVERY_ATTEMPTS
+from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
+from core.settings import Settings
+from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
+from worker.reports.delivery import send_report
+from worker.reports.findings import load_findings
+from worker.reports.kos import build_kos
+from worker.reports.sr import build_sr, predecessor_reference
+from worker.reports.store import read_document, write_document
 
 log = logging.getLogger("btd.worker.reports")
 
-BUILD_REPORT = "btd.build_report"
-DELIVER_REPORT = "btd.deliver_report"
 
 # Outcomes
 BUILT = "built"  # SR (+KOS) written, study REPORTED
@@ -57,7 +54,6 @@ RETRY = "retry"
 FAILED = "failed"
 SKIPPED = "skipped"
 
-DEFAULT_MODEL = "btd-ct-default.pt"  # models/weights/, as models.detector.DEFAULT_MODEL_PATH (no torch import)
 
 # Seconds to wait for a destination's answer (association, each C-STORE) before counting it a failure.
 DELIVERY_TIMEOUT_SECONDS = 30.0
@@ -75,22 +71,6 @@ class TaskOutcome:
 
 # --------------------------------------------------------------------------------------------------
 # build_report
-
-
-def scored_instances(session: Session, study_uid: str) -> list[Instance]:
-    """The latest version of every instance of the study (what the scoring task scored), without btd's own
-    earlier reports should a PACS have routed them back: a report is not evidence for its successor."""
-    rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)).all()
-    ours = set()
-    for report in session.scalars(select(Report).where(Report.study_uid == study_uid)):
-        ours.update(uid for uid in (report.sr_sop_instance_uid, report.kos_sop_instance_uid) if uid)
-    latest: dict[str, Instance] = {}
-    for row in rows:
-        if row.sop_instance_uid in ours:
-            continue
-        if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
-            latest[row.sop_instance_uid] = row
-    return sorted(latest.values(), key=lambda r: r.id)
 
 
 def read_sources(settings: Settings, rows: list[Instance]) -> list[Dataset]:
@@ -119,7 +99,7 @@ def scoring_model_metadata(settings: Settings, weights_sha256: str | None) -> di
     describes the weights that scored (same SHA-256): a report must not borrow another model's facts."""
     from models.metadata import metadata_path_for
 
-    weights = Path(settings.model) if settings.model else Path(models.__file__).parent / "weights" / DEFAULT_MODEL
+    weights = model_path(settings.model)
     try:
         meta = json.loads(metadata_path_for(weights).read_text())
     except (OSError, ValueError):
@@ -148,7 +128,7 @@ def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     meta = scoring_model_metadata(settings, findings.model_sha256)
     findings.model_version = model_version(meta, findings.model_name)
     findings.operating_point = operating_point(meta)
-    sources = read_sources(settings, scored_instances(session, study.study_uid))
+    sources = read_sources(settings, latest_instances(session, study.study_uid))
     previous = _previous_sr(session, settings, study.study_uid, study.version)
     sr = build_sr(sources, findings, previous_sr=previous)
     report = Report(
@@ -169,15 +149,14 @@ def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     return report
 
 
-def run_build_report(study_uid: str, settings: Settings | None = None, *, dispatch_next: bool = True) -> TaskOutcome:
+def run_build_report(study_uid: str, settings: Settings, *, dispatch_next: bool = True) -> TaskOutcome:
     """Build (or reuse) the report of the study's current version and move it SCORED -> REPORTED, then
     dispatch its delivery (`dispatch_next=False`: the caller delivers, e.g. a test or a CLI)."""
-    settings = settings or get_settings()
     with study_correlation(settings, study_uid):
         try:
             with session_scope(settings) as session:
                 study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-                if study is None or study.state != states.SCORED:
+                if study is None or study.state != State.SCORED:
                     state = study.state if study else None
                     log_event(log, "report.skipped", study_uid=study_uid, state=state)
                     return TaskOutcome(SKIPPED, f"state {state}")
@@ -187,7 +166,7 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
                 report = existing or _write_report(session, settings, study)
                 detail = f"report {report.sr_sop_instance_uid}" + (" (reused)" if existing else "")
                 if not transition(
-                    session, study_uid, states.SCORED, states.REPORTED, detail, where=[Study.version == study.version]
+                    session, study_uid, State.SCORED, State.REPORTED, detail, where=[Study.version == study.version]
                 ):
                     session.rollback()
                     log_event(log, "report.discarded", logging.WARNING, study_uid=study_uid, version=study.version)
@@ -210,7 +189,7 @@ def run_build_report(study_uid: str, settings: Settings | None = None, *, dispat
             kos=report.kos_sop_instance_uid,
         )
     if dispatch_next:
-        _dispatch(DELIVER_REPORT, study_uid)
+        _dispatch(Task.DELIVER_REPORT, study_uid, settings)
     return TaskOutcome(kind, report.sr_sop_instance_uid)
 
 
@@ -218,7 +197,7 @@ def _report_failed(settings: Settings, study_uid: str, exc: Exception) -> TaskOu
     """No report can be built: FAILED with the reason; the verdict columns are left as they are."""
     error = f"cannot build report: {type(exc).__name__}: {exc}"[:2000]
     with session_scope(settings) as session:
-        transition(session, study_uid, states.SCORED, states.FAILED, error, error=error)
+        transition(session, study_uid, State.SCORED, State.FAILED, error, error=error)
     log_event(log, "report.failed", logging.ERROR, study_uid=study_uid, error=error)
     return TaskOutcome(FAILED, error)
 
@@ -231,7 +210,7 @@ def _succeeded(session: Session, report_id: int) -> set[str]:
     return set(
         session.scalars(
             select(DeliveryAttempt.destination).where(
-                DeliveryAttempt.report_id == report_id, DeliveryAttempt.outcome == SUCCESS
+                DeliveryAttempt.report_id == report_id, DeliveryAttempt.outcome == DeliveryOutcome.SUCCESS
             )
         )
     )
@@ -253,12 +232,12 @@ def _record_attempt(
                 destination=destination,
                 attempt=attempt,
                 at=utcnow(),
-                outcome=SUCCESS if success else FAILURE,
+                outcome=DeliveryOutcome.SUCCESS if success else DeliveryOutcome.FAILURE,
                 dicom_status=status,
                 error=error,
             )
         )
-    DELIVERY_ATTEMPTS.labels(outcome=SUCCESS if success else FAILURE).inc()
+    DELIVERY_ATTEMPTS.labels(outcome=DeliveryOutcome.SUCCESS if success else DeliveryOutcome.FAILURE).inc()
     return attempt
 
 
@@ -270,17 +249,16 @@ def _current_report(session: Session, study: Study) -> Report | None:
 
 def run_deliver_report(
     study_uid: str,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     final_attempt: bool = True,
     timeout: float = DELIVERY_TIMEOUT_SECONDS,
 ) -> TaskOutcome:
     """Send the current report to every destination that has not yet acknowledged it."""
-    settings = settings or get_settings()
     with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-            if study is None or study.state not in (states.REPORTED, states.FAILED_DELIVERY):
+            if study is None or study.state not in (State.REPORTED, State.FAILED_DELIVERY):
                 state = study.state if study else None
                 log_event(log, "delivery.skipped", study_uid=study_uid, state=state)
                 return TaskOutcome(SKIPPED, f"state {state}")
@@ -295,8 +273,8 @@ def run_deliver_report(
                     detail="no report for the current version",
                 )
                 return TaskOutcome(SKIPPED, "no report for the current version")
-            if study.state == states.FAILED_DELIVERY:
-                transition(session, study_uid, states.FAILED_DELIVERY, states.REPORTED, "delivery restarted")
+            if study.state == State.FAILED_DELIVERY:
+                transition(session, study_uid, State.FAILED_DELIVERY, State.REPORTED, "delivery restarted")
             already = _succeeded(session, report.id)
             report_id, version = report.id, study.version
             paths = [Path(settings.data_dir) / p for p in (report.sr_path, report.kos_path) if p]
@@ -326,7 +304,7 @@ def _deliver_pending(
                 logging.ERROR,
                 study_uid=study_uid,
                 destination=key,
-                outcome=FAILURE,
+                outcome=DeliveryOutcome.FAILURE,
                 error=str(exc),
             )
             continue
@@ -347,7 +325,7 @@ def _deliver_pending(
             study_uid=study_uid,
             destination=key,
             attempt=attempt,
-            outcome=SUCCESS if success else FAILURE,
+            outcome=DeliveryOutcome.SUCCESS if success else DeliveryOutcome.FAILURE,
             dicom_status=status,
             error=error,
         )
@@ -365,8 +343,8 @@ def _finish_delivery(
             transition(
                 session,
                 study_uid,
-                states.REPORTED,
-                states.DELIVERED,
+                State.REPORTED,
+                State.DELIVERED,
                 "delivered to every destination",
                 where=guard,
                 error=None,
@@ -378,8 +356,8 @@ def _finish_delivery(
             transition(
                 session,
                 study_uid,
-                states.REPORTED,
-                states.FAILED_DELIVERY,
+                State.REPORTED,
+                State.FAILED_DELIVERY,
                 f"delivery failed: {summary}",
                 where=guard,
                 error=summary,
@@ -390,71 +368,63 @@ def _finish_delivery(
     return TaskOutcome(RETRY, summary)
 
 
-def backoff_seconds(settings: Settings, retries_done: int, cap: float = 3600.0) -> float:
-    """base, 2*base, 4*base, ... (BTD_DELIVERY_BACKOFF_SECONDS), capped at an hour."""
-    return min(cap, settings.delivery_backoff_seconds * (2**retries_done))
-
-
-def _dispatch(name: str, study_uid: str, *extra: Any) -> None:
-    """Hand the next step over by name; a failed hand-over leaves the study in a state the API shows."""
+def _dispatch(task: Task, study_uid: str, settings: Settings) -> None:
+    """Hand the next step over by name; a failed hand-over leaves the study in a state the API shows (and
+    the stability monitor dispatches it again)."""
     try:
-        from service.queue import dispatch
-
-        dispatch(name, study_uid, *extra)
+        dispatch(task, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study's state is durable; the step can be re-dispatched
-        log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, task=name, error=str(exc))
+        log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, task=task, error=str(exc))
 
 
 # --------------------------------------------------------------------------------------------------
 # Entry points: Celery tasks, and plain functions for the in-process executor
 
-_settings_at_import = get_settings()
-
 
 @app.task(
-    name=BUILD_REPORT, bind=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5, acks_late=True
+    name=Task.BUILD_REPORT.value,
+    bind=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=MAX_BACKOFF_SECONDS,
+    max_retries=5,
+    acks_late=True,
 )
 def build_report_task(self: Any, study_uid: str) -> str:
-    return run_build_report(study_uid, get_settings()).kind
+    return run_build_report(study_uid, configured_settings()).kind
 
 
 @app.task(
-    name=DELIVER_REPORT,
+    name=Task.DELIVER_REPORT.value,
     bind=True,
-    max_retries=_settings_at_import.delivery_retries,
     autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=MAX_BACKOFF_SECONDS,
     acks_late=True,
 )
 def deliver_report_task(self: Any, study_uid: str) -> str:
-    settings = get_settings()
+    settings = configured_settings()
     final = self.request.retries >= settings.delivery_retries
     outcome = run_deliver_report(study_uid, settings, final_attempt=final)
     if outcome.kind == RETRY:
-        delay = backoff_seconds(settings, self.request.retries)
+        delay = backoff_seconds(settings.delivery_backoff_seconds, self.request.retries)
         raise self.retry(countdown=delay, max_retries=settings.delivery_retries)
     return outcome.kind
 
 
-def build_report(study_uid: str, settings: Settings | None = None) -> str:
+def build_report(study_uid: str, *, settings: Settings) -> str:
     """In-process entry (no broker)."""
-    return run_build_report(study_uid, settings or get_settings()).kind
+    return run_build_report(study_uid, settings).kind
 
 
-def deliver_report(study_uid: str, retries_done: int = 0, settings: Settings | None = None) -> str:
+def deliver_report(study_uid: str, retries_done: int = 0, *, settings: Settings) -> str:
     """In-process entry (no broker): one delivery round; after a failure the next round is dispatched
-    again after the backoff by a timer, so the single executor thread is not blocked while a PACS is down.
-    A timer lost with the process is harmless: at start-up the stability monitor re-dispatches every
-    REPORTED study."""
-    settings = settings or get_settings()
+    again after the backoff, on a timer, so the single executor thread is not blocked while a PACS is down.
+    A timer lost with the process is harmless: the stability monitor re-dispatches REPORTED studies."""
     final = retries_done >= settings.delivery_retries
     outcome = run_deliver_report(study_uid, settings, final_attempt=final)
     if outcome.kind == RETRY:
-        delay = backoff_seconds(settings, retries_done)
-        timer = threading.Timer(delay, _dispatch, args=(DELIVER_REPORT, study_uid, retries_done + 1))
-        timer.daemon = True
-        timer.start()
+        delay = backoff_seconds(settings.delivery_backoff_seconds, retries_done)
+        dispatch(Task.DELIVER_REPORT, study_uid, retries_done + 1, settings=settings, countdown=delay)
         log_event(log, "delivery.retry_scheduled", study_uid=study_uid, seconds=delay, retry=retries_done + 1)
     return outcome.kind
-
-
-TASKS = {BUILD_REPORT: build_report, DELIVER_REPORT: deliver_report}

@@ -1,4 +1,4 @@
-"""The scoring task `btd.score_study`, and `TASKS`, every task by name for the in-process executor.
+"""The scoring task `btd.score_study`: its Celery entry, its in-process entry, and the work they share.
 
 Why the state machine, not Celery, decides whether to work: a Redis message can be delivered twice (a
 re-delivery after the visibility timeout, a requeue after a killed worker), so the task first claims the
@@ -20,8 +20,6 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,23 +29,21 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from service.db import states
-from service.db.base import utcnow
-from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study
-from service.db.repository import transition
-from service.db.session import session_scope
-from service.observability.logs import log_event
-from service.observability.metrics import QUEUE_WAIT_SECONDS
-from service.settings import Settings, get_settings
+from core.contracts import State, Task
+from core.db.base import utcnow
+from core.db.repository import latest_instances, transition
+from core.db.schema import InstanceResult, Region, SeriesResult, Study
+from core.db.session import session_scope
+from core.observability.logs import log_event
+from core.observability.metrics import QUEUE_WAIT_SECONDS
+from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
+from core.settings import Settings
 from worker import pipeline
-from worker.celery_app import app, backoff_delay, score_retries
+from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
 
 log = logging.getLogger("btd.worker.tasks")
 
-SCORE_STUDY = "btd.score_study"
-BUILD_REPORT = "btd.build_report"
-DELIVER_REPORT = "btd.deliver_report"
 
 # Outcomes of one delivery of the scoring task.
 SCORED = "scored"  # results stored, study SCORED
@@ -100,7 +96,7 @@ def claim_study(session: Session, study_uid: str, owner: str, settings: Settings
         return ScoreOutcome(SKIPPED, "unknown study")
     queued_at = study.queued_at
     if transition(
-        session, study_uid, states.QUEUED, states.SCORING, f"claimed by {owner}", attempts=Study.attempts + 1, **lease
+        session, study_uid, State.QUEUED, State.SCORING, f"claimed by {owner}", attempts=Study.attempts + 1, **lease
     ):
         if queued_at is not None:
             QUEUE_WAIT_SECONDS.observe(max(0.0, (now - queued_at).total_seconds()))
@@ -109,8 +105,8 @@ def claim_study(session: Session, study_uid: str, owner: str, settings: Settings
     elif transition(
         session,
         study_uid,
-        states.SCORING,
-        states.SCORING,
+        State.SCORING,
+        State.SCORING,
         f"lease of {study.lease_owner} expired; taken over by {owner}",
         where=[or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner)],
         attempts=Study.attempts + 1,
@@ -120,7 +116,7 @@ def claim_study(session: Session, study_uid: str, owner: str, settings: Settings
     else:
         session.expire_all()
         current = session.scalar(select(Study).where(Study.study_uid == study_uid))
-        if current is not None and current.state == states.SCORING and current.lease_until is not None:
+        if current is not None and current.state == State.SCORING and current.lease_until is not None:
             return ScoreOutcome(BUSY, f"leased by {current.lease_owner}", (current.lease_until - now).total_seconds())
         return ScoreOutcome(SKIPPED, f"state {current.state if current else None}")
     session.expire_all()
@@ -137,16 +133,16 @@ def _give_up_after_lost_workers(
     Each take-over counts an attempt; once the attempts are used up the study goes SCORING -> FAILED
     instead of being taken over again. Returns None when a take-over may go ahead.
     """
-    limit = score_retries(settings) + 1
-    if study.state != states.SCORING or study.attempts < limit:
+    limit = settings.score_retries + 1
+    if study.state != State.SCORING or study.attempts < limit:
         return None
     expired = [or_(Study.lease_until.is_(None), Study.lease_until < now)]
     error = f"worker lost while scoring, {study.attempts} times (killed, e.g. out of memory?)"
     if transition(
         session,
         study.study_uid,
-        states.SCORING,
-        states.FAILED,
+        State.SCORING,
+        State.FAILED,
         f"failed: {error}",
         where=expired,
         error=error,
@@ -166,7 +162,7 @@ def renew_lease(settings: Settings, claim: Claim) -> bool:
             update(Study)
             .where(
                 Study.study_uid == claim.study_uid,
-                Study.state == states.SCORING,
+                Study.state == State.SCORING,
                 Study.lease_owner == claim.owner,
                 Study.version == claim.version,
             )
@@ -223,14 +219,14 @@ def _release(settings: Settings, claim: Claim, new_state: str, detail: str, erro
         return transition(
             session,
             claim.study_uid,
-            states.SCORING,
+            State.SCORING,
             new_state,
             detail,
             where=_ours(claim),
             error=error,
             lease_owner=None,
             lease_until=None,
-            **({"queued_at": utcnow()} if new_state == states.QUEUED else {}),
+            **({"queued_at": utcnow()} if new_state == State.QUEUED else {}),
         )
 
 
@@ -239,15 +235,10 @@ def _release(settings: Settings, claim: Claim, new_state: str, detail: str, erro
 
 
 def load_series_inputs(session: Session, settings: Settings, study_uid: str) -> list[pipeline.SeriesInput]:
-    """The study's instances, latest version of each SOP instance, grouped by series in receipt order."""
-    rows = session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)).all()
-    latest: dict[str, Instance] = {}
-    for row in rows:
-        if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
-            latest[row.sop_instance_uid] = row
+    """The study's instances (`repository.latest_instances`), grouped by series in receipt order."""
     series: dict[str, pipeline.SeriesInput] = {}
     spool = Path(settings.spool_dir)
-    for row in sorted(latest.values(), key=lambda r: r.id):
+    for row in latest_instances(session, study_uid):
         item = series.setdefault(row.series_uid, pipeline.SeriesInput(row.series_uid, row.modality))
         item.files.append(pipeline.SpoolFile(row.sop_instance_uid, spool / row.path, row.sha256))
     return list(series.values())
@@ -325,7 +316,7 @@ def _finite(value: Any) -> float | None:
 
 def run_score_study(
     study_uid: str,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     final_attempt: bool = True,
     owner: str | None = None,
@@ -337,7 +328,6 @@ def run_score_study(
 
     Database errors while claiming propagate (the caller retries the message: nothing was done yet).
     """
-    settings = settings or get_settings()
     owner = owner or worker_id()
     with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
@@ -350,7 +340,7 @@ def run_score_study(
             outcome = _score_claimed(settings, claimed)
         except pipeline.PermanentScoringError as exc:
             error = str(exc)
-            _release(settings, claimed, states.FAILED, f"failed: {error}", f"{error} (attempt {claimed.attempts})")
+            _release(settings, claimed, State.FAILED, f"failed: {error}", f"{error} (attempt {claimed.attempts})")
             log_event(log, "score.failed", logging.ERROR, study_uid=study_uid, error=error, attempt=claimed.attempts)
             return ScoreOutcome(FAILED, error)
         except Exception as exc:  # noqa: BLE001 - the study's error is recorded; the worker lives on
@@ -359,7 +349,7 @@ def run_score_study(
                 _release(
                     settings,
                     claimed,
-                    states.FAILED,
+                    State.FAILED,
                     f"failed after {claimed.attempts} attempts: {error}",
                     f"{error} (attempt {claimed.attempts})",
                 )
@@ -367,7 +357,7 @@ def run_score_study(
                     log, "score.failed", logging.ERROR, study_uid=study_uid, error=error, attempt=claimed.attempts
                 )
                 return ScoreOutcome(FAILED, error)
-            _release(settings, claimed, states.QUEUED, f"retry after error: {error}", error)
+            _release(settings, claimed, State.QUEUED, f"retry after error: {error}", error)
             log_event(log, "score.retry", logging.WARNING, study_uid=study_uid, error=error, attempt=claimed.attempts)
             return ScoreOutcome(RETRY, error)
         finally:
@@ -401,8 +391,8 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
         finished = transition(
             session,
             claim.study_uid,
-            states.SCORING,
-            states.SCORED,
+            State.SCORING,
+            State.SCORED,
             f"verdict {result.verdict}, score {result.score}",
             where=_ours(claim),
             verdict=result.verdict,
@@ -420,11 +410,10 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
 
 
 def _dispatch_report(study_uid: str, settings: Settings) -> None:
-    """Hand the study to the reports area; SCORED is durable, so a failure here loses no result."""
+    """Hand the study to its report step; SCORED is durable, so a failure here loses no result (the
+    stability monitor dispatches studies left SCORED again)."""
     try:
-        from service.queue import dispatch
-
-        dispatch(BUILD_REPORT, study_uid, settings=settings)
+        dispatch(Task.BUILD_REPORT, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study stays SCORED and visible; a report can be rebuilt
         log_event(log, "report.dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
 
@@ -432,25 +421,23 @@ def _dispatch_report(study_uid: str, settings: Settings) -> None:
 # --------------------------------------------------------------------------------------------------
 # Entry points: a Celery task, and a plain function for the in-process executor
 
-_settings_at_import = get_settings()
-
 
 @app.task(
-    name=SCORE_STUDY,
+    name=Task.SCORE_STUDY.value,
     bind=True,
-    max_retries=score_retries(_settings_at_import),
     autoretry_for=(OperationalError,),
     retry_backoff=True,
-    retry_backoff_max=600,
+    retry_backoff_max=MAX_BACKOFF_SECONDS,
     acks_late=True,
 )
 def score_study_task(self: Any, study_uid: str) -> str:
     """Celery entry: the state machine decides; Celery only carries retries and re-checks."""
-    settings = get_settings()
-    final = self.request.retries >= self.max_retries
+    settings = configured_settings()
+    final = self.request.retries >= settings.score_retries
     outcome = run_score_study(study_uid, settings, final_attempt=final)
     if outcome.kind == RETRY:
-        raise self.retry(countdown=backoff_delay(settings, self.request.retries))
+        countdown = backoff_seconds(settings.score_backoff_seconds, self.request.retries)
+        raise self.retry(countdown=countdown, max_retries=settings.score_retries)
     if outcome.kind == BUSY and outcome.retry_in is not None:
         # Another worker holds the study. If it dies, nobody else will re-deliver this message (a pool
         # child killed outright is requeued at once, before its lease runs out), so look again when its
@@ -459,30 +446,12 @@ def score_study_task(self: Any, study_uid: str) -> str:
     return outcome.kind
 
 
-def score_study(study_uid: str) -> str:
-    """In-process entry (no broker): the same task, its retries done here with backoff sleeps."""
-    settings = get_settings()
-    retries = score_retries(settings)
-    for attempt in range(retries + 1):
-        outcome = run_score_study(study_uid, settings, final_attempt=attempt >= retries)
-        if outcome.kind != RETRY:
-            return outcome.kind
-        time.sleep(backoff_delay(settings, attempt))
+def score_study(study_uid: str, retries_done: int = 0, *, settings: Settings) -> str:
+    """In-process entry (no broker): one attempt; a retry is dispatched again after the backoff, on a
+    timer, so the executor's single thread never sleeps while other studies wait."""
+    final = retries_done >= settings.score_retries
+    outcome = run_score_study(study_uid, settings, final_attempt=final)
+    if outcome.kind == RETRY:
+        delay = backoff_seconds(settings.score_backoff_seconds, retries_done)
+        dispatch(Task.SCORE_STUDY, study_uid, retries_done + 1, settings=settings, countdown=delay)
     return outcome.kind
-
-
-def _report_tasks() -> dict[str, Callable[..., Any]]:
-    """The reports area's tasks, when it is installed (worker/report_tasks.py)."""
-    try:
-        from worker import report_tasks
-    except ImportError:
-        return {}
-    found = dict(getattr(report_tasks, "TASKS", {}) or {})
-    for name, attr in ((BUILD_REPORT, "build_report"), (DELIVER_REPORT, "deliver_report")):
-        func = getattr(report_tasks, attr, None)
-        if name not in found and callable(func):
-            found[name] = func
-    return found
-
-
-TASKS: dict[str, Callable[..., Any]] = {SCORE_STUDY: score_study, **_report_tasks()}

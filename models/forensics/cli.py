@@ -1,4 +1,4 @@
-"""Sub-commands of `btd` for this area (registered by service.cli): `btd tamper`, `btd bench build|run`."""
+"""Sub-commands of `btd` for this area (registered by btd.cli): `btd tamper`, `btd bench build|run`."""
 
 from __future__ import annotations
 

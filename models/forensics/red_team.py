@@ -24,6 +24,7 @@ from models.forensics.dicom_write import fresh_uids, write_tampered
 from models.forensics.methods import ALL_METHODS
 from models.forensics.tamper import Skip, Tamper, copy_move, inject_nodule, inject_sphere, remove_lesion
 from models.lungmask import has_lungs
+from models.metadata import DEFAULT_MODEL_PATH
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _diffusion_model(model_path: Path | None):
 
 
 def default_model_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "weights" / "btd-ct-default.pt"
+    return DEFAULT_MODEL_PATH
 
 
 def tamper_slice(

@@ -19,9 +19,10 @@ import numpy as np
 
 from models.corpus import discover
 from models.forensics.bench_run import DEFAULT_VARIANT, OPERATING_FPR, markdown_table, run_benchmark
+from models.metadata import DEFAULT_MODEL_PATH
 from models.training import export_from_checkpoint, read_losses
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "btd-ct-default.pt"
+WEIGHTS = DEFAULT_MODEL_PATH
 LOSS_PNG = Path(__file__).resolve().parents[2] / "docs" / "model-card-loss.png"
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from core.settings import Settings
 from service.api import dashboard, health, reports_routes, studies
-from service.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The REST API (OpenAPI docs at /docs) for these settings (default: the environment's)."""
+def create_app(settings: Settings) -> FastAPI:
+    """The REST API (OpenAPI docs at /docs) for these settings."""
     app = FastAPI(
         title="btd",
         description="Back-in-Time Diffusion tampering detector: studies, verdicts, reports",
         docs_url="/docs",
         openapi_url="/openapi.json",
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings
     app.include_router(health.router)
     app.include_router(studies.router)
     app.include_router(reports_routes.router)

@@ -12,22 +12,22 @@ from __future__ import annotations
 import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
+from core.contracts import FAILED_STATES, MILESTONES, VERDICTS, State
+from core.db.session import session_factory
+from core.observability.logs import log_event
+from core.observability.metrics import install_study_state_collector, metrics_payload
+from core.settings import Settings
 from service.api import dashboard_health as health
 from service.api import dashboard_queries as queries
 from service.api.deps import get_session, get_settings, queue_depth, read_progress
-from service.api.schemas import Verdict
-from service.db.session import session_factory
 from service.heatmap import CT_WINDOWS, RegionBox, load_residual_map, render_overlay_png
-from service.observability.logs import log_event
-from service.observability.metrics import install_study_state_collector, metrics_payload
-from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def overview_page(
         worker=health.worker_health(settings),
         model=health.model_in_use(settings, data.model_name, data.model_sha256),
         destinations=health.destinations_view(settings, data.destinations),
-        states=queries.MILESTONES + queries.FAILED_STATES + ("REJECTED",),
+        states=[s.value for s in (*MILESTONES, *FAILED_STATES, State.REJECTED)],
     )
 
 
@@ -135,8 +135,8 @@ def studies_page(
         result=result,
         filters=filters,
         query=filters.as_query(),
-        states=queries.MILESTONES + queries.FAILED_STATES + ("REJECTED",),
-        verdicts=get_args(Verdict),
+        states=[s.value for s in (*MILESTONES, *FAILED_STATES, State.REJECTED)],
+        verdicts=[v.value for v in VERDICTS],
     )
 
 

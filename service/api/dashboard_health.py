@@ -3,7 +3,7 @@
 Why cached: the overview is reloaded by several people and polled; a Celery ping waits for replies and a
 C-ECHO opens an association, so each answer is kept for a few seconds instead of being redone per view.
 The gateway never imports worker code, so Celery workers are pinged through a bare Celery client on the
-same broker, and the in-process executor thread is asked about through `service.queue`.
+same broker, and the in-process executor thread is asked about through `core.queue`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-from service.settings import Settings
+from core.contracts import model_path
+from core.dicom.destination import parse_destination
+from core.settings import Settings
 
 WORKER_CACHE_SECONDS = 10.0
 ECHO_CACHE_SECONDS = 30.0
@@ -65,8 +66,8 @@ def _ping_celery(broker_url: str) -> WorkerHealth:
 
 
 def _in_process_worker() -> WorkerHealth:
-    """`btd serve` without a broker runs tasks in its executor thread (service.queue); is it alive?"""
-    from service import queue as local_queue
+    """`btd serve` without a broker runs tasks in its executor thread (core.queue); is it alive?"""
+    from core import queue as local_queue
 
     executor = local_queue.current_executor()
     if executor is None:
@@ -83,18 +84,11 @@ def worker_health(settings: Settings) -> WorkerHealth:
     return _in_process_worker()
 
 
-def _default_model_file() -> Path | None:
-    import models
-
-    candidates = sorted((Path(models.__file__).parent / "weights").glob("*.pt"))
-    return candidates[0] if candidates else None
-
-
 def model_in_use(settings: Settings, last_name: str | None, last_sha256: str | None) -> dict[str, Any]:
     """The configured model (file and metadata name) and the one that produced the latest result."""
-    path = Path(settings.model) if settings.model else _default_model_file()
-    info: dict[str, Any] = {"file": path.name if path else None, "name": None, "version": None}
-    if path is not None:
+    path = model_path(settings.model)
+    info: dict[str, Any] = {"file": path.name, "name": None, "version": None}
+    if path.is_file():
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
             info["name"] = meta.get("name")
@@ -109,13 +103,6 @@ def model_in_use(settings: Settings, last_name: str | None, last_sha256: str | N
     info["last_name"] = last_name
     info["last_sha256"] = last_sha256
     return info
-
-
-def parse_destination(text: str) -> tuple[str, str, int]:
-    """"AET@host:port" -> (aet, host, port)."""
-    aet, _, address = text.partition("@")
-    host, _, port = address.rpartition(":")
-    return aet, host, int(port)
 
 
 def destinations_view(settings: Settings, last_attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -150,13 +137,13 @@ def echo(settings: Settings, destination: str) -> EchoResult:
     from pynetdicom.sop_class import Verification
 
     try:
-        aet, host, port = parse_destination(destination)
-    except ValueError:
-        return EchoResult(destination, False, "not AET@host:port")
+        target = parse_destination(destination)
+    except ValueError as exc:
+        return EchoResult(destination, False, str(exc))
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_TIMEOUT_SECONDS
-    assoc = ae.associate(host, port, ae_title=aet)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
     if not assoc.is_established:
         return EchoResult(destination, False, "association rejected or no answer")
     try:

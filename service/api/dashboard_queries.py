@@ -4,9 +4,6 @@ Why a module of its own: the routes in `dashboard.py` only turn these plain dict
 the queries can be tested against a real database without HTTP. Nothing here writes; actions (rescore,
 redeliver) go through the JSON API. Patient name and ID are only read when the caller asks for them
 (`BTD_EXPOSE_PATIENT_IDS`), so a template cannot show what was never loaded.
-
-The report tables (`reports`, `delivery_attempts`, migration 0002_reports) belong to another area and may
-be absent from an installation; every query on them degrades to "nothing yet" instead of failing the page.
 """
 
 from __future__ import annotations
@@ -16,43 +13,26 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import MetaData, Table, case, func, inspect, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from service.db.base import Base
-from service.db.models import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
+from core.contracts import FAILED_STATES, MILESTONES, WAITING_STATES, State, Verdict
+from core.db.schema import (
+    DeliveryAttempt,
+    Instance,
+    InstanceResult,
+    Region,
+    Report,
+    SeriesResult,
+    Study,
+    StudyEvent,
+)
 
-FLAGGED_VERDICT = "suspicious"
-REVIEW_VERDICT = "review"  # slices flagged, the study under its threshold: for a person to look at
-FAILED_STATES = ("FAILED", "FAILED_DELIVERY")
-# States whose study is waiting for, or being handled by, a worker.
-WAITING_STATES = ("STABLE", "QUEUED")
 PAGE_SIZE = 25
-# The milestones of the state history shown at the top of a study page, in the order they happen.
-MILESTONES = ("RECEIVING", "STABLE", "QUEUED", "SCORING", "SCORED", "REPORTED", "DELIVERED")
 
 
 def start_of_day(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=UTC)
-
-
-_reflected: dict[tuple[str, str], Table] = {}
-
-
-def _report_table(session: Session, name: str) -> Table | None:
-    """The reports area's table by name (its ORM models may not be installed), or None if it does not exist."""
-    known = Base.metadata.tables.get(name)
-    if known is not None:
-        return known
-    # The session's own connection: on SQLite a second connection would wait for this one's lock.
-    connection = session.connection()
-    key = (str(connection.engine.url), name)
-    if key not in _reflected:
-        if not inspect(connection).has_table(name):
-            return None  # not cached: the migration may run later
-        _reflected[key] = Table(name, MetaData(), autoload_with=connection)
-    return _reflected[key]
 
 
 def count_states(session: Session) -> dict[str, int]:
@@ -97,7 +77,7 @@ def overview(session: Session, now: datetime | None = None) -> Overview:
         query = (
             select(func.count(func.distinct(StudyEvent.study_uid)))
             .join(Study, Study.study_uid == StudyEvent.study_uid)
-            .where(StudyEvent.to_state == "SCORED", StudyEvent.at >= since, Study.verdict == verdict)
+            .where(StudyEvent.to_state == State.SCORED, StudyEvent.at >= since, Study.verdict == verdict)
         )
         return int(session.execute(query).scalar_one())
 
@@ -113,13 +93,13 @@ def overview(session: Session, now: datetime | None = None) -> Overview:
     return Overview(
         day=now.date(),
         received=received,
-        scored=_studies_reaching(session, ("SCORED",), since),
-        flagged=scored_today_with(FLAGGED_VERDICT),
-        review=scored_today_with(REVIEW_VERDICT),
+        scored=_studies_reaching(session, (State.SCORED,), since),
+        flagged=scored_today_with(Verdict.SUSPICIOUS),
+        review=scored_today_with(Verdict.REVIEW),
         failed=_studies_reaching(session, FAILED_STATES, since),
         states=states,
         queue_depth=sum(states.get(s, 0) for s in WAITING_STATES),
-        in_progress=states.get("SCORING", 0),
+        in_progress=states.get(State.SCORING, 0),
         model_name=last_model.model_name if last_model else None,
         model_sha256=last_model.model_sha256 if last_model else None,
         destinations=destination_health(session),
@@ -129,21 +109,23 @@ def overview(session: Session, now: datetime | None = None) -> Overview:
 
 def destination_health(session: Session) -> list[dict[str, Any]]:
     """The last delivery attempt to each destination: its outcome, time and error."""
-    attempts = _report_table(session, "delivery_attempts")
-    if attempts is None:
-        return []
-    latest = select(attempts.c.destination, func.max(attempts.c.id).label("id")).group_by(attempts.c.destination)
-    latest = latest.subquery()
-    query = (
-        select(attempts.c.destination, attempts.c.outcome, attempts.c.at, attempts.c.dicom_status, attempts.c.error)
-        .join(latest, latest.c.id == attempts.c.id)
-        .order_by(attempts.c.destination)
+    latest = (
+        select(DeliveryAttempt.destination, func.max(DeliveryAttempt.id).label("id"))
+        .group_by(DeliveryAttempt.destination)
+        .subquery()
     )
-    try:
-        return [dict(row._mapping) for row in session.execute(query).all()]
-    except SQLAlchemyError:
-        session.rollback()
-        return []
+    query = (
+        select(
+            DeliveryAttempt.destination,
+            DeliveryAttempt.outcome,
+            DeliveryAttempt.at,
+            DeliveryAttempt.dicom_status,
+            DeliveryAttempt.error,
+        )
+        .join(latest, latest.c.id == DeliveryAttempt.id)
+        .order_by(DeliveryAttempt.destination)
+    )
+    return [dict(row._mapping) for row in session.execute(query).all()]
 
 
 @dataclass(frozen=True)
@@ -356,7 +338,7 @@ def suspicious_instances(session: Session, series_result_id: int) -> list[dict[s
     rows = session.execute(
         select(InstanceResult.id, InstanceResult.sop_instance_uid, InstanceResult.frame, InstanceResult.score,
                InstanceResult.map_path)
-        .where(InstanceResult.series_result_id == series_result_id, InstanceResult.verdict == FLAGGED_VERDICT)
+        .where(InstanceResult.series_result_id == series_result_id, InstanceResult.verdict == Verdict.SUSPICIOUS)
         .order_by(InstanceResult.score.desc())
     ).all()
     result = []
@@ -420,31 +402,22 @@ def overlay_source(session: Session, study_uid: str, sop_instance_uid: str, fram
     )
 
 
+def _columns(table: Any) -> list[Any]:
+    return list(table.__table__.columns)
+
+
 def reports(session: Session, study_uid: str) -> list[dict[str, Any]]:
-    table = _report_table(session, "reports")
-    if table is None:
-        return []
-    try:
-        rows = session.execute(select(table).where(table.c.study_uid == study_uid).order_by(table.c.id)).all()
-    except SQLAlchemyError:
-        session.rollback()
-        return []
-    return [dict(row._mapping) for row in rows]
+    """The study's reports (one per verdict version), oldest first."""
+    query = select(*_columns(Report)).where(Report.study_uid == study_uid).order_by(Report.id)
+    return [dict(row._mapping) for row in session.execute(query).all()]
 
 
 def delivery_attempts(session: Session, study_uid: str) -> list[dict[str, Any]]:
-    attempts = _report_table(session, "delivery_attempts")
-    table = _report_table(session, "reports")
-    if attempts is None or table is None:
-        return []
+    """Every delivery attempt of the study's reports, oldest first, with the report it sent."""
     query = (
-        select(attempts, table.c.study_version, table.c.sr_sop_instance_uid)
-        .join(table, table.c.id == attempts.c.report_id)
-        .where(table.c.study_uid == study_uid)
-        .order_by(attempts.c.at, attempts.c.id)
+        select(*_columns(DeliveryAttempt), Report.study_version, Report.sr_sop_instance_uid)
+        .join(Report, Report.id == DeliveryAttempt.report_id)
+        .where(Report.study_uid == study_uid)
+        .order_by(DeliveryAttempt.at, DeliveryAttempt.id)
     )
-    try:
-        return [dict(row._mapping) for row in session.execute(query).all()]
-    except SQLAlchemyError:
-        session.rollback()
-        return []
+    return [dict(row._mapping) for row in session.execute(query).all()]

@@ -18,12 +18,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.db.session import session_factory
-from service.settings import Settings
-
-# `<DATA_DIR>/progress/<study_uid>.json` is written by the worker while it scores (worker/pipeline.py);
-# the gateway never imports worker code, so the path is a shared contract, repeated here.
-PROGRESS_DIR = "progress"
+from core import queue as core_queue
+from core.contracts import progress_path
+from core.db.session import session_factory
+from core.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -62,9 +60,8 @@ def require_token(
 
 def read_progress(data_dir: Path, study_uid: str) -> dict[str, Any] | None:
     """The worker's progress record for a study being scored, or None (not scoring, or not started)."""
-    path = Path(data_dir) / PROGRESS_DIR / f"{study_uid}.json"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(progress_path(data_dir, study_uid).read_text())
     except (OSError, ValueError):
         return None
     done, total = int(raw.get("done", 0)), int(raw.get("total", 0))
@@ -79,6 +76,4 @@ def read_progress(data_dir: Path, study_uid: str) -> dict[str, Any] | None:
 
 def queue_depth(settings: Settings) -> int | None:
     """Messages waiting: Redis LLEN of the Celery queue, or the in-process executor's; None if unknown."""
-    from service.queue import queue_depth as depth
-
-    return depth(settings)
+    return core_queue.queue_depth(settings)

@@ -15,10 +15,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from core.contracts import model_path
+from core.db.session import get_engine
+from core.settings import Settings
 from service.api.deps import get_settings
 from service.api.schemas import Ready, ReadyCheck
-from service.db.session import get_engine
-from service.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -65,20 +66,14 @@ def check_spool(settings: Settings) -> ReadyCheck:
         return ReadyCheck(ok=False, detail=f"spool not writable: {exc}"[:300])
 
 
-# The default model's file, as models.detector.DEFAULT_MODEL_PATH names it (that module imports torch,
-# which a probe of the gateway must not load).
-DEFAULT_MODEL_FILE = "btd-ct-default.pt"
-
-
 def check_model(settings: Settings) -> ReadyCheck:
     """The model file the worker will load exists and its metadata is valid (without loading torch here).
 
     Why not load it: the gateway does not run models (workers do), and a probe must stay cheap.
     """
-    import models
     from models.metadata import MetadataError, ModelMetadata, metadata_path_for
 
-    weights = Path(settings.model) if settings.model else Path(models.__file__).parent / "weights" / DEFAULT_MODEL_FILE
+    weights = model_path(settings.model)
     if not weights.is_file():
         hint = "" if settings.model else " (default model not shipped; set BTD_MODEL)"
         return ReadyCheck(ok=False, detail=f"model file not found: {weights}{hint}")

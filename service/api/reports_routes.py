@@ -16,20 +16,17 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.contracts import State, Task
+from core.db.repository import transition
+from core.db.schema import DeliveryAttempt, Report, Study
+from core.observability.logs import log_event
+from core.queue import dispatch
+from core.settings import Settings
 from service.api.deps import get_session, get_settings, require_token
-from service.db import states
-from service.db.models import Study
-from service.db.reporting import DeliveryAttempt, Report
-from service.db.repository import transition
-from service.observability.logs import log_event
-from service.settings import Settings
 
 log = logging.getLogger("btd.api.reports")
 
 router = APIRouter(prefix="/api", tags=["reports"])
-
-DELIVER_TASK = "btd.deliver_report"
-
 
 class DeliveryAttemptOut(BaseModel):
     destination: str
@@ -99,18 +96,16 @@ def redeliver(
 ) -> RedeliverAccepted:
     """Retry the delivery of a study whose report could not be delivered (FAILED_DELIVERY -> REPORTED)."""
     study = _study_or_404(session, study_uid)
-    if study.state != states.FAILED_DELIVERY:
+    if study.state != State.FAILED_DELIVERY:
         raise HTTPException(status.HTTP_409_CONFLICT, f"study is {study.state}; only FAILED_DELIVERY is redelivered")
-    if not transition(session, study_uid, states.FAILED_DELIVERY, states.REPORTED, "redelivery requested over the API"):
+    if not transition(session, study_uid, State.FAILED_DELIVERY, State.REPORTED, "redelivery requested over the API"):
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, "the study changed state meanwhile; try again")
     session.commit()
     try:
-        from service.queue import dispatch
-
-        dispatch(DELIVER_TASK, study_uid, settings=settings)
+        dispatch(Task.DELIVER_REPORT, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is REPORTED in the db; say the hand-over failed
         log_event(log, "api.redeliver_dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"study reported but not dispatched: {exc}") from exc
     log_event(log, "api.redeliver", study_uid=study_uid)
-    return RedeliverAccepted(study_uid=study_uid, state=states.REPORTED, dispatched=DELIVER_TASK)
+    return RedeliverAccepted(study_uid=study_uid, state=State.REPORTED, dispatched=Task.DELIVER_REPORT.value)

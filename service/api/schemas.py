@@ -12,9 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-# Every study verdict the API and dashboard show, worst first (models.results.study_verdict ranks them).
-Verdict = Literal["suspicious", "review", "no_evidence", "not_assessed"]
-
 
 class Progress(BaseModel):
     """How far the scoring of a study has come (slices done of the study's total)."""

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from sqlalchemy import String, func, inspect, literal, select, text
+from sqlalchemy import String, func, literal, select
 from sqlalchemy.orm import Session
 
+from core.contracts import ALL_STATES, RESCORABLE_STATES, VERDICTS, State, Task, Verdict
+from core.db.base import utcnow
+from core.db.repository import new_version_values, transition
+from core.db.schema import DeliveryAttempt, InstanceResult, Region, Report, SeriesResult, Study, StudyEvent
+from core.observability.logs import log_event
+from core.queue import dispatch
+from core.settings import Settings
 from service.api.deps import get_session, get_settings, queue_depth, read_progress, require_token
 from service.api.schemas import (
     InstanceResultOut,
@@ -27,42 +34,13 @@ from service.api.schemas import (
     StudyEventOut,
     StudyList,
     StudySummary,
-    Verdict,
 )
-from service.db import states
-from service.db.base import utcnow
-from service.db.models import InstanceResult, Region, SeriesResult, Study, StudyEvent
-from service.db.repository import new_version_values, transition
-from service.observability.logs import log_event
-from service.settings import Settings
 
 log = logging.getLogger("btd.api")
 
 router = APIRouter(prefix="/api", tags=["studies"])
 
-StateName = Literal[
-    "RECEIVING",
-    "STABLE",
-    "QUEUED",
-    "SCORING",
-    "SCORED",
-    "REPORTED",
-    "DELIVERED",
-    "FAILED",
-    "FAILED_DELIVERY",
-    "REJECTED",
-]
 
-SCORE_TASK = "btd.score_study"
-# A study may be sent back to scoring only once nothing is working on it.
-RESCORABLE_STATES = (
-    states.SCORED,
-    states.REPORTED,
-    states.DELIVERED,
-    states.FAILED,
-    states.FAILED_DELIVERY,
-    states.REJECTED,
-)
 
 
 def _summary_fields(study: Study, settings: Settings) -> dict[str, Any]:
@@ -99,7 +77,7 @@ def _get_study_or_404(session: Session, study_uid: str) -> Study:
 def list_studies(
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
-    state: StateName | None = None,
+    state: State | None = None,
     verdict: Verdict | None = None,
     since: datetime | None = Query(None, description="studies first received at or after this time (ISO 8601)"),
     modality: str | None = Query(None, pattern=r"^[A-Za-z]{2,16}$"),
@@ -184,25 +162,25 @@ def _series_results(session: Session, study: Study) -> tuple[int | None, list[Se
     return version, out
 
 
-def _reports(session: Session, study_uid: str) -> list[dict[str, Any]] | None:
-    """Reports and their delivery attempts, read by table name: the reports area owns their ORM models
-    and may not be installed (migration 0002_reports)."""
-    tables = set(inspect(session.connection()).get_table_names())
-    if "reports" not in tables:
-        return None
-    reports = [
-        dict(row._mapping)
-        for row in session.execute(text("SELECT * FROM reports WHERE study_uid = :uid ORDER BY id"), {"uid": study_uid})
-    ]
-    if "delivery_attempts" in tables:
-        for report in reports:
-            report["deliveries"] = [
-                dict(row._mapping)
-                for row in session.execute(
-                    text("SELECT * FROM delivery_attempts WHERE report_id = :rid ORDER BY id"), {"rid": report["id"]}
-                )
-            ]
-    return reports
+def _row(row: Any) -> dict[str, Any]:
+    """Every column of an ORM row by its column name (what the detail's `reports` has always listed)."""
+    return {column.name: getattr(row, column.key) for column in row.__table__.columns}
+
+
+def _reports(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    """Reports of the study, oldest first, each with its delivery attempts."""
+    reports = session.scalars(select(Report).where(Report.study_uid == study_uid).order_by(Report.id)).all()
+    attempts = session.scalars(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.report_id.in_([r.id for r in reports]))
+        .order_by(DeliveryAttempt.id)
+    ).all()
+    out = []
+    for report in reports:
+        entry = _row(report)
+        entry["deliveries"] = [_row(a) for a in attempts if a.report_id == report.id]
+        out.append(entry)
+    return out
 
 
 @router.get("/studies/{study_uid}", response_model=StudyDetail)
@@ -214,12 +192,12 @@ def get_study(
         select(StudyEvent).where(StudyEvent.study_uid == study_uid).order_by(StudyEvent.at, StudyEvent.id)
     ).all()
     history = [StudyEventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, detail=e.detail) for e in events]
-    errors = [e.detail for e in events if e.to_state == states.FAILED and e.detail]
+    errors = [e.detail for e in events if e.to_state == State.FAILED and e.detail]
     errors += [e.detail for e in events if e.detail and e.detail.startswith("retry after error")]
     if study.error and study.error not in errors:
         errors.append(study.error)
     results_version, series = _series_results(session, study)
-    progress = read_progress(settings.data_dir, study_uid) if study.state == states.SCORING else None
+    progress = read_progress(settings.data_dir, study_uid) if study.state == State.SCORING else None
     return StudyDetail(
         **_summary_fields(study, settings),
         lease_owner=study.lease_owner,
@@ -257,7 +235,7 @@ def rescore_study(
         session,
         study_uid,
         current,
-        states.QUEUED,
+        State.QUEUED,
         "rescore requested over the API",
         queued_at=utcnow(),
         **new_version_values(),
@@ -266,25 +244,25 @@ def rescore_study(
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, "the study changed state meanwhile; try again")
     session.commit()
-    from service.queue import dispatch
-
     try:
-        dispatch(SCORE_TASK, study_uid, settings=settings)
+        dispatch(Task.SCORE_STUDY, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is QUEUED in the db; say that the hand-over failed
         log_event(log, "api.rescore_dispatch_failed", logging.ERROR, study_uid=study_uid, error=str(exc))
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"study queued but not dispatched: {exc}") from exc
     session.expire_all()
     study = _get_study_or_404(session, study_uid)
     log_event(log, "api.rescore", study_uid=study_uid, version=study.version)
-    return RescoreAccepted(study_uid=study_uid, state=study.state, version=study.version, dispatched=SCORE_TASK)
+    return RescoreAccepted(
+        study_uid=study_uid, state=study.state, version=study.version, dispatched=Task.SCORE_STUDY.value
+    )
 
 
 @router.get("/stats", response_model=Stats)
 def stats(session: Session = Depends(get_session), settings: Settings = Depends(get_settings)) -> Stats:
-    by_state = dict.fromkeys(states.ALL_STATES, 0)
+    by_state = dict.fromkeys(ALL_STATES, 0)
     for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
         by_state[state] = count
-    by_verdict = dict.fromkeys(get_args(Verdict), 0)
+    by_verdict = dict.fromkeys(VERDICTS, 0)
     for verdict, count in session.execute(
         select(Study.verdict, func.count()).where(Study.verdict.is_not(None)).group_by(Study.verdict)
     ):

@@ -1,1 +1,1 @@
-"""DICOM networking: the C-STORE/C-ECHO listener that receives studies and the C-STORE sender."""
+"""The gateway's DICOM listener: its own upper layer (scp.py) and the C-STORE handler that stores instances."""

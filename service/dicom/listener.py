@@ -56,13 +56,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import repository
-from service.db.session import session_factory
-from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest
-from service.observability.logs import log_event
-from service.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
-from service.settings import Settings
-from service.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, relative_path, sha256_hex
+from core.db import repository
+from core.db.session import session_factory
+from core.observability.logs import log_event
+from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
+from core.settings import Settings
+from core.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, relative_path, sha256_hex
+from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest, uid_bytes
 
 log = logging.getLogger("btd.listener")
 
@@ -159,17 +159,12 @@ def _element(tag: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
-def _uid_value(uid: str) -> bytes:
-    raw = str(uid).encode("latin-1")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 @functools.lru_cache(maxsize=64)
 def _file_meta_tail(transfer_syntax: str) -> bytes:
     version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("latin-1")
     return (
-        _element(0x00020010, b"UI", _uid_value(transfer_syntax))
-        + _element(0x00020012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID))
+        _element(0x00020010, b"UI", uid_bytes(transfer_syntax))
+        + _element(0x00020012, b"UI", uid_bytes(PYNETDICOM_IMPLEMENTATION_UID))
         + _element(0x00020013, b"SH", version + b" " if len(version) % 2 else version)
     )
 
@@ -179,8 +174,8 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     without building a pydicom FileMetaDataset per instance (a quarter of a millisecond each)."""
     body = (
         b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"  # (0002,0001) version 00\01
-        + _element(0x00020002, b"UI", _uid_value(sop_class_uid))
-        + _element(0x00020003, b"UI", _uid_value(sop_instance_uid))
+        + _element(0x00020002, b"UI", uid_bytes(sop_class_uid))
+        + _element(0x00020003, b"UI", uid_bytes(sop_instance_uid))
         + _file_meta_tail(transfer_syntax)
     )
     group_length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body))
@@ -455,7 +450,7 @@ def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = None) -> DicomServer:
     """Start listening on DICOM_HOST:DICOM_PORT in background threads; call `.shutdown()` to stop.
 
-    The database must already be migrated (`service.db.migrate.upgrade(settings)`; `btd serve` does it).
+    The database must already be migrated (`core.db.migrate.upgrade(settings)`; `btd serve` does it).
     """
     spool = Spool(settings.spool_dir, settings.min_free_bytes)
     # No pre-ping: StoreHandler retries once on a connection found dead instead of a round trip per instance.

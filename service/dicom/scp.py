@@ -44,7 +44,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from service.observability.logs import log_event
+from core.observability.logs import log_event
 
 log = logging.getLogger("btd.listener")
 
@@ -196,8 +196,9 @@ def _command_element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, tag, len(value)) + value
 
 
-def _uid_bytes(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+def uid_bytes(uid: str) -> bytes:
+    """A UID as a DICOM value: its characters, padded with one NUL to an even length (PS3.5 9.1)."""
+    raw = str(uid).encode("latin-1")
     return raw + b"\0" if len(raw) % 2 else raw
 
 
@@ -212,7 +213,7 @@ def response_command(
     """A DIMSE response command set, Implicit VR Little Endian, elements in tag order (PS3.7 9.3)."""
     body = b""
     if sop_class_uid:
-        body += _command_element(0x0002, _uid_bytes(sop_class_uid))
+        body += _command_element(0x0002, uid_bytes(sop_class_uid))
     body += _command_element(0x0100, struct.pack("<H", command_field))
     body += _command_element(0x0120, struct.pack("<H", message_id))
     body += _command_element(0x0800, struct.pack("<H", NO_DATASET))
@@ -221,7 +222,7 @@ def response_command(
         text = comment[:64].encode("ascii", "replace")
         body += _command_element(0x0902, text + b" " if len(text) % 2 else text)
     if sop_instance_uid:
-        body += _command_element(0x1000, _uid_bytes(sop_instance_uid))
+        body += _command_element(0x1000, uid_bytes(sop_instance_uid))
     return _command_element(0x0000, struct.pack("<I", len(body))) + body
 
 

@@ -17,14 +17,13 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from service.spool import fsync_dir, sanitise_uid
-
-REPORTS_FOLDER = "reports"
+from core.contracts import report_relpath
+from core.spool import fsync_dir, sanitise_uid
 
 
 def report_relative_path(study_uid: str, sop_instance_uid: str) -> str:
     """Path of a report document relative to BTD_DATA_DIR (what the reports table stores)."""
-    return f"{REPORTS_FOLDER}/{sanitise_uid(study_uid)}/{sanitise_uid(sop_instance_uid)}.dcm"
+    return report_relpath(sanitise_uid(study_uid), sanitise_uid(sop_instance_uid))
 
 
 def write_document(data_dir: Path, ds: Dataset) -> str:

@@ -12,6 +12,8 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from core.contracts import Verdict
+
 PRIVATE_SCHEME = "99BTD"
 PRIVATE_SCHEME_NAME = "btd forensic findings"
 PRIVATE_SCHEME_ORGANIZATION = "btd project"
@@ -38,10 +40,10 @@ INDETERMINATE = CodedConcept(codes.SCT.Indeterminate.value, "SCT", codes.SCT.Ind
 
 # Verdicts of models.SeriesResult -> the qualitative evaluation a viewer shows.
 VERDICT_EVALUATION = {
-    "suspicious": PRESENT,
-    "review": INDETERMINATE,
-    "no_evidence": ABSENT,
-    "not_assessed": INDETERMINATE,
+    Verdict.SUSPICIOUS: PRESENT,
+    Verdict.REVIEW: INDETERMINATE,
+    Verdict.NO_EVIDENCE: ABSENT,
+    Verdict.NOT_ASSESSED: INDETERMINATE,
 }
 
 CT_PROCEDURE = CodedConcept("77477000", "SCT", "Computed tomography")

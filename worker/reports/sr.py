@@ -19,9 +19,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from service import __version__
-from service.reports import codes as btd_codes
-from service.reports.findings import RegionFinding, StudyFindings
+from core.contracts import VERSION, Verdict
+from worker.reports import codes as btd_codes
+from worker.reports.findings import RegionFinding, StudyFindings
 
 MANUFACTURER = "btd project"
 MODEL_NAME = "btd forensic gateway"
@@ -36,24 +36,24 @@ SERIES_DESCRIPTION_PREFIX = "BTD forensic report"
 # to review.
 REVIEW_WORDS = "REVIEW: slice flags below study threshold"
 VERDICT_WORDS = {
-    "suspicious": "SUSPICIOUS: possible image manipulation",
-    "review": REVIEW_WORDS,
-    "no_evidence": "no evidence of image manipulation",
-    "not_assessed": "NOT ASSESSED",
+    Verdict.SUSPICIOUS: "SUSPICIOUS: possible image manipulation",
+    Verdict.REVIEW: REVIEW_WORDS,
+    Verdict.NO_EVIDENCE: "no evidence of image manipulation",
+    Verdict.NOT_ASSESSED: "NOT ASSESSED",
 }
 
 
 def headline(findings: StudyFindings) -> str:
     """The verdict in words, as the series description, the KOS and the verdict text say it. (A result
     stored before the "review" verdict existed says "no_evidence" with flagged slices: read as review.)"""
-    if findings.verdict == "no_evidence" and findings.flagged:
+    if findings.verdict == Verdict.NO_EVIDENCE and findings.flagged:
         return REVIEW_WORDS
     return VERDICT_WORDS.get(findings.verdict, findings.verdict)
 
 
 def study_evaluation(findings: StudyFindings) -> hd.sr.CodedConcept:
     """The study's qualitative evaluation: Indeterminate, not Absent, when slices were flagged below it."""
-    if findings.verdict == "no_evidence" and findings.flagged:
+    if findings.verdict == Verdict.NO_EVIDENCE and findings.flagged:
         return btd_codes.INDETERMINATE
     return btd_codes.VERDICT_EVALUATION.get(findings.verdict, btd_codes.INDETERMINATE)
 
@@ -104,7 +104,7 @@ def _observation_context() -> hd.sr.ObservationContext:
 
 
 def _algorithm(findings: StudyFindings) -> hd.sr.AlgorithmIdentification:
-    parameters = [f"weights_sha256={findings.model_sha256 or 'unknown'}", f"software_version={__version__}"]
+    parameters = [f"weights_sha256={findings.model_sha256 or 'unknown'}", f"software_version={VERSION}"]
     return hd.sr.AlgorithmIdentification(
         name=findings.model_name,
         version=findings.model_version,
@@ -239,7 +239,7 @@ def _contributing_equipment() -> hd.ContributingEquipment:
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
+        software_versions=VERSION,
     )
 
 
@@ -287,7 +287,7 @@ def build_sr(
         contributing_equipment=[_contributing_equipment()],
         series_description=f"{SERIES_DESCRIPTION_PREFIX}: {headline(findings)}"[:64],
         manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
+        software_versions=VERSION,
     )
     sr.CompletionFlagDescription = completion_text(findings)
     sr.CodingSchemeIdentificationSequence = [btd_codes.coding_scheme_identification()]

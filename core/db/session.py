@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings, get_settings
+from core.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -61,9 +61,9 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
     return create_engine(url, pool_pre_ping=pre_ping, connect_args=connect_args)
 
 
-def get_engine(settings: Settings | None = None, *, pre_ping: bool = True) -> Engine:
+def get_engine(settings: Settings, *, pre_ping: bool = True) -> Engine:
     """The process-wide engine for the settings' database URL (one pool per URL and pre-ping choice)."""
-    url = (settings or get_settings()).resolved_database_url
+    url = settings.resolved_database_url
     key = (url, pre_ping or make_url(url).get_backend_name() == "sqlite")  # SQLite never pings: one pool
     with _engines_lock:
         engine = _engines.get(key)
@@ -80,12 +80,12 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
-def session_factory(settings: Settings | None = None, *, pre_ping: bool = True) -> sessionmaker[Session]:
+def session_factory(settings: Settings, *, pre_ping: bool = True) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(settings, pre_ping=pre_ping), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits at the end of the block and rolls back if it raises."""
     session = session_factory(settings)()
     try:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.db.states import ALL_STATES
+from core.contracts import ALL_STATES
 
 INSTANCES_RECEIVED = Counter(
     "btd_instances_received_total", "C-STORE requests handled, by outcome", ["status"]

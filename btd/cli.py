@@ -2,6 +2,7 @@
 
 Each area of the product registers its own sub-commands, so this module stays a thin dispatcher and
 importing it stays cheap (heavy libraries such as torch are imported inside the commands that use them).
+The process settings are read here, once, when a command that needs them starts (`btd.commands`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ COMMAND_MODULES = (
     "models.cli",  # btd score / calibrate / evaluate
     "models.train_cli",  # btd train
     "models.forensics.cli",  # btd tamper / bench
-    "service.gateway_cli",  # btd serve / worker / send / db
+    "btd.commands",  # btd serve / worker / send / db
 )
 
 

@@ -2,32 +2,29 @@
 
 Why Alembic is configured in code: the command must work from any working directory and from an
 installed package, so nothing may depend on an alembic.ini in the current directory. The migrations
-folder is found as the `migrations` package (installed beside `service`) or, in a source checkout,
-next to the `service` folder.
+folder lies beside the `core` package, in a source checkout as in an installed package.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
 
-from service.settings import Settings, get_settings
+from core.settings import Settings
 
 
 def migrations_dir() -> Path:
-    spec = importlib.util.find_spec("migrations")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations)))
-        if (candidate / "env.py").exists():
-            return candidate
+    """The `migrations` folder: beside the `core` package, in a source checkout as in site-packages.
+
+    Found by path, not imported: the revisions are data this module hands to Alembic (which imports them
+    itself), and the migrations import core.db, so importing them from here would be an arrow upward."""
     candidate = Path(__file__).resolve().parents[2] / "migrations"
     if (candidate / "env.py").exists():
         return candidate
-    raise FileNotFoundError("cannot find btd's migrations folder (migrations/env.py)")
+    raise FileNotFoundError(f"cannot find btd's migrations folder ({candidate}/env.py)")
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
@@ -42,21 +39,20 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     return config
 
 
-def upgrade(settings: Settings | None = None, revision: str = "head") -> None:
+def upgrade(settings: Settings, revision: str = "head") -> None:
     """Bring the settings' database to `revision` (all revisions, including other parts' ones)."""
-    settings = settings or get_settings()
     if settings.resolved_database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(settings.resolved_database_url), revision)
 
 
-def current_heads(settings: Settings | None = None) -> list[str]:
+def current_heads(settings: Settings) -> list[str]:
     """The revision(s) the database is at (empty before the first upgrade)."""
     from alembic.runtime.migration import MigrationContext
 
-    from service.db.session import make_engine
+    from core.db.session import make_engine
 
-    engine = make_engine((settings or get_settings()).resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
     try:
         with engine.connect() as conn:
             return list(MigrationContext.configure(conn).get_current_heads())

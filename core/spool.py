@@ -53,6 +53,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a stored file, read in 1 MiB blocks (a multi-frame instance can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def relative_folder(study_uid: str, series_uid: str) -> str:
     return f"{sanitise_uid(study_uid)}/{sanitise_uid(series_uid)}"
 

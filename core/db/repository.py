@@ -26,9 +26,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db import states
-from service.db.base import utcnow
-from service.db.models import Instance, Study, StudyEvent
+from core.contracts import RESUMABLE_STATES, SCOREABLE_SOP_CLASSES, State
+from core.db.base import utcnow
+from core.db.schema import Instance, Report, Study, StudyEvent
 
 _CAS_ATTEMPTS = 5
 
@@ -135,7 +135,7 @@ _COUNT_DUPLICATE = (
 # statement; RETURNING hands back the modalities so a new one can be merged without another read.
 _TOUCH_RECEIVING = (
     update(_STUDIES)
-    .where(_STUDIES.c.study_uid == bindparam("b_uid"), _STUDIES.c.state == states.RECEIVING)
+    .where(_STUDIES.c.study_uid == bindparam("b_uid"), _STUDIES.c.state == State.RECEIVING)
     .values(
         quiet_deadline=bindparam("b_deadline", type_=_STUDIES.c.quiet_deadline.type),
         updated_at=bindparam("b_now", type_=_STUDIES.c.updated_at.type),
@@ -178,7 +178,7 @@ def _ensure_study(
         connection,
         {
             "study_uid": received.study_uid,
-            "state": states.RECEIVING,
+            "state": State.RECEIVING,
             "state_since": now,
             "quiet_deadline": deadline,
             "version": 1,
@@ -200,11 +200,11 @@ def _ensure_study(
                 "study_uid": received.study_uid,
                 "at": utcnow(),
                 "from_state": None,
-                "to_state": states.RECEIVING,
+                "to_state": State.RECEIVING,
                 "detail": "first instance received",
             },
         )
-        return states.RECEIVING, None
+        return State.RECEIVING, None
     row = connection.execute(_SELECT_STUDY, {"b_uid": received.study_uid}).one()  # theirs, created meanwhile
     return row.state, row.modalities
 
@@ -229,25 +229,25 @@ def _touch_study(session: Session, study_uid: str, seen: str, deadline: datetime
     the row is re-read. Returns True if the study was reopened as a new version."""
     state: str | None = seen
     for _ in range(_CAS_ATTEMPTS):
-        if state == states.RECEIVING:
+        if state == State.RECEIVING:
             result = session.execute(
                 update(Study)
-                .where(Study.study_uid == study_uid, Study.state == states.RECEIVING)
+                .where(Study.study_uid == study_uid, Study.state == State.RECEIVING)
                 .values(quiet_deadline=deadline, updated_at=utcnow(), **values)
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 return False
-        elif state in states.RESUMABLE_STATES:
+        elif state in RESUMABLE_STATES:
             if transition(
-                session, study_uid, state, states.RECEIVING, "more instances arrived", quiet_deadline=deadline, **values
+                session, study_uid, state, State.RECEIVING, "more instances arrived", quiet_deadline=deadline, **values
             ):
                 return False
         elif state is not None and transition(
             session,
             study_uid,
             state,
-            states.RECEIVING,
+            State.RECEIVING,
             f"reopened: new instance after {state}",
             quiet_deadline=deadline,
             queued_at=None,
@@ -318,8 +318,8 @@ def record_instance(
         merged = _merge_modalities(modalities, received.modality)
         if merged != modalities:
             counters["modalities"] = merged
-        past_stable = state not in (states.RECEIVING, *states.RESUMABLE_STATES)
-        if past_stable and received.sop_class_uid not in states.SCOREABLE_SOP_CLASSES:
+        past_stable = state not in (State.RECEIVING, *RESUMABLE_STATES)
+        if past_stable and received.sop_class_uid not in SCOREABLE_SOP_CLASSES:
             # Kept with the study, but it cannot change the verdict: the study stays where it is.
             session.execute(
                 update(Study)
@@ -359,7 +359,7 @@ def due_studies(session: Session, now: datetime | None = None) -> list[str]:
     return list(
         session.scalars(
             select(Study.study_uid)
-            .where(Study.state == states.RECEIVING, Study.quiet_deadline <= now)
+            .where(Study.state == State.RECEIVING, Study.quiet_deadline <= now)
             .order_by(Study.quiet_deadline)
         )
     )
@@ -368,3 +368,26 @@ def due_studies(session: Session, now: datetime | None = None) -> list[str]:
 def study_instances(session: Session, study_uid: str) -> list[Instance]:
     """Every stored instance row of a study (all versions), in receipt order."""
     return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.id)))
+
+
+def latest_instances(session: Session, study_uid: str) -> list[Instance]:
+    """What a study is made of now: the latest version of each SOP instance, in receipt order, without btd's
+    own reports (SR, KOS) should a PACS have routed them back into the study.
+
+    The one reading of "the study's instances" for scoring and for reporting, so the SR references exactly
+    what was scored. Why btd's own documents are left out of both: a report is no evidence about the images
+    (scoring it would only add a "not assessed" series to the verdict), and an SR must never cite its
+    predecessor as a source image.
+    """
+    documents = select(Report.sr_sop_instance_uid, Report.kos_sop_instance_uid).where(Report.study_uid == study_uid)
+    ours = [uid for report in session.execute(documents) for uid in report]
+    rows = session.scalars(
+        select(Instance)
+        .where(Instance.study_uid == study_uid, Instance.sop_instance_uid.not_in([uid for uid in ours if uid]))
+        .order_by(Instance.id)
+    ).all()
+    latest: dict[str, Instance] = {}
+    for row in rows:
+        if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
+            latest[row.sop_instance_uid] = row
+    return sorted(latest.values(), key=lambda r: r.id)

@@ -13,9 +13,9 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service import __version__
-from service.reports.findings import StudyFindings
-from service.reports.sr import MANUFACTURER, MODEL_NAME, device_uid, report_uid, verdict_text
+from core.contracts import VERSION
+from worker.reports.findings import StudyFindings
+from worker.reports.sr import MANUFACTURER, MODEL_NAME, device_uid, report_uid, verdict_text
 
 KOS_SERIES_NUMBER = 9902
 
@@ -56,6 +56,6 @@ def build_kos(source_datasets: Sequence[Dataset], findings: StudyFindings) -> Da
         manufacturer=MANUFACTURER,
         series_description="BTD flagged images",
         manufacturer_model_name=MODEL_NAME,
-        software_versions=__version__,
+        software_versions=VERSION,
     )
     return kos

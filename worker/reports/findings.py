@@ -1,8 +1,8 @@
 """What a report says, as plain data: the study verdict, each series' result and the suspicious regions.
 
-Why a type of our own: the SR and KOS builders must not depend on the ORM or on `models` (they are
-tested on real DICOM files without a database), and the database rows of one study version are read in
-one place (`load_findings`), so the SR says exactly what the database says.
+Why a type of our own: the SR and KOS builders must not depend on the ORM (they are tested on real DICOM
+files without a database), and the database rows of one study version are read in one place
+(`load_findings`), so the SR says exactly what the database says.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+from core.contracts import Verdict, worst_verdict
+from core.db.schema import InstanceResult, Region, SeriesResult, Study
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class SeriesFinding:
 
     series_uid: str
     modality: str
-    verdict: str  # "no_evidence" | "suspicious" | "not_assessed"
+    verdict: str  # a core.contracts.Verdict value
     score: float | None = None
     reason: str | None = None
     n_instances: int = 0
@@ -47,7 +50,7 @@ class StudyFindings:
 
     study_uid: str
     study_version: int
-    verdict: str  # "no_evidence" | "suspicious" | "not_assessed"
+    verdict: str  # a core.contracts.Verdict value
     score: float | None
     model_name: str = "btd"
     model_version: str = "unknown"
@@ -61,31 +64,25 @@ class StudyFindings:
 
     @property
     def flagged(self) -> bool:
-        return self.verdict == "suspicious" or bool(self.flagged_instances) or bool(self.regions)
+        return self.verdict == Verdict.SUSPICIOUS or bool(self.flagged_instances) or bool(self.regions)
 
     @property
     def not_assessed(self) -> list[SeriesFinding]:
-        return [s for s in self.series if s.verdict == "not_assessed"]
+        return [s for s in self.series if s.verdict == Verdict.NOT_ASSESSED]
 
 
 def load_findings(session: Session, study_uid: str, study_version: int | None = None) -> StudyFindings:
-    """Read the verdict of one study version from the database (the latest version when None).
-
-    Plain SQL on the contract's table and column names (docs/architecture.md) rather than the ORM
-    classes, so the report code depends on the schema contract only.
-    """
+    """Read the verdict of one study version from the database (the latest version when None)."""
     study = session.execute(
-        text("SELECT verdict, score, version FROM studies WHERE study_uid = :uid"), {"uid": study_uid}
+        select(Study.verdict, Study.score, Study.version).where(Study.study_uid == study_uid)
     ).one_or_none()
     if study is None:
         raise LookupError(f"no study {study_uid}")
     version = study_version if study_version is not None else int(study.version or 1)
-    series_rows = session.execute(
-        text(
-            "SELECT id, series_uid, modality, verdict, score, reason, n_instances, n_assessed, model_name,"
-            " model_sha256 FROM series_results WHERE study_uid = :uid AND study_version = :v ORDER BY id"
-        ),
-        {"uid": study_uid, "v": version},
+    series_rows = session.scalars(
+        select(SeriesResult)
+        .where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == version)
+        .order_by(SeriesResult.id)
     ).all()
     series = [
         SeriesFinding(
@@ -99,44 +96,37 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
         )
         for r in series_rows
     ]
-    regions: list[RegionFinding] = []
-    flagged: list[str] = []
-    ids = [r.id for r in series_rows]
-    if ids:
-        inst_rows = session.execute(
-            text(
-                "SELECT id, sop_instance_uid, verdict FROM instance_results"
-                " WHERE series_result_id IN (" + ",".join(str(int(i)) for i in ids) + ") ORDER BY id"
-            )
-        ).all()
-        flagged = [r.sop_instance_uid for r in inst_rows if r.verdict == "suspicious"]
-        inst_ids = [r.id for r in inst_rows]
-        if inst_ids:
-            region_rows = session.execute(
-                text(
-                    "SELECT sop_instance_uid, frame, x0, y0, x1, y1, score, outline FROM regions"
-                    " WHERE instance_result_id IN (" + ",".join(str(int(i)) for i in inst_ids) + ") ORDER BY id"
-                )
-            ).all()
-            regions = [
-                RegionFinding(
-                    sop_instance_uid=r.sop_instance_uid,
-                    frame=r.frame,
-                    score=float(r.score),
-                    outline=_outline(r.outline),
-                    x0=float(r.x0),
-                    y0=float(r.y0),
-                    x1=float(r.x1),
-                    y1=float(r.y1),
-                )
-                for r in region_rows
-            ]
+    instance_rows = session.execute(
+        select(InstanceResult.sop_instance_uid, InstanceResult.verdict)
+        .where(InstanceResult.series_result_id.in_([r.id for r in series_rows]))
+        .order_by(InstanceResult.id)
+    ).all()
+    region_rows = session.scalars(
+        select(Region)
+        .join(InstanceResult, InstanceResult.id == Region.instance_result_id)
+        .join(SeriesResult, SeriesResult.id == InstanceResult.series_result_id)
+        .where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == version)
+        .order_by(Region.id)
+    ).all()
+    regions = [
+        RegionFinding(
+            sop_instance_uid=r.sop_instance_uid,
+            frame=r.frame,
+            score=float(r.score),
+            outline=_outline(r.outline),
+            x0=float(r.x0),
+            y0=float(r.y0),
+            x1=float(r.x1),
+            y1=float(r.y1),
+        )
+        for r in region_rows
+    ]
     model_row = next((r for r in series_rows if r.model_name), None)
     model_name = model_row.model_name if model_row else "btd"
     return StudyFindings(
         study_uid=study_uid,
         study_version=version,
-        verdict=study.verdict or _worst(series),
+        verdict=study.verdict or worst_verdict(s.verdict for s in series),
         score=study.score,
         model_name=model_name,
         # The model's version is not a db column; its name (e.g. "btd-ct-v1") is what the db stores.
@@ -144,7 +134,7 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
         model_sha256=model_row.model_sha256 if model_row else None,
         series=series,
         regions=regions,
-        flagged_instances=flagged,
+        flagged_instances=[r.sop_instance_uid for r in instance_rows if r.verdict == Verdict.SUSPICIOUS],
     )
 
 
@@ -153,11 +143,3 @@ def _outline(value: object) -> list[list[float]]:
     if isinstance(value, str):
         value = json.loads(value)
     return [[float(p[0]), float(p[1])] for p in (value or [])]
-
-
-def _worst(series: list[SeriesFinding]) -> str:
-    verdicts = {s.verdict for s in series}
-    for v in ("suspicious", "no_evidence"):
-        if v in verdicts:
-            return v
-    return "not_assessed"

@@ -1,7 +1,10 @@
-"""Sub-commands of `btd` for the gateway (registered by service.cli): serve, worker, send, db upgrade.
+"""Sub-commands of `btd` that start the service's processes (registered by btd.cli): serve, worker, send,
+db upgrade.
 
-Heavy imports (pynetdicom, uvicorn, Celery, the worker's model code) happen inside the commands, so
-`btd --help` stays fast.
+Each command reads the settings once, when it starts, and builds what its process needs: `btd serve`
+gives the gateway the worker's task table for the in-process executor (used only without a broker),
+`btd worker` configures and runs the Celery worker. Heavy imports (pynetdicom, uvicorn, Celery, the
+worker's model code) happen inside the commands, so `btd --help` stays fast.
 """
 
 from __future__ import annotations
@@ -36,19 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(_args: argparse.Namespace) -> int:
+    from core.settings import get_settings
     from service.server import serve
 
-    return serve()
+    settings = get_settings()
+    if settings.broker_url:
+        return serve(settings)  # Celery workers do the tasks; this process only dispatches them
+    from worker.registry import in_process_tasks  # embedded mode: the tasks run in this process
+
+    return serve(settings, in_process_tasks=in_process_tasks(settings))
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from service.server import run_worker
+    from core.settings import get_settings
+    from worker.main import run_worker
 
-    return run_worker(extra_args=list(args.celery_args or []))
+    return run_worker(get_settings(), extra_args=list(args.celery_args or []))
 
 
 def _send(args: argparse.Namespace) -> int:
-    from service.dicom.sender import send_files
+    from core.dicom.sender import send_files
 
     results = send_files(args.paths, args.host, args.port, args.aet, args.calling_aet, timeout=args.timeout)
     failed = 0
@@ -64,8 +74,8 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from service.db import migrate
-    from service.settings import get_settings
+    from core.db import migrate
+    from core.settings import get_settings
 
     settings = get_settings()
     migrate.upgrade(settings, args.revision)
