@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another btd source tree (core/, service/ and migrations/ of an older commit); adds a row for its listener "
+        help="another btd source tree (core/, service/, migrations/ of an older commit); adds a row for its listener "
         "(with btd-listener), run round-robin with the others: a change against its parent under the same load",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
