@@ -59,11 +59,21 @@ def hadolint_binary() -> Path:
     return binary
 
 
-def compose_config(*extra: str, compose_file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
-    # A clean environment: the file must resolve with its own defaults, whatever the developer exported.
+API_TOKEN = "a-token-for-compose-config"
+
+
+def compose_config(
+    *extra: str, compose_file: Path = COMPOSE_FILE, token: str | None = API_TOKEN
+) -> subprocess.CompletedProcess:
+    # A clean environment: the file must resolve with its own defaults, whatever the developer exported;
+    # only BTD_API_TOKEN, which the file requires, is given (None: left out).
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    if token is not None:
+        env["BTD_API_TOKEN"] = token
+    # --env-file: a developer's .env (which may hold BTD_API_TOKEN) must not decide the outcome.
+    command = [str(compose_binary()), "-f", str(compose_file), "--env-file", os.devnull, *extra]
     return subprocess.run(
-        [str(compose_binary()), "-f", str(compose_file), *extra, "config", "--format", "json"],
+        [*command, "config", "--format", "json"],
         capture_output=True,
         text=True,
         env=env,
@@ -129,6 +139,12 @@ def test_compose_services_and_profiles(stack: dict, demo_stack: dict) -> None:
     assert demo_stack["services"]["orthanc"]["profiles"] == ["demo"]
 
 
+def test_compose_refuses_to_start_the_gateway_without_an_api_token() -> None:
+    """The API listens beyond the host inside compose, so the token is required, not optional."""
+    done = compose_config(token=None)
+    assert done.returncode != 0 and "BTD_API_TOKEN" in done.stderr, done.stderr
+
+
 def test_every_service_has_a_healthcheck(demo_stack: dict) -> None:
     for name, service in demo_stack["services"].items():
         check = service.get("healthcheck")
@@ -149,7 +165,21 @@ def test_gateway_serves_on_the_contract_ports_with_postgres_and_redis(stack: dic
     assert env["BTD_DICOM_PORT"] == "11112" and env["BTD_HTTP_PORT"] == "8000"
     assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert env["BTD_API_TOKEN"] == API_TOKEN
+    # The image's own HEALTHCHECK word for word: it follows BTD_HTTP_PORT, which deploy/image-check moves.
+    runtime = final_stage(dockerfile_instructions())
+    (image_check,) = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
+    assert gateway["healthcheck"]["test"] == ["CMD", *json.loads(image_check.partition(" CMD ")[2])]
     assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+
+
+def test_btd_containers_run_read_only_with_an_init(stack: dict) -> None:
+    """What deploy/image-check proves with podman (--read-only, --tmpfs /tmp, --init) is what compose asks."""
+    for name in ("gateway", "worker", "gpu-worker"):
+        service = stack["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("tmpfs") == ["/tmp"], name
+        assert service.get("init") is True, name
 
 
 def test_workers_share_the_spool_and_wait_for_the_migrated_database(stack: dict) -> None:
