@@ -30,21 +30,26 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/btd \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
+# The build context is an allow-list (.dockerignore): pyproject.toml and the project's Python packages, so
+# a new package is one line there and none here, and nothing else (.git, .venv, tests, btd.env) comes in.
 WORKDIR /src
-COPY pyproject.toml ./
-COPY btd/ btd/
-COPY core/ core/
-COPY models/ models/
-COPY service/ service/
-COPY worker/ worker/
-COPY migrations/ migrations/
+COPY . .
 
 # torch is already satisfied (2.13.0+cpu or +cuXXX matches ==2.13.0), so this adds only btd and the rest.
 # The checks fail the build when the image would lack the default model, the migrations or the CLI.
+# Then what the running service never loads goes (measured in docs/deploy.md): the packages' own test
+# suites, torch's C++ headers, CMake files, test binaries and protoc (only for building extensions), and
+# pip and setuptools (nothing is installed at run time).
 RUN pip install --no-cache-dir . \
     && python -c "import importlib.resources as r; \
 assert any(p.name.endswith('.pt') for p in r.files('models').joinpath('weights').iterdir()), 'no default model'; \
 assert r.files('migrations').joinpath('env.py').is_file(), 'migrations not installed'" \
+    && site="$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+    && find "$site" -depth -type d -name tests -exec rm -rf {} + \
+    && find "$site/torch" -path "$site/torch/bin/*" -not -name torch_shm_manager -exec rm -rf {} + \
+    && rm -rf "$site/torch/test" "$site/torch/include" "$site/torch/share" \
+    && pip uninstall --yes --quiet pip setuptools \
+    && python -c "import torch, scipy.ndimage, highdicom, pynetdicom, celery, fastapi, sqlalchemy" \
     && btd --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------- runtime

@@ -225,6 +225,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from models.evaluate import patch_scores, plot_roc, read_label_csv, summary
+    from models.extras import require
+
+    try:  # before the scoring, not after it: the ROC plot needs the research extra
+        require("matplotlib", "btd evaluate's ROC plot")
+    except ModuleNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
     try:
         rows = read_label_csv(args.labels, root=args.root, only=args.only)

@@ -23,6 +23,8 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
+from models.extras import require
+
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct"
 
 # CT air is -1000 HU; vendors pad outside the field of view with -2000 or -3024. Clipping keeps the padding
@@ -109,8 +111,7 @@ def read_nrrd_slice(path: Path, z: int) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def _read_nrrd_volume(path: str) -> np.ndarray:
     """The volume is one gzip file: read it once, not once per slice."""
-    import nrrd
-
+    nrrd = require("nrrd", "reading NRRD volumes")
     volume, _ = nrrd.read(path)
     volume.setflags(write=False)
     return volume
@@ -160,8 +161,7 @@ def discover(root: Path = DEFAULT_DATA_ROOT, planes: Sequence[str] = ("axial",))
             slices.extend(discover_dicom(patient_dir, patient=patient_dir.name, planes=planes))
     nrrd_path = root / "pyradiomics" / "lung1_image.nrrd"
     if nrrd_path.is_file() and "axial" in planes:
-        import nrrd
-
+        nrrd = require("nrrd", "reading NRRD volumes")
         header = nrrd.read_header(str(nrrd_path))
         origin_z = float(header["space origin"][2])
         step_z = float(header["space directions"][2][2])
@@ -225,7 +225,7 @@ def read_lidc_outlines(xml_path: Path, shape: tuple[int, int] = (512, 512)) -> d
 
 def _polygon_mask(points: Sequence[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
     """Fill a closed outline of pixel coordinates (the LIDC edge map is the boundary itself)."""
-    from matplotlib.path import Path as MplPath
+    mpl_path = require("matplotlib.path", "filling LIDC outlines")
 
     xs = np.array([p[0] for p in points])
     ys = np.array([p[1] for p in points])
@@ -235,7 +235,7 @@ def _polygon_mask(points: Sequence[tuple[int, int]], shape: tuple[int, int]) -> 
     if x1 <= x0 or y1 <= y0:
         return mask
     yy, xx = np.mgrid[y0:y1, x0:x1]
-    inside = MplPath(np.stack([xs, ys], 1)).contains_points(np.stack([xx.ravel(), yy.ravel()], 1), radius=0.5)
+    inside = mpl_path.Path(np.stack([xs, ys], 1)).contains_points(np.stack([xx.ravel(), yy.ravel()], 1), radius=0.5)
     mask[y0:y1, x0:x1] = inside.reshape(yy.shape)
     mask[np.clip(ys, 0, shape[0] - 1), np.clip(xs, 0, shape[1] - 1)] = True
     return ndimage.binary_fill_holes(mask)
@@ -277,8 +277,7 @@ def load_annotations(root: Path = DEFAULT_DATA_ROOT) -> dict[str, list[Lesion]]:
     label_path = root / "pyradiomics" / "lung1_label.nrrd"
     image_path = root / "pyradiomics" / "lung1_image.nrrd"
     if label_path.is_file():
-        import nrrd
-
+        nrrd = require("nrrd", "reading NRRD volumes")
         labels, _ = nrrd.read(str(label_path))
         for z in range(labels.shape[2]):
             plane = labels[:, :, z].T > 0

@@ -118,8 +118,9 @@ def bootstrap_ci(
 
 def plot_roc(curves: dict[str, tuple[Sequence[float], Sequence[int]]], path: str | Path, title: str = "ROC") -> Path:
     """Write a PNG with one ROC curve per named (scores, labels) pair, AUC in the legend."""
-    import matplotlib
+    from models.extras import require
 
+    matplotlib = require("matplotlib", "plotting ROC curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

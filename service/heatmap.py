@@ -5,8 +5,10 @@ was flagged, without opening a viewer. The picture is the stored spool slice in 
 soft tissue for CT, a percentile stretch for MR), the residual map the worker saved for that slice as a
 translucent heat map, and a box (plus outline when known) around each region the detector reported.
 
-Pillow does the compositing and matplotlib only lends its colour maps, so no figure or GUI backend is
-ever created (safe in a server thread).
+Pillow does the compositing and the colour ramp is a small table of our own (dark -> purple -> red ->
+orange -> pale yellow, rising in brightness like matplotlib's inferno), so the gateway needs neither
+matplotlib (about 75 MB with its dependencies in the image) nor a figure or GUI backend (safe in a server
+thread).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from pydicom.pixels import apply_modality_lut
 
@@ -26,7 +27,14 @@ from pydicom.pixels import apply_modality_lut
 # soft tissue shows the mediastinum and lesions above it.
 CT_WINDOWS: dict[str, tuple[float, float]] = {"lung": (-600.0, 1500.0), "soft": (40.0, 400.0)}
 DEFAULT_CT_WINDOW = "lung"
-HEAT_COLORMAP = "inferno"
+# The heat ramp: (position in [0, 1], red, green, blue), linearly interpolated between the stops.
+HEAT_RAMP: tuple[tuple[float, float, float, float], ...] = (
+    (0.00, 0.00, 0.00, 0.02),
+    (0.25, 0.30, 0.05, 0.45),
+    (0.50, 0.75, 0.15, 0.30),
+    (0.75, 0.98, 0.50, 0.05),
+    (1.00, 1.00, 0.95, 0.60),
+)
 # Below this fraction of the map's robust maximum a pixel gets no colour, so anatomy stays readable.
 HEAT_FLOOR = 0.35
 HEAT_MAX_ALPHA = 0.6
@@ -73,6 +81,15 @@ def window_to_grey(values: np.ndarray, modality: str, window: str = DEFAULT_CT_W
     return (scaled * 255.0 + 0.5).astype(np.uint8)
 
 
+def heat_colours(norm: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGBA floats in [0, 1] along HEAT_RAMP (alpha 1; the caller sets it)."""
+    stops = np.array(HEAT_RAMP, dtype=np.float32)
+    rgba = np.ones((*norm.shape, 4), dtype=np.float32)
+    for channel in range(3):
+        rgba[..., channel] = np.interp(norm, stops[:, 0], stops[:, channel + 1])
+    return rgba
+
+
 def heat_rgba(residual: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """Residual map -> RGBA heat layer of `size` (W, H); transparent where the residual is unremarkable.
 
@@ -84,7 +101,7 @@ def heat_rgba(residual: np.ndarray, size: tuple[int, int]) -> Image.Image:
         magnitude = magnitude.mean(axis=0)
     top = float(np.percentile(magnitude, 99.5)) if magnitude.size else 0.0
     norm = np.clip(magnitude / top, 0.0, 1.0) if top > 0 else np.zeros_like(magnitude)
-    rgba = colormaps[HEAT_COLORMAP](norm)
+    rgba = heat_colours(norm)
     alpha = np.clip((norm - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) * HEAT_MAX_ALPHA
     rgba[..., 3] = alpha
     layer = Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), mode="RGBA")

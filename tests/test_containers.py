@@ -59,11 +59,21 @@ def hadolint_binary() -> Path:
     return binary
 
 
-def compose_config(*extra: str, compose_file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
-    # A clean environment: the file must resolve with its own defaults, whatever the developer exported.
+API_TOKEN = "a-token-for-compose-config"
+
+
+def compose_config(
+    *extra: str, compose_file: Path = COMPOSE_FILE, token: str | None = API_TOKEN
+) -> subprocess.CompletedProcess:
+    # A clean environment: the file must resolve with its own defaults, whatever the developer exported;
+    # only BTD_API_TOKEN, which the file requires, is given (None: left out).
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    if token is not None:
+        env["BTD_API_TOKEN"] = token
+    # --env-file: a developer's .env (which may hold BTD_API_TOKEN) must not decide the outcome.
+    command = [str(compose_binary()), "-f", str(compose_file), "--env-file", os.devnull, *extra]
     return subprocess.run(
-        [str(compose_binary()), "-f", str(compose_file), *extra, "config", "--format", "json"],
+        [*command, "config", "--format", "json"],
         capture_output=True,
         text=True,
         env=env,
@@ -129,6 +139,12 @@ def test_compose_services_and_profiles(stack: dict, demo_stack: dict) -> None:
     assert demo_stack["services"]["orthanc"]["profiles"] == ["demo"]
 
 
+def test_compose_refuses_to_start_the_gateway_without_an_api_token() -> None:
+    """The API listens beyond the host inside compose, so the token is required, not optional."""
+    done = compose_config(token=None)
+    assert done.returncode != 0 and "BTD_API_TOKEN" in done.stderr, done.stderr
+
+
 def test_every_service_has_a_healthcheck(demo_stack: dict) -> None:
     for name, service in demo_stack["services"].items():
         check = service.get("healthcheck")
@@ -149,7 +165,21 @@ def test_gateway_serves_on_the_contract_ports_with_postgres_and_redis(stack: dic
     assert env["BTD_DICOM_PORT"] == "11112" and env["BTD_HTTP_PORT"] == "8000"
     assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert env["BTD_API_TOKEN"] == API_TOKEN
+    # The image's own HEALTHCHECK word for word: it follows BTD_HTTP_PORT, which deploy/image-check moves.
+    runtime = final_stage(dockerfile_instructions())
+    (image_check,) = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
+    assert gateway["healthcheck"]["test"] == ["CMD", *json.loads(image_check.partition(" CMD ")[2])]
     assert "/healthz" in " ".join(gateway["healthcheck"]["test"])
+
+
+def test_btd_containers_run_read_only_with_an_init(stack: dict) -> None:
+    """What deploy/image-check proves with podman (--read-only, --tmpfs /tmp, --init) is what compose asks."""
+    for name in ("gateway", "worker", "gpu-worker"):
+        service = stack["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("tmpfs") == ["/tmp"], name
+        assert service.get("init") is True, name
 
 
 def test_workers_share_the_spool_and_wait_for_the_migrated_database(stack: dict) -> None:
@@ -265,26 +295,99 @@ def test_torch_is_pinned_and_its_variant_selects_cpu_or_cuda() -> None:
     assert '"torch==2.13.0"' in pyproject, "the image's torch pin and pyproject's must agree"
 
 
-def test_build_context_keeps_what_the_image_installs() -> None:
-    patterns = [
-        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and line[0] != "#"
-    ]
-    copied = [args.split()[0] for keyword, args in dockerfile_instructions() if keyword == "COPY" and "--" not in args]
-    needed = [c.rstrip("/") for c in copied] + ["models/weights/default.pt", "models/weights/default.json"]
-    for path in needed:
-        assert not any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns), path
-    for heavy in (".venv", ".git", "var", "tests"):
-        assert heavy in patterns
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as (is_exception, regex) pairs, in file order."""
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = line.lstrip("!").strip().strip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            else:
+                regex += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+                i += 1
+        rules.append((exception, re.compile(regex)))
+    return rules
+
+
+def in_build_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parent folders decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for exception, regex in rules:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            excluded = not exception
+    return not excluded
+
+
+def build_context_files() -> list[str]:
+    """The files `docker build .` sends (what `COPY . .` in the builder gets), relative to the repo."""
+    rules = dockerignore_rules()
+    exceptions = [regex.pattern for exception, regex in rules if exception]
+    files = []
+    for top in sorted(REPO.iterdir()):
+        reopened = any(p.startswith(re.escape(top.name) + "/") for p in exceptions)
+        if not in_build_context(top.name, rules) and not reopened:
+            continue  # not walked: .venv and .git are large
+        candidates = [top] if top.is_file() else [p for p in top.rglob("*") if p.is_file()]
+        files += [str(p.relative_to(REPO)) for p in candidates if in_build_context(str(p.relative_to(REPO)), rules)]
+    return sorted(files)
+
+
+def pyproject_packages() -> list[str]:
+    """Top-level folders that setuptools installs (pyproject's packages.find include patterns)."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return sorted(
+        p.name
+        for p in REPO.iterdir()
+        if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in include)
+    )
+
+
+def test_build_context_is_what_the_image_installs_and_nothing_else() -> None:
+    """.dockerignore is an allow-list; every package pyproject installs must be in it (a new package such as
+    core/ fails here until .dockerignore admits it), and nothing a site keeps private or the image does not
+    need may be."""
+    rules = dockerignore_rules()
+    context = set(build_context_files())
+    packages = pyproject_packages()
+    assert {"models", "service", "worker", "migrations"} <= set(packages)
+    tracked = subprocess.run(["git", "ls-files", *packages], cwd=REPO, capture_output=True, text=True, check=True)
+    for path in ["pyproject.toml", *(f"{package}/__init__.py" for package in packages), *tracked.stdout.split()]:
+        assert path in context, f"{path} is installed by pyproject but kept out of the build context"
+    assert any(p.startswith("models/weights/") and p.endswith(".pt") for p in context), "the default model"
+    outside = {p.split("/")[0] for p in context} - set(packages) - {"pyproject.toml"}
+    assert not outside, f"the build context carries {sorted(outside)}"
+    for private in ("btd.env", ".env", "deploy/.env", "deploy/demo.env", ".git/config", ".venv/bin/python",
+                    "tests/conftest.py", "docs/deploy.md", "models/__pycache__/x.pyc", "Dockerfile", "var/btd.db"):
+        assert not in_build_context(private, rules), private
+
+
+def test_dockerfile_copies_the_context_in_one_step() -> None:
+    """`COPY . .` in the builder: the allow-list alone decides what comes in (no package list to keep up)."""
+    instructions = dockerfile_instructions()
+    builder = instructions[: max(i for i, (k, _) in enumerate(instructions) if k == "FROM")]
+    copies = [args for keyword, args in builder if keyword == "COPY"]
+    assert copies == [". ."], copies
 
 
 def test_the_installed_package_carries_what_the_image_needs(tmp_path: Path) -> None:
     """The image installs the wheel (not the source tree): migrations, dashboard files and the default
     model must be in it. Built from a copy of the sources, as the Dockerfile's builder stage sees them."""
     source = tmp_path / "src"
-    source.mkdir()
-    shutil.copy(REPO / "pyproject.toml", source)
-    for package in ("models", "service", "worker", "migrations"):
-        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for relative in build_context_files():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / relative, source / relative)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
         cwd=source,

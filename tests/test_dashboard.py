@@ -249,7 +249,7 @@ def test_overlay_png_draws_heat_and_region(client: TestClient, env: dict[str, ob
     x0, y0, x1, y1 = REGION
     assert tuple(pixels[y0, (x0 + x1) // 2]) == REGION_COLOUR[:3]  # the box's top edge
     inside = pixels[y0 + 10 : y1 - 10, x0 + 10 : x1 - 10].astype(int)
-    assert (inside[..., 0] - inside[..., 2]).mean() > 40  # inferno is red/yellow where hot: not grey
+    assert (inside[..., 0] - inside[..., 2]).mean() > 40  # the heat ramp is red/yellow where hot: not grey
     outside = pixels[20:60, 20:60].astype(int)
     assert np.abs(outside[..., 0] - outside[..., 2]).max() < 3  # no heat where the residual is quiet
     soft = _png(client.get(f"/ui/studies/{FLAGGED_UID}/instances/{sop}/overlay.png?window=soft").content)

@@ -71,8 +71,9 @@ def roc_curve(negatives: Sequence[float], positives: Sequence[float]) -> tuple[n
 
 def plot_rocs(curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, path: Path) -> Path:
     """One PNG with a ROC curve per label: {label: (negatives, positives)}."""
-    import matplotlib
+    from models.extras import require
 
+    matplotlib = require("matplotlib", "plotting ROC curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

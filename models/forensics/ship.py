@@ -27,8 +27,9 @@ LOSS_PNG = Path(__file__).resolve().parents[2] / "docs" / "model-card-loss.png"
 
 
 def plot_loss(run_dir: Path, path: Path) -> Path:
-    import matplotlib
+    from models.extras import require
 
+    matplotlib = require("matplotlib", "plotting the training loss")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
