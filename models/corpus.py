@@ -44,6 +44,33 @@ DEFAULT_TEST_PATIENTS: tuple[str, ...] = (
 )
 
 PYRADIOMICS_PATIENT = "pyradiomics-lung1"
+
+# The collections `discover` reads by default: the ones the shipped model was trained and benchmarked on
+# (2026-11). Kept as the default so that `btd train` and the 2026-11 benchmark reproduce their figures.
+LEGACY_COLLECTIONS: tuple[str, ...] = ("lidc-idri", "lung-pet-ct-dx", "covid19-ny-sbu")
+# Since 2026-12-02 the corpus also holds a Philips Brilliance Big Bore patient and a Siemens Sensation 16
+# B70f (sharp kernel) patient; the leave-one-family-out evaluation (models/forensics/lofo.py) reads all.
+ALL_COLLECTIONS: tuple[str, ...] = (*LEGACY_COLLECTIONS, "pancreatic-ct-cbct-seg", "cptac-lscc")
+
+# The patient split of the leave-one-family-out evaluation (whole patients only). "train": the patients the
+# shipped BTD model was trained on, whose genuine slices also fit the cues' genuine references; "validation":
+# choices of scoring, fusion and threshold (with the train patients' genuine series); "test": reported only.
+# The Siemens B70f patient is held out on purpose: a sharp kernel that no reference was fitted on.
+FORENSIC_SPLIT: dict[str, str] = {
+    "Lung_Dx-A0001": "train",
+    "LIDC-IDRI-0001": "train",
+    "A002304": "train",
+    "A027284": "train",
+    "A046441": "train",
+    "A056642": "train",
+    "Pancreas-CT-CB_001": "validation",
+    "LIDC-IDRI-0002": "test",
+    "A048383": "test",
+    "A058062": "test",
+    "pyradiomics-lung1": "test",
+    "C3N-00247": "test",
+    "TOTALSEG-EXAMPLE": "test",
+}
 NOT_DICOM_SUFFIXES = {".xml", ".json", ".txt", ".md", ".csv", ".nrrd", ".npy", ".npz", ".png"}
 
 
@@ -150,10 +177,12 @@ def discover_dicom(folder: Path, patient: str | None = None, planes: Sequence[st
     return found
 
 
-def discover(root: Path = DEFAULT_DATA_ROOT, planes: Sequence[str] = ("axial",)) -> list[CorpusSlice]:
-    """All slices of the chest-CT corpus: DICOM of the three collections plus the pyradiomics volume."""
+def discover(
+    root: Path = DEFAULT_DATA_ROOT, planes: Sequence[str] = ("axial",), collections: Sequence[str] = LEGACY_COLLECTIONS
+) -> list[CorpusSlice]:
+    """All slices of the chest-CT corpus: DICOM of the collections plus the pyradiomics volume."""
     slices: list[CorpusSlice] = []
-    for collection in ("lidc-idri", "lung-pet-ct-dx", "covid19-ny-sbu"):
+    for collection in collections:
         base = root / collection
         if not base.is_dir():
             continue

@@ -30,9 +30,12 @@ import torch
 from scipy import ndimage
 
 from models.anomaly import AnomalyModel, SliceMap
+from models.cues.header import signature
 from models.diffusion import GaussianDiffusion
+from models.fused import FusionConfig, SliceCues, fuse_series, slice_cues
 from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
-from models.preprocess import PathOrDataset, to_unit
+from models.preprocess import PathOrDataset, open_dataset, to_unit
+from models.reference import Reference, ReferenceKey, ReferenceSet, reference_key
 from models.regions import DEFAULT_MAX_REGIONS, find_regions
 from models.results import (
     NO_EVIDENCE,
@@ -125,6 +128,7 @@ class Detector:
         weights_sha256: str = "",
         path: Path | None = None,
         options: ScoringOptions | None = None,
+        references: ReferenceSet | None = None,
     ) -> None:
         self.options = dataclasses.replace(options) if options else ScoringOptions()  # resolved below: a copy
         self.options.validate()
@@ -140,6 +144,12 @@ class Detector:
         self.diffusion = diffusion.to(self.device).eval()
         self.metadata = metadata
         self.anomaly = AnomalyModel.from_metadata(metadata.anomaly)
+        # Fused cues (issue 12): None for a model whose metadata has no fusion block (the BTD-only scoring).
+        self.fusion = FusionConfig.from_metadata(metadata.fusion)
+        # The shipped references per scanner key, then the site's (a site's reference wins for its key).
+        self.references = ReferenceSet.from_dict(metadata.references)
+        for site_reference in (references.by_key.values() if references else ()):
+            self.references.add(site_reference)
         self.windows = [Window.from_dict(w) for w in metadata.windows]
         unet = diffusion.model
         self.info = ModelInfo(
@@ -161,6 +171,7 @@ class Detector:
         path: str | Path | None = None,
         device: str | torch.device = "auto",
         use_ema: bool = False,
+        references: ReferenceSet | None = None,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (None = the default CT model shipped in models/weights/) safely."""
@@ -184,6 +195,7 @@ class Detector:
             weights_sha256=loaded.weights_sha256,
             path=model_path,
             options=ScoringOptions(**chosen),
+            references=references,
         )
 
     # --- calibration -------------------------------------------------------------------------------
@@ -291,12 +303,15 @@ class Detector:
         on_map: OnMap | None = None,
         progress: Progress | None = None,
         on_flagged: OnMap | None = None,
+        reference: Reference | ReferenceSet | None = None,
     ) -> SeriesResult:
         """Score the images of ONE series (unreadable files among them are reported as not assessed).
 
         on_map: every slice's residual map as the slice is finished (its verdict may be provisional);
         on_flagged: the residual map of each slice whose FINAL verdict is suspicious (for a series-relative
-        model, once the series is seen; only among its TOP_MAPS_KEPT highest-scoring slices)."""
+        model, once the series is seen; only among its TOP_MAPS_KEPT highest-scoring slices);
+        reference: a site reference (models.reference.Reference) or a set of them, looked up before the
+        shipped ones; it only matters for a series too short to be judged against itself (fused models)."""
         groups = self.group(paths_or_datasets)
         if not groups:
             raise ValueError("score_series got no images")
@@ -308,7 +323,7 @@ class Detector:
         for extra in groups:
             if extra is not merged:
                 merged.slices.extend(extra.slices)
-        return self.score_group(merged, on_map=on_map, progress=progress, on_flagged=on_flagged)
+        return self.score_group(merged, on_map=on_map, progress=progress, on_flagged=on_flagged, reference=reference)
 
     def score_paths(
         self,
@@ -316,10 +331,11 @@ class Detector:
         on_map: OnMap | None = None,
         progress: Progress | None = None,
         on_flagged: OnMap | None = None,
+        reference: Reference | ReferenceSet | None = None,
     ) -> Iterator[SeriesResult]:
         """Group files and folders into series and yield one SeriesResult per series."""
         for group in self.group(paths):
-            yield self.score_group(group, on_map=on_map, progress=progress, on_flagged=on_flagged)
+            yield self.score_group(group, on_map=on_map, progress=progress, on_flagged=on_flagged, reference=reference)
 
     def score_group(
         self,
@@ -327,16 +343,19 @@ class Detector:
         on_map: OnMap | None = None,
         progress: Progress | None = None,
         on_flagged: OnMap | None = None,
+        reference: Reference | ReferenceSet | None = None,
     ) -> SeriesResult:
         """Score one series' slices in order, a batch at a time, each against its adjacent slices."""
+        header = _SeriesHeader.read(group) if self.fusion else None
         mismatch = None
         if group.modality and group.modality != self.metadata.modality:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
         pending: list[tuple[SliceRef, np.ndarray]] = []
         kept = _SeriesMaps(TOP_MAPS_KEPT if self.anomaly.series_relative else 0, keep_residuals=on_flagged is not None)
+        spacing = slice_spacing(group)
         chain = _NeighbourChain(
-            lambda entry, around: self._finish(entry, around, on_map, kept, on_flagged), slice_spacing(group)
+            lambda entry, around: self._finish(entry, around, on_map, kept, on_flagged, spacing, header), spacing
         )
 
         def flush() -> None:
@@ -362,6 +381,8 @@ class Detector:
                 flush()
         flush()
         instances.extend(chain.close())
+        if self.fusion is not None and header is not None:
+            return self._fused_result(group, instances, kept, header, reference, on_flagged)
         self._relative_to_series(instances, kept)
         if on_flagged is not None and self.anomaly.series_relative:
             for instance in instances:
@@ -373,7 +394,7 @@ class Detector:
     def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
         residuals = self.residual_maps([values for _, values in batch])
         return [
-            _Mapped(ref, residual, self.anomaly.slice_map(residual, values))
+            _Mapped(ref, residual, self.anomaly.slice_map(residual, values), values if self.fusion else None)
             for (ref, values), residual in zip(batch, residuals, strict=True)
         ]
 
@@ -384,6 +405,8 @@ class Detector:
         on_map: OnMap | None,
         kept: _SeriesMaps,
         on_flagged: OnMap | None = None,
+        spacing: float | None = None,
+        header: _SeriesHeader | None = None,
     ) -> InstanceResult:
         """The slice's raw score and candidate regions; verdicts are final only once the series is seen
         (`_relative_to_series`). `on_map` gets the provisional verdict at the lowest bar the series could set,
@@ -399,6 +422,12 @@ class Detector:
         result = _instance_result(entry.ref, score, verdict, regions, reason)
         residual = entry.residual.mean(axis=0).astype(np.float32) if (on_map or on_flagged) else None
         kept.add(result, amap, entry.slice_map.in_lungs, residual)
+        if self.fusion is not None and entry.values is not None:
+            before, after = (n.values if n is not None else None for n in around)
+            kept.cues[id(result)] = slice_cues(
+                self.fusion, entry.values, entry.slice_map.search, entry.slice_map.in_lungs, amap, before, after,
+                spacing, header.pixel_mm if header else 0.7,
+            )
         if on_map is not None:
             on_map(result, residual)
         if on_flagged is not None and not self.anomaly.series_relative and verdict == SUSPICIOUS:
@@ -431,6 +460,48 @@ class Detector:
             if reason == UNCALIBRATED_REASON:
                 reason = self.uncalibrated_reason()
             instance.verdict, instance.reason = verdict, reason
+
+    def _fused_result(
+        self,
+        group: SeriesGroup,
+        instances: list[InstanceResult],
+        kept: _SeriesMaps,
+        header: _SeriesHeader,
+        reference: Reference | ReferenceSet | None,
+        on_flagged: OnMap | None,
+    ) -> SeriesResult:
+        """The fused cues' verdict (models.fused): calibrated scores, regions by cue, reference, header cue."""
+        assert self.fusion is not None
+        cues: list[SliceCues | None] = [kept.cues.get(id(i)) for i in instances]
+        by_uid = {ref.sop_instance_uid: k for k, ref in enumerate(group.slices)}
+        signatures = [header.signatures.get(i.sop_instance_uid) if i.sop_instance_uid in by_uid else None
+                      for i in instances]
+        positions = [header.positions.get(i.sop_instance_uid) for i in instances]
+        fused = fuse_series(
+            self.fusion, instances, cues, header.key, group.series_instance_uid, self.references, reference,
+            signatures, positions, slice_spacing(group),
+        )
+        if on_flagged is not None:
+            for instance in instances:
+                residual = kept.residual_of(instance)
+                if instance.verdict == SUSPICIOUS and residual is not None:
+                    on_flagged(instance, residual)
+        result = self._series_result(group, instances)
+        result.cues, result.reference, result.features = fused.cues, fused.reference, fused.features
+        result.scanner_key = header.key.to_dict()
+        if fused.not_assessed_reason and result.n_assessed == 0:
+            result.verdict, result.score, result.reason = NOT_ASSESSED, None, fused.not_assessed_reason
+        elif fused.header_flagged and result.verdict == NO_EVIDENCE:
+            result.verdict = REVIEW
+            n_flagged = len(fused.header_flagged)
+            result.reason = f"{n_flagged} instance(s) re-written differently from their series (header cue)"
+        return result
+
+    def reference_features(self, result: SeriesResult) -> list[dict[str, Any]]:
+        """Per-slice features of a scored series (JSON-able dicts) for fitting a site reference with
+        models.reference.Reference.fit / refine. The caller decides what is genuine: only quiet series
+        (verdict no_evidence, never a flagged study) should be accumulated. Empty for an unfused model."""
+        return [dict(f) for f in result.features]
 
     def _series_result(self, group: SeriesGroup, instances: list[InstanceResult]) -> SeriesResult:
         scored = [i for i in instances if i.score is not None]
@@ -469,6 +540,37 @@ class _Mapped:
     ref: SliceRef
     residual: np.ndarray
     slice_map: SliceMap
+    values: np.ndarray | None = None  # the slice in modality units, kept for the neighbours' continuity cue
+
+
+@dataclass
+class _SeriesHeader:
+    """What the fused cues need from the headers: the scanner key, pixel size, per-instance signatures and
+    positions (read once per series, without pixels)."""
+
+    key: ReferenceKey
+    pixel_mm: float
+    signatures: dict[str, dict[str, str]]
+    positions: dict[str, float | None]
+
+    @classmethod
+    def read(cls, group: SeriesGroup) -> _SeriesHeader:
+        key, pixel_mm = ReferenceKey("", "", "", "unknown"), 0.7
+        signatures: dict[str, dict[str, str]] = {}
+        positions: dict[str, float | None] = {}
+        for ref in group.slices:
+            positions[ref.sop_instance_uid] = ref.position
+            try:
+                ds = open_dataset(ref.source, header_only=True)
+            except Exception:  # noqa: BLE001 - an unreadable file is reported by iter_slices
+                continue
+            signatures[ref.sop_instance_uid] = signature(ds)
+            if not key.manufacturer and not key.kernel:
+                key = reference_key(ds)
+                spacing = ds.get("PixelSpacing")
+                if spacing:
+                    pixel_mm = float(spacing[0])
+        return cls(key, pixel_mm, signatures, positions)
 
 
 # Anomaly maps kept per series until its offset is known (float32, 1 MB each for a 512 x 512 slice).
@@ -482,6 +584,7 @@ class _SeriesMaps:
 
     def __init__(self, keep: int, keep_residuals: bool = False) -> None:
         self.in_lungs: dict[int, bool] = {}  # id(result) -> its search region was the lungs
+        self.cues: dict[int, SliceCues] = {}  # id(result) -> the fused cues' raw scores (fused models only)
         self._keep = keep
         self._keep_residuals = keep_residuals
         # (raw score, id(result), anomaly map, residual map or None): the lowest score first

@@ -52,6 +52,10 @@ class ModelMetadata:
     # The operating point measured on held-out patients (models.forensics.ship): what a report must say about
     # how far a verdict of this model can be trusted. "summary" is one sentence for radiologists.
     performance: dict[str, Any] = field(default_factory=dict)
+    # Fused cues (models.fused.FusionConfig; empty = BTD-only scoring, the behaviour before issue 12) and the
+    # shipped genuine references per scanner key (models.reference.ReferenceSet.to_dict()).
+    fusion: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, Any] = field(default_factory=dict)
     software_version: str = ""
     weights_sha256: str = ""
     normalization: str = "window"

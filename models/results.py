@@ -2,6 +2,18 @@
 
 Plain dataclasses with `to_dict()` so the worker can store them, the CLI can print them as JSON, and
 nothing here depends on torch.
+
+Since issue 12 (fused cues, per-scanner references), additions only; existing fields keep their meaning:
+- ``Region.cue``: which cue found the region ("btd", "noise", "continuity", "copymove"; None = the BTD map of
+  a model without fusion);
+- ``InstanceResult.cue_scores``: per cue, the slice's calibrated score (-log10 of its genuine tail p-value;
+  absent when the cue did not speak for this slice);
+- ``SeriesResult.cues``: one ``CueResult`` per cue: its series score (the highest slice), the threshold it
+  is compared with, whether it fired, or ``used=False`` with the reason ("too coarse: slice spacing 5 mm >
+  2.5 mm", "no reference for <key>; ...", "header cue not used: ...");
+- ``SeriesResult.reference``: the reference the series was scored against (key, label, n_slices, n_series,
+  fitted_at, source, match), or None when the series was judged against itself only.
+The verdict names stay ``no_evidence | review | suspicious | not_assessed``.
 """
 
 from __future__ import annotations
@@ -41,6 +53,23 @@ class Region:
     score: float
     area_px: int
     outline: list[list[float]] = field(default_factory=list)
+    cue: str | None = None  # the cue whose map holds this region (None: the BTD map of an unfused model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CueResult:
+    """One cue's part in a series verdict: its score against its threshold, or why it was not used."""
+
+    name: str
+    used: bool
+    score: float | None = None  # calibrated: -log10 of the genuine tail p-value, series-corrected
+    threshold: float | None = None
+    fired: bool = False
+    reason: str | None = None  # why not used, or what it found (e.g. the header cue's differing fields)
+    slices_fired: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +89,7 @@ class InstanceResult:
     verdict: str
     regions: list[Region] = field(default_factory=list)
     reason: str | None = None
+    cue_scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,10 +110,18 @@ class SeriesResult:
     instances: list[InstanceResult]
     n_assessed: int
     model: str
+    cues: list[CueResult] = field(default_factory=list)
+    reference: dict[str, Any] | None = None
+    scanner_key: dict[str, str] | None = None  # models.reference.ReferenceKey.to_dict() of the series
+    # Per-slice features for fitting a site reference (Detector.reference_features); not part of to_dict:
+    # the service accumulates them only from series it decides are quiet genuine traffic.
+    features: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("features", None)
         data["instances"] = [instance.to_dict() for instance in self.instances]
+        data["cues"] = [cue.to_dict() for cue in self.cues]
         return data
 
 
