@@ -132,6 +132,21 @@ __all__ = [
 ]
 
 
+# The detector's cues (models.cues, models.fused) in the words the SR and the dashboard show a radiologist.
+CUE_WORDS = {
+    "btd": "diffusion residual",
+    "noise": "noise texture",
+    "continuity": "3-D continuity",
+    "copymove": "copy-move",
+    "header": "header consistency",
+}
+
+
+def cue_words(cue: str | None) -> str:
+    """A cue's name for people; an unknown cue keeps its own name."""
+    return CUE_WORDS.get(cue or "btd", cue or "btd")
+
+
 class DeliveryOutcome(StrEnum):
     """The outcome of one delivery attempt of a report to one destination (`delivery_attempts.outcome`)."""
 

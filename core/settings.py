@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     score_retries: int = 3  # scoring attempts after the first before the study is FAILED
     score_backoff_seconds: float = 10.0  # first retry delay; each later one doubles
+    # How long a study must stay quiet (verdict no_evidence, not rescored or reopened) before its series teach
+    # their scanner's reference (worker/references.py). A day lets a radiologist's doubt, a rescore or a
+    # replaced instance come first; a study marked genuine over the API teaches at once.
+    reference_hold_hours: float = 24.0
 
     # Reports
     destinations: CsvList = Field(default_factory=list)  # "AET@host:port", comma-separated

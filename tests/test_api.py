@@ -238,7 +238,8 @@ def test_study_detail_has_history_series_instances_and_regions(client: TestClien
     assert set(by_sop) == set(db.flagged_sops)
     flagged = by_sop[db.flagged_sops[0]]
     assert flagged["regions"] == [
-        {"x0": 10, "y0": 20, "x1": 30, "y1": 40, "score": 7.5, "outline": [[10, 20], [30, 20], [30, 40], [10, 40]]}
+        {"x0": 10, "y0": 20, "x1": 30, "y1": 40, "score": 7.5, "outline": [[10, 20], [30, 20], [30, 40], [10, 40]],
+         "cue": None}
     ]
     assert flagged["map_path"].endswith(".npy")
     assert by_sop[db.flagged_sops[1]]["regions"] == []

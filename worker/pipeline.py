@@ -177,8 +177,12 @@ def score_study_files(
     series: Sequence[SeriesInput],
     data_dir: Path,
     on_progress: ProgressCallback | None = None,
+    references: Any = None,
 ) -> StudyScore:
-    """Score every series of a study, saving the residual maps of suspicious instances as they stream."""
+    """Score every series of a study, saving the residual maps of suspicious instances as they stream.
+
+    `references`: the site's own scanner references (models.reference.ReferenceSet), looked up before the
+    model's shipped ones for a series too short to be judged against itself."""
     total = sum(len(s.files) for s in series)
     done_before = 0
     scored: list[ScoredSeries] = []
@@ -204,7 +208,9 @@ def score_study_files(
                 on_progress(_offset + min(done_in_series, _n), total)
 
         started = time.perf_counter()
-        result = detector.score_series([str(f.path) for f in item.files], progress=progress, on_flagged=on_flagged)
+        result = detector.score_series(
+            [str(f.path) for f in item.files], progress=progress, on_flagged=on_flagged, reference=references
+        )
         elapsed = time.perf_counter() - started
         n_slices = max(1, len(getattr(result, "instances", []) or []))
         for _ in range(n_slices):

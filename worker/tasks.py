@@ -41,6 +41,7 @@ from core.settings import Settings
 from worker import pipeline
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
+from worker.references import fold_samples, record_samples, site_references
 
 log = logging.getLogger("btd.worker.tasks")
 
@@ -271,6 +272,9 @@ def store_results(session: Session, claim: Claim, result: pipeline.StudyScore) -
             n_assessed=res.n_assessed,
             model_name=result.model_name or getattr(res, "model", None),
             model_sha256=result.model_sha256,
+            cues=[cue.to_dict() for cue in getattr(res, "cues", None) or []] or None,
+            reference=getattr(res, "reference", None),
+            scanner_key=getattr(res, "scanner_key", None),
         )
         session.add(series_row)
         session.flush()
@@ -283,6 +287,7 @@ def store_results(session: Session, claim: Claim, result: pipeline.StudyScore) -
                 verdict=inst.verdict,
                 reason=inst.reason,
                 map_path=scored.map_paths.get((inst.sop_instance_uid, inst.frame)),
+                cue_scores=_finite_scores(getattr(inst, "cue_scores", None)),
             )
             session.add(inst_row)
             session.flush()
@@ -298,9 +303,16 @@ def store_results(session: Session, claim: Claim, result: pipeline.StudyScore) -
                         y1=int(region.y1),
                         score=_finite(region.score),
                         outline=[[float(x), float(y)] for x, y in (region.outline or [])],
+                        cue=getattr(region, "cue", None),
                     )
                 )
     session.flush()
+
+
+def _finite_scores(scores: dict[str, Any] | None) -> dict[str, float] | None:
+    """A slice's calibrated cue scores as JSON (a non-finite score is dropped, as JSON cannot hold it)."""
+    kept = {cue: v for cue, value in (scores or {}).items() if (v := _finite(value)) is not None}
+    return kept or None
 
 
 def _finite(value: Any) -> float | None:
@@ -378,9 +390,13 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
             raise LeaseLostError("lease lost while scoring (taken over, or the study was reopened)")
         pipeline.write_progress(settings.data_dir, claim.study_uid, done, total)
 
+    with session_scope(settings) as session:
+        references = site_references(session)
     keeper = LeaseKeeper(settings, claim).start()
     try:
-        result = pipeline.score_study_files(detector, claim.study_uid, series, settings.data_dir, on_progress)
+        result = pipeline.score_study_files(
+            detector, claim.study_uid, series, settings.data_dir, on_progress, references=references
+        )
     except LeaseLostError as exc:
         log_event(log, "score.discarded", logging.WARNING, study_uid=claim.study_uid, version=claim.version)
         return ScoreOutcome(DISCARDED, str(exc))
@@ -405,8 +421,22 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
             session.rollback()
             log_event(log, "score.discarded", logging.WARNING, study_uid=claim.study_uid, version=claim.version)
             return ScoreOutcome(DISCARDED, "study reopened or lease lost while scoring; results discarded")
+        record_samples(session, claim.study_uid, claim.version, [s.result for s in result.series])
+    _fold_references(settings)
     log_event(log, "score.done", study_uid=claim.study_uid, verdict=result.verdict, score=result.score)
     return ScoreOutcome(SCORED, result.verdict)
+
+
+def _fold_references(settings: Settings) -> None:
+    """Let quiet (or genuine-marked) studies teach their scanners' references; a failure here costs only a
+    later fold, never the study's result, which is already committed."""
+    try:
+        with session_scope(settings) as session:
+            refitted = fold_samples(session, settings)
+        if refitted:
+            log_event(log, "references.folded", references=refitted)
+    except Exception as exc:  # noqa: BLE001 - the next scored study folds again
+        log_event(log, "references.fold_failed", logging.WARNING, error=str(exc))
 
 
 def _dispatch_report(study_uid: str, settings: Settings) -> None:

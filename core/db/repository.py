@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from core.contracts import RESUMABLE_STATES, SCOREABLE_SOP_CLASSES, State
 from core.db.base import utcnow
-from core.db.schema import Instance, Report, Study, StudyEvent
+from core.db.schema import Instance, ReferenceSample, Report, Study, StudyEvent
 
 _CAS_ATTEMPTS = 5
 
@@ -391,3 +391,20 @@ def latest_instances(session: Session, study_uid: str) -> list[Instance]:
         if row.sop_instance_uid not in latest or row.version > latest[row.sop_instance_uid].version:
             latest[row.sop_instance_uid] = row
     return sorted(latest.values(), key=lambda r: r.id)
+
+
+def mark_genuine(session: Session, study_uid: str, version: int, who: str) -> int:
+    """A person says this study version is genuine: its series' reference samples may teach their scanners'
+    references at once, whatever the detector said of them (worker/references.py folds them). Returns the
+    number of samples marked. The caller commits."""
+    result = session.execute(
+        update(ReferenceSample)
+        .where(
+            ReferenceSample.study_uid == study_uid,
+            ReferenceSample.study_version == version,
+            ReferenceSample.folded_at.is_(None),
+        )
+        .values(marked_genuine_by=who[:128])
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -101,6 +101,11 @@ class SeriesResult(Base):
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Migration 0005_forensics: each cue's part in the verdict (models.results.CueResult dicts), the reference
+    # the series was judged against (None: against itself), and the scanner key read from its headers.
+    cues: Mapped[Any] = mapped_column(JSON, nullable=True)
+    reference: Mapped[Any] = mapped_column(JSON, nullable=True)
+    scanner_key: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
 class InstanceResult(Base):
@@ -116,6 +121,7 @@ class InstanceResult(Base):
     verdict: Mapped[str] = mapped_column(String(32), nullable=False)
     reason: Mapped[str | None] = mapped_column(Text)
     map_path: Mapped[str | None] = mapped_column(String(512))  # relative to BTD_DATA_DIR
+    cue_scores: Mapped[Any] = mapped_column(JSON, nullable=True)  # {cue: calibrated slice score}
 
 
 class Region(Base):
@@ -133,6 +139,7 @@ class Region(Base):
     y1: Mapped[int] = mapped_column(Integer, nullable=False)
     score: Mapped[float | None] = mapped_column(Float)
     outline: Mapped[Any] = mapped_column(JSON, nullable=True)  # [[x, y], ...] closed polygon in pixel coordinates
+    cue: Mapped[str | None] = mapped_column(String(32))  # the cue whose map holds the region
 
 
 class Report(Base):
@@ -164,3 +171,51 @@ class DeliveryAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(16), nullable=False)  # "success" | "failure"
     dicom_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class ScannerReference(Base):
+    """The site's genuine reference for one scanner key (manufacturer, model, kernel, thickness band).
+
+    `reference` is models.reference.Reference.to_dict(); the columns beside it repeat its provenance so the
+    dashboard lists references without parsing them. Learnt from the site's own quiet traffic (see
+    worker/references.py), never from a study that is flagged."""
+
+    __tablename__ = "scanner_references"
+    __table_args__ = (UniqueConstraint("manufacturer", "model", "kernel", "band"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manufacturer: Mapped[str] = mapped_column(String(64), nullable=False)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    kernel: Mapped[str] = mapped_column(String(64), nullable=False)
+    band: Mapped[str] = mapped_column(String(16), nullable=False)
+    reference: Mapped[Any] = mapped_column(JSON, nullable=False)
+    n_slices: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_series: Mapped[int] = mapped_column(Integer, nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    fitted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class ReferenceSample(Base):
+    """The features of one scored series, waiting to teach its scanner's reference.
+
+    Folded into the reference (`folded_at` set) once its study has stayed quiet (verdict no_evidence) for the
+    hold time, or at once when a person marked the study genuine (`marked_genuine_by`); a sample of a study
+    that is flagged is never folded unless a person says it is genuine."""
+
+    __tablename__ = "reference_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, ForeignKey("studies.study_uid"), nullable=False, index=True)
+    study_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    series_uid: Mapped[str] = mapped_column(UID, nullable=False)
+    manufacturer: Mapped[str] = mapped_column(String(64), nullable=False)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    kernel: Mapped[str] = mapped_column(String(64), nullable=False)
+    band: Mapped[str] = mapped_column(String(16), nullable=False)
+    verdict: Mapped[str] = mapped_column(String(32), nullable=False)
+    features: Mapped[Any] = mapped_column(JSON, nullable=False)
+    n_slices: Mapped[int] = mapped_column(Integer, nullable=False)
+    marked_genuine_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    folded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)

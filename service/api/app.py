@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from core.settings import Settings
-from service.api import dashboard, health, reports_routes, studies
+from service.api import dashboard, health, references_routes, reports_routes, studies
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -24,5 +24,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(studies.router)
     app.include_router(reports_routes.router)
+    app.include_router(references_routes.router)
     app.include_router(dashboard.router)
     return app

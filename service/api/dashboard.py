@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from core.contracts import FAILED_STATES, MILESTONES, VERDICTS, State
+from core.contracts import FAILED_STATES, MILESTONES, VERDICTS, State, cue_words
 from core.db.session import session_factory
 from core.observability.logs import log_event
 from core.observability.metrics import install_study_state_collector, metrics_payload
@@ -64,6 +64,7 @@ def _fmt_bytes(value: int | None) -> str:
 templates.env.filters["time"] = _fmt_time
 templates.env.filters["score"] = _fmt_score
 templates.env.filters["bytes"] = _fmt_bytes
+templates.env.filters["cue_words"] = cue_words
 
 
 def _page(request: Request, name: str, settings: Settings, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -76,6 +77,7 @@ def overview_page(
     request: Request, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
 ) -> HTMLResponse:
     data = queries.overview(session)
+    references = queries.scanner_references(session)
     session.rollback()  # end the read transaction before health checks and rendering
     return _page(
         request,
@@ -87,6 +89,7 @@ def overview_page(
         model=health.model_in_use(settings, data.model_name, data.model_sha256),
         destinations=health.destinations_view(settings, data.destinations),
         states=[s.value for s in (*MILESTONES, *FAILED_STATES, State.REJECTED)],
+        references=references,
     )
 
 

@@ -16,13 +16,14 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from core.contracts import FAILED_STATES, MILESTONES, WAITING_STATES, State, Verdict
+from core.contracts import FAILED_STATES, MILESTONES, WAITING_STATES, State, Verdict, cue_words
 from core.db.schema import (
     DeliveryAttempt,
     Instance,
     InstanceResult,
     Region,
     Report,
+    ScannerReference,
     SeriesResult,
     Study,
     StudyEvent,
@@ -323,6 +324,8 @@ def series_results(session: Session, study_uid: str, version: int) -> list[dict[
                 SeriesResult.n_assessed,
                 SeriesResult.model_name,
                 SeriesResult.created_at,
+                SeriesResult.cues,
+                SeriesResult.reference,
             )
             .where(SeriesResult.study_uid == study_uid, SeriesResult.study_version == version)
             .order_by(SeriesResult.id)
@@ -330,7 +333,40 @@ def series_results(session: Session, study_uid: str, version: int) -> list[dict[
     ]
     for entry in series:
         entry["suspicious"] = suspicious_instances(session, entry["id"])
+        entry.update(cue_view(entry.pop("cues") or [], entry.pop("reference"), entry["n_assessed"]))
     return series
+
+
+def cue_view(cues: list[dict[str, Any]], reference: dict[str, Any] | None, n_assessed: int) -> dict[str, Any]:
+    """What a study page says of the forensic cues of a series: which fired, which could not be used and
+    why, and what the series was judged against (nothing to say for a model without cues)."""
+    if not cues:
+        return {"cues_fired": [], "cues_unused": [], "judged_against": None}
+    if reference:
+        against = f"reference {reference.get('label')} ({reference.get('n_slices')} slices)"
+    else:
+        against = f"its own series ({n_assessed} slices)"
+    return {
+        "cues_fired": [cue_words(c.get("name")) for c in cues if c.get("used") and c.get("fired")],
+        "cues_unused": [(cue_words(c.get("name")), c.get("reason") or "") for c in cues if not c.get("used")],
+        "judged_against": against,
+    }
+
+
+def scanner_references(session: Session) -> list[dict[str, Any]]:
+    """The site's learnt references, newest update first, with their provenance (no reference data)."""
+    columns = (
+        ScannerReference.manufacturer,
+        ScannerReference.model,
+        ScannerReference.kernel,
+        ScannerReference.band,
+        ScannerReference.n_slices,
+        ScannerReference.n_series,
+        ScannerReference.source,
+        ScannerReference.updated_at,
+    )
+    query = select(*columns).order_by(ScannerReference.updated_at.desc())
+    return [dict(row._mapping) for row in session.execute(query).all()]
 
 
 def suspicious_instances(session: Session, series_result_id: int) -> list[dict[str, Any]]:
@@ -351,7 +387,7 @@ def suspicious_instances(session: Session, series_result_id: int) -> list[dict[s
 
 def regions_of(session: Session, instance_result_id: int) -> list[dict[str, Any]]:
     query = (
-        select(Region.x0, Region.y0, Region.x1, Region.y1, Region.score, Region.outline, Region.frame)
+        select(Region.x0, Region.y0, Region.x1, Region.y1, Region.score, Region.outline, Region.frame, Region.cue)
         .where(Region.instance_result_id == instance_result_id)
         .order_by(Region.score.desc())
     )

@@ -62,6 +62,7 @@ class RegionOut(BaseModel):
     y1: int
     score: float | None
     outline: list[list[float]] | None = None
+    cue: str | None = Field(default=None, description="the forensic cue whose map holds the region")
 
 
 class InstanceResultOut(BaseModel):
@@ -72,6 +73,7 @@ class InstanceResultOut(BaseModel):
     reason: str | None
     map_path: str | None
     regions: list[RegionOut]
+    cue_scores: dict[str, float] | None = Field(default=None, description="calibrated score of each cue")
 
 
 class SeriesResultOut(BaseModel):
@@ -87,6 +89,13 @@ class SeriesResultOut(BaseModel):
     model_sha256: str | None
     created_at: datetime
     instances: list[InstanceResultOut]
+    cues: list[dict[str, Any]] | None = Field(
+        default=None, description="each forensic cue: its score, threshold, whether it fired, or why it was not used"
+    )
+    reference: dict[str, Any] | None = Field(
+        default=None, description="the scanner reference the series was judged against (None: against itself)"
+    )
+    scanner_key: dict[str, str] | None = Field(default=None, description="manufacturer, model, kernel, thickness band")
 
 
 class StudyDetail(StudySummary):
@@ -127,3 +136,23 @@ class Ready(BaseModel):
     ready: bool
     checks: dict[str, ReadyCheck]
     failed: list[str]
+
+
+class ScannerReferenceOut(BaseModel):
+    """A genuine reference the site has learnt for one scanner key, with its provenance."""
+
+    manufacturer: str
+    model: str
+    kernel: str
+    band: str
+    n_slices: int
+    n_series: int
+    source: str
+    fitted_at: datetime
+    updated_at: datetime
+
+
+class GenuineAccepted(BaseModel):
+    study_uid: str
+    version: int
+    samples_marked: int

@@ -127,7 +127,7 @@ def _series_results(session: Session, study: Study) -> tuple[int | None, list[Se
     regions_by_instance: dict[int, list[RegionOut]] = {}
     for r in region_rows:
         regions_by_instance.setdefault(r.instance_result_id, []).append(
-            RegionOut(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1, score=r.score, outline=r.outline)
+            RegionOut(x0=r.x0, y0=r.y0, x1=r.x1, y1=r.y1, score=r.score, outline=r.outline, cue=r.cue)
         )
     instances_by_series: dict[int, list[InstanceResultOut]] = {}
     for i in instance_rows:
@@ -140,6 +140,7 @@ def _series_results(session: Session, study: Study) -> tuple[int | None, list[Se
                 reason=i.reason,
                 map_path=i.map_path,
                 regions=regions_by_instance.get(i.id, []),
+                cue_scores=i.cue_scores,
             )
         )
     out = [
@@ -156,6 +157,9 @@ def _series_results(session: Session, study: Study) -> tuple[int | None, list[Se
             model_sha256=s.model_sha256,
             created_at=s.created_at,
             instances=instances_by_series.get(s.id, []),
+            cues=s.cues,
+            reference=s.reference,
+            scanner_key=s.scanner_key,
         )
         for s in series_rows
     ]

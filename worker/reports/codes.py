@@ -30,6 +30,9 @@ STUDY_VERDICT = CodedConcept("BTD0004", PRIVATE_SCHEME, "BTD study verdict")
 SERIES_NOT_ASSESSED = CodedConcept("BTD0005", PRIVATE_SCHEME, "Series not assessed")
 # TEXT item beside the verdict: the model's operating point measured on held-out patients.
 OPERATING_POINT = CodedConcept("BTD0006", PRIVATE_SCHEME, "Measured operating point")
+# TEXT items per assessed series: what each forensic cue said, and the scanner reference it was judged against.
+FORENSIC_CUES = CodedConcept("BTD0008", PRIVATE_SCHEME, "Forensic cues")
+SCANNER_REFERENCE = CodedConcept("BTD0009", PRIVATE_SCHEME, "Scanner reference")
 
 # TID 1500 row 12: the root-level "Qualitative Evaluations" container (UMLS C0034375).
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.contracts import Verdict, worst_verdict
+from core.contracts import Verdict, cue_words, worst_verdict
 from core.db.schema import InstanceResult, Region, SeriesResult, Study
 
 
@@ -29,6 +29,7 @@ class RegionFinding:
     y0: float = 0.0
     x1: float = 0.0
     y1: float = 0.0
+    cue: str | None = None  # the cue whose map holds the region (None: the diffusion residual of an unfused model)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,42 @@ class SeriesFinding:
     reason: str | None = None
     n_instances: int = 0
     n_assessed: int = 0
+    cues: tuple[dict, ...] = ()  # models.results.CueResult dicts: each cue's score, threshold, fired, reason
+    reference: dict | None = None  # the scanner reference judged against (None: the series against itself)
+
+    def cue_summary(self) -> str | None:
+        """What the cues said of this series, in words: which fired, which could not be used and why."""
+        if not self.cues:
+            return None
+        fired = [c for c in self.cues if c.get("used") and c.get("fired")]
+        quiet = [c for c in self.cues if c.get("used") and not c.get("fired")]
+        unused = [c for c in self.cues if not c.get("used")]
+        parts = []
+        if fired:
+            parts.append("fired: " + ", ".join(_cue_with_score(c) for c in fired))
+        if quiet:
+            parts.append("below threshold: " + ", ".join(cue_words(c.get("name")) for c in quiet))
+        if unused:
+            parts.append("not used: " + "; ".join(f"{cue_words(c.get('name'))} ({c.get('reason')})" for c in unused))
+        return f"series {self.series_uid}: cues " + "; ".join(parts)
+
+    def reference_summary(self) -> str:
+        """Against what the series was judged: a scanner reference with its provenance, or itself."""
+        if self.reference:
+            ref = self.reference
+            return (
+                f"series {self.series_uid}: scored against the reference for {ref.get('label')}, fitted on "
+                f"{ref.get('n_slices')} slices of {ref.get('n_series')} series ({ref.get('source')}; "
+                f"{ref.get('match', 'exact')} match)"
+            )
+        return f"series {self.series_uid}: judged against its own {self.n_assessed} slices (no scanner reference)"
+
+
+def _cue_with_score(cue: dict) -> str:
+    score, threshold = cue.get("score"), cue.get("threshold")
+    if score is None or threshold is None:
+        return cue_words(cue.get("name"))
+    return f"{cue_words(cue.get('name'))} ({float(score):.2f} >= {float(threshold):.2f})"
 
 
 @dataclass
@@ -93,6 +130,8 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
             reason=r.reason,
             n_instances=int(r.n_instances or 0),
             n_assessed=int(r.n_assessed or 0),
+            cues=tuple(r.cues or ()),
+            reference=r.reference,
         )
         for r in series_rows
     ]
@@ -118,6 +157,7 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
             y0=float(r.y0),
             x1=float(r.x1),
             y1=float(r.y1),
+            cue=r.cue,
         )
         for r in region_rows
     ]

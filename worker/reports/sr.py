@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from core.contracts import VERSION, Verdict
+from core.contracts import VERSION, Verdict, cue_words
 from worker.reports import codes as btd_codes
 from worker.reports.findings import RegionFinding, StudyFindings
 
@@ -140,7 +140,8 @@ def _region_group(
         graphic_data=_closed_polyline(region.outline, region),
         source_image=source,
     )
-    label = f"BTD: possible tampering, {_slice_label(image, region)}"
+    found_by = f" ({cue_words(region.cue)})" if region.cue else ""
+    label = f"BTD: possible tampering, {_slice_label(image, region)}{found_by}"
     tracking = hd.sr.TrackingIdentifier(
         uid=report_uid(f"region-{index}", findings.study_uid, findings.study_version), identifier=label
     )
@@ -180,6 +181,16 @@ def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    for series in findings.series:
+        if series.verdict == Verdict.NOT_ASSESSED:
+            continue
+        summaries = [(btd_codes.FORENSIC_CUES, series.cue_summary())]
+        if series.cues:  # a fused model says against what it judged; an unfused one has nothing to say here
+            summaries.append((btd_codes.SCANNER_REFERENCE, series.reference_summary()))
+        for name, text in summaries:
+            if text:
+                contains = hd.sr.RelationshipTypeValues.CONTAINS
+                items.append(hd.sr.TextContentItem(name=name, value=text, relationship_type=contains))
     for series in findings.not_assessed:
         items.append(
             hd.sr.TextContentItem(
