@@ -304,8 +304,8 @@ def test_rescore_requeues_a_failed_study_as_a_new_version(db: SimpleNamespace) -
     claim = _to_scoring(settings, study_uid)
     assert tasks._release(settings, claim, State.FAILED, "failed: boom", "boom")
 
-    client = TestClient(create_app(settings))
     auth = {"Authorization": "Bearer s3cret"}
+    client = TestClient(create_app(settings), headers=auth)  # the reads need the token too (issue 14)
     try:
         resp = client.post(f"/api/studies/{study_uid}/rescore", headers=auth)
         assert resp.status_code == 202, resp.text

@@ -217,7 +217,10 @@ def test_study_page_shows_history_series_slices_and_deliveries(client: TestClien
 
 def test_patient_ids_only_when_allowed(env: dict[str, object]) -> None:
     settings: Settings = env["settings"]  # type: ignore[assignment]
-    exposing = TestClient(create_app(settings.model_copy(update={"expose_patient_ids": True, "api_token": "s3cret"})))
+    exposing = TestClient(
+        create_app(settings.model_copy(update={"expose_patient_ids": True, "api_token": "s3cret"})),
+        headers={"Authorization": "Bearer s3cret"},  # every page needs the token now (issue 14)
+    )
     html = exposing.get(f"/ui/studies/{FLAGGED_UID}").text
     assert PATIENT_NAME in html and PATIENT_ID in html
     assert 'id="api-token"' in html  # a token field appears when the API wants one
