@@ -30,6 +30,8 @@ STUDY_VERDICT = CodedConcept("BTD0004", PRIVATE_SCHEME, "BTD study verdict")
 SERIES_NOT_ASSESSED = CodedConcept("BTD0005", PRIVATE_SCHEME, "Series not assessed")
 # TEXT item beside the verdict: the model's operating point measured on held-out patients.
 OPERATING_POINT = CodedConcept("BTD0006", PRIVATE_SCHEME, "Measured operating point")
+# TEXT item per instance received again with different bytes under the same SOP Instance UID.
+INSTANCE_REPLACED = CodedConcept("BTD0007", PRIVATE_SCHEME, "Instance replaced under the same UID")
 
 # TID 1500 row 12: the root-level "Qualitative Evaluations" container (UMLS C0034375).
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
