@@ -1,5 +1,5 @@
 """Sub-commands of `btd` that start the service's processes (registered by btd.cli): serve, worker, send,
-db upgrade.
+db upgrade, and user-line (a line for the dashboard's users file).
 
 Each command reads the settings once, when it starts, and builds what its process needs: `btd serve`
 gives the gateway the worker's task table for the in-process executor (used only without a broker),
@@ -36,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upgrade = db_sub.add_parser("upgrade", help="apply every migration up to head (also done by `btd serve`)")
     upgrade.add_argument("--revision", default="head")
     upgrade.set_defaults(func=_db_upgrade)
+
+    user = subparsers.add_parser(
+        "user-line",
+        help="print a BTD_USERS_FILE line (name:role:scrypt-hash) for a dashboard user; the password is read "
+        "from standard input, or asked for on a terminal",
+    )
+    user.add_argument("name", help="the user name (letters, digits, _ . @ -), shown in the audit log")
+    user.add_argument("--role", choices=("view", "act"), default="view", help="view: read only; act: also rescore")
+    user.set_defaults(func=_user_line)
 
 
 def _serve(_args: argparse.Namespace) -> int:
@@ -80,4 +89,27 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     settings = get_settings()
     migrate.upgrade(settings, args.revision)
     print(f"database at {', '.join(migrate.current_heads(settings)) or 'base'}")
+    return 0
+
+
+def _user_line(args: argparse.Namespace) -> int:
+    from service.api.auth import USER_NAME
+    from service.api.passwords import hash_password
+
+    if not USER_NAME.match(args.name):
+        print("btd user-line: a user name is 1-64 letters, digits, _ . @ -", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("btd user-line: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("btd user-line: a password has at least 8 characters", file=sys.stderr)
+        return 2
+    print(f"{args.name}:{args.role}:{hash_password(password)}")
     return 0

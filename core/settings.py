@@ -45,10 +45,19 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = None
 
-    # REST API
+    # REST API and dashboard (access control: README "Security", docs/deploy.md)
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    api_token: str | None = None
+    api_token: str | None = None  # Bearer token with every role (view and act)
+    view_tokens: CsvList = Field(default_factory=list)  # "TOKEN" or "NAME:TOKEN": read-only (dashboard, API, metrics)
+    act_tokens: CsvList = Field(default_factory=list)  # as view_tokens, and may rescore and redeliver
+    users_file: Path | None = None  # dashboard users, one "name:role:scrypt-hash" a line (`btd user-line`)
+    session_secret: str | None = None  # signs the dashboard's login cookie; None -> random per process
+    session_hours: float = 8.0  # a dashboard login lasts this long
+    http_tls_cert: Path | None = None  # PEM certificate: the API serves HTTPS itself (with http_tls_key)
+    http_tls_key: Path | None = None
+    # Binding the API beyond loopback without any credential configured refuses to start unless this is set.
+    allow_unauthenticated_network: bool = False
     expose_patient_ids: bool = False
 
     # Storage and queue
@@ -83,6 +92,17 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'btd.sqlite3').resolve()}"
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("BTD_HTTP_TLS_CERT and BTD_HTTP_TLS_KEY go together: set both or neither")
+        return self
+
+    @property
+    def auth_configured(self) -> bool:
+        """True when any credential is configured: then every route but the probes needs one."""
+        return bool(self.api_token or self.view_tokens or self.act_tokens or self.users_file)
 
     @property
     def spool_dir(self) -> Path:

@@ -1,6 +1,8 @@
 """`btd serve`: the whole gateway in one process.
 
-Start order: migrate the database (so a fresh install works with one command), the in-process task
+Before anything starts, the settings are checked for an HTTP API that would show patient images beyond
+this machine without authentication (service/api/auth.py `exposure_problem`): `btd serve` exits with the
+reason instead. Then, in order: migrate the database (so a fresh install works with one command), the in-process task
 executor (only without a broker: it runs the task table the composition root hands over, so the gateway
 never imports worker code), the REST API application (built, not yet serving), the DICOM listener,
 the stability monitor (which may dispatch at once), then the REST API in the foreground (uvicorn).
@@ -56,11 +58,23 @@ def serve(settings: Settings, in_process_tasks: Mapping[str, TaskFunction] | Non
     is what the in-process executor runs; with a broker it is not needed (Celery workers run the tasks)."""
     if not settings.broker_url and in_process_tasks is None:
         raise ValueError("no broker (BTD_BROKER_URL) and no in-process tasks: nothing would ever score a study")
+    from service.api.auth import exposure_problem
+
+    problem = exposure_problem(settings)
+    if problem:
+        raise SystemExit(f"btd serve: {problem}")
     stop = _StopSignals()
     stop.install()
     configure_logging(settings.log_level)
     migrate.upgrade(settings)
     log_event(log, "database.migrated")
+    log_event(
+        log,
+        "api.access",
+        http_host=settings.http_host,
+        https=settings.http_tls_cert is not None,
+        authentication=settings.auth_configured,
+    )
 
     from service.dicom.listener import start_listener
     from service.stability import StabilityMonitor
@@ -84,6 +98,10 @@ def serve(settings: Settings, in_process_tasks: Mapping[str, TaskFunction] | Non
             log_config=None,  # keep our JSON logging
             access_log=False,
             lifespan="on",
+            # HTTPS served by the gateway itself when given a certificate (else plain HTTP, e.g. behind a
+            # reverse proxy that terminates TLS: docs/deploy.md).
+            ssl_certfile=str(settings.http_tls_cert) if settings.http_tls_cert else None,
+            ssl_keyfile=str(settings.http_tls_key) if settings.http_tls_key else None,
         )
         listener = start_listener(settings)
         monitor = StabilityMonitor(settings).start()

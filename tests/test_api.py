@@ -305,8 +305,8 @@ def test_rescore_requeues_a_failed_study_as_a_new_version(db: SimpleNamespace) -
     claim = _to_scoring(settings, study_uid)
     assert tasks._release(settings, claim, State.FAILED, "failed: boom", "boom")
 
-    client = TestClient(create_app(settings))
     auth = {"Authorization": "Bearer s3cret"}
+    client = TestClient(create_app(settings), headers=auth)  # the reads need the token too (issue 14)
     try:
         resp = client.post(f"/api/studies/{study_uid}/rescore", headers=auth)
         assert resp.status_code == 202, resp.text
@@ -365,5 +365,71 @@ def test_a_review_verdict_is_listed_filtered_and_counted(tmp_path: Path) -> None
         assert detail["verdict"] == "review" and detail["series"][0]["verdict"] == "review"
         assert client.get("/api/stats").json()["by_verdict"]["review"] == 1
         assert client.get("/api/studies", params={"verdict": "no_evidence"}).json()["items"] == []
+    finally:
+        dispose_engines()
+
+
+def _receive(settings: Settings, study_uid: str, sop: str, sha: str, calling_ae: str) -> str:
+    """Record one received instance as the listener does (its bytes stand in as a few bytes in the spool)."""
+    received = repository.ReceivedInstance(
+        study_uid=study_uid, series_uid=study_uid + ".1", sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1", size=len(sha),
+        sha256=sha, modality="CT", calling_ae=calling_ae, peer="127.0.0.1", patient_id=PATIENT_ID,
+        patient_name=PATIENT_NAME,
+    )
+
+    def store(version: int) -> str:
+        rel = f"{study_uid}/{sop}.v{version}.dcm"
+        (settings.spool_dir / study_uid).mkdir(parents=True, exist_ok=True)
+        (settings.spool_dir / rel).write_bytes(sha.encode())
+        return rel
+
+    with session_scope(settings) as session:
+        return repository.record_instance(session, received, stable_seconds=30, store=store).kind
+
+
+def test_versions_duplicates_and_replacements_are_on_the_api(tmp_path: Path) -> None:
+    """Issue 14: an instance replaced by different bytes under its UID, and identical resends, are visible per
+    instance and per study, filterable, counted in /api/stats and exported as metrics."""
+    settings = Settings(data_dir=tmp_path, model=str(tmp_path / "model.pt"))
+    migrate.upgrade(settings)
+    tampered, clean = uid(), uid()
+    replaced_sop, resent_sop, clean_sop = uid(), uid(), uid()
+    assert _receive(settings, tampered, replaced_sop, "a" * 64, "MODALITY") == "stored"
+    assert _receive(settings, tampered, resent_sop, "b" * 64, "MODALITY") == "stored"
+    assert _receive(settings, tampered, resent_sop, "b" * 64, "ROUTER") == "duplicate"
+    assert _receive(settings, tampered, resent_sop, "b" * 64, "ROUTER") == "duplicate"
+    assert _receive(settings, tampered, replaced_sop, "c" * 64, "INTRUDER") == "conflict"
+    assert _receive(settings, clean, clean_sop, "d" * 64, "MODALITY") == "stored"
+    client = TestClient(create_app(settings))
+    try:
+        body = client.get(f"/api/studies/{tampered}").json()
+        assert body["forensics"] == {"instances": 2, "versions": 3, "duplicates": 2, "conflicting_instances": 1,
+                                     "conflict": True}
+        assert body["conflict"] is True and body["conflicting_instances"] == 1 and body["duplicates"] == 2
+        by_sop = {i["sop_instance_uid"]: i for i in body["instances"]}
+        replaced = by_sop[replaced_sop]
+        assert replaced["conflict"] is True and replaced["current_version"] == 2 and replaced["duplicates"] == 0
+        assert [(v["version"], v["sha256"], v["calling_ae"]) for v in replaced["versions"]] == [
+            (1, "a" * 64, "MODALITY"), (2, "c" * 64, "INTRUDER")
+        ]
+        assert all(v["size"] == 64 and v["received_at"] and v["peer"] == "127.0.0.1" for v in replaced["versions"])
+        resent = by_sop[resent_sop]
+        assert resent["conflict"] is False and resent["duplicates"] == 2 and len(resent["versions"]) == 1
+        assert PATIENT_ID not in json.dumps(body) and "Doe" not in json.dumps(body)
+
+        assert client.get(f"/api/studies/{clean}").json()["forensics"]["conflict"] is False
+        flagged = client.get("/api/studies", params={"conflict": "true"}).json()
+        assert [s["study_uid"] for s in flagged["items"]] == [tampered] and flagged["total"] == 1
+        assert flagged["items"][0]["conflicting_instances"] == 1 and flagged["items"][0]["duplicates"] == 2
+        assert [s["study_uid"] for s in client.get("/api/studies", params={"conflict": "false"}).json()["items"]] == [
+            clean
+        ]
+        stats = client.get("/api/stats").json()
+        counted = (stats["conflicting_instances"], stats["studies_with_conflicts"], stats["duplicate_resends"])
+        assert counted == (1, 1, 2)
+        metrics = client.get("/metrics").text
+        assert "btd_conflicting_instances 1.0" in metrics and "btd_studies_with_conflicts 1.0" in metrics
+        assert "btd_duplicate_resends 2.0" in metrics
     finally:
         dispose_engines()

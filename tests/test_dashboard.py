@@ -22,10 +22,10 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers_gateway import REPO_ROOT, free_port, gateway_env, wait_for_port, wait_until
 from PIL import Image
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from core.db.migrate import upgrade
-from core.db.schema import Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
+from core.db.schema import AuditEntry, Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
 from core.db.session import session_scope
 from core.settings import Settings
 from service.api import dashboard_health
@@ -217,7 +217,10 @@ def test_study_page_shows_history_series_slices_and_deliveries(client: TestClien
 
 def test_patient_ids_only_when_allowed(env: dict[str, object]) -> None:
     settings: Settings = env["settings"]  # type: ignore[assignment]
-    exposing = TestClient(create_app(settings.model_copy(update={"expose_patient_ids": True, "api_token": "s3cret"})))
+    exposing = TestClient(
+        create_app(settings.model_copy(update={"expose_patient_ids": True, "api_token": "s3cret"})),
+        headers={"Authorization": "Bearer s3cret"},  # every page needs the token now (issue 14)
+    )
     html = exposing.get(f"/ui/studies/{FLAGGED_UID}").text
     assert PATIENT_NAME in html and PATIENT_ID in html
     assert 'id="api-token"' in html  # a token field appears when the API wants one
@@ -375,3 +378,22 @@ def test_pages_escape_what_came_from_dicom(env: dict[str, object], client: TestC
     html = client.get("/ui/studies/1.2.826.0.1.3680043.8.498.7777").text
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
     assert "<img src=x" not in html
+
+
+def test_an_image_fetch_is_audited_with_its_instance_and_credential(env: dict[str, object]) -> None:
+    """Issue 14: the slice behind overlay.png is patient data; who fetched which instance is on record."""
+    settings: Settings = env["settings"]  # type: ignore[assignment]
+    sop = env["sops"][0]  # type: ignore[index]
+    guarded = TestClient(create_app(settings.model_copy(update={"view_tokens": ["radiology-it:v1ew"]})))
+    url = f"/ui/studies/{FLAGGED_UID}/instances/{sop}/overlay.png"
+    assert guarded.get(url).status_code == 401
+    assert guarded.get(url, headers={"Authorization": "Bearer v1ew"}).status_code == 200
+    with session_scope(settings) as session:
+        rows = session.scalars(
+            select(AuditEntry).where(
+                AuditEntry.action == "view_image", AuditEntry.sop_instance_uid == sop, AuditEntry.via == "bearer"
+            )
+        ).all()
+    assert [(r.actor, r.study_uid, r.via) for r in rows] == [("token:view:radiology-it", FLAGGED_UID, "bearer")]
+    page = guarded.get(f"/ui/studies/{FLAGGED_UID}", headers={"Authorization": "Bearer v1ew"}).text
+    assert "token:view:radiology-it" in page[page.index('id="audit"'):]

@@ -517,10 +517,11 @@ def test_reports_api_lists_the_delivery_log_and_redeliver_sends_after_a_failure(
     study_uid = reported_study(settings)
     assert report_tasks.run_deliver_report(study_uid, settings, final_attempt=True, timeout=2).kind == "failed"
     client = TestClient(create_app(settings))
+    reader = {"Authorization": "Bearer s3cret"}  # with BTD_API_TOKEN set the reads need it too (issue 14)
 
-    listed = client.get(f"/api/studies/{study_uid}/reports").json()
+    listed = client.get(f"/api/studies/{study_uid}/reports", headers=reader).json()
     assert len(listed) == 1 and [d["outcome"] for d in listed[0]["deliveries"]] == ["failure"]
-    assert client.get("/api/studies/1.2.3/reports").status_code == 404
+    assert client.get("/api/studies/1.2.3/reports", headers=reader).status_code == 404
 
     url = f"/api/studies/{study_uid}/redeliver"
     assert client.post(url).status_code == 401
@@ -535,7 +536,7 @@ def test_reports_api_lists_the_delivery_log_and_redeliver_sends_after_a_failure(
         assert len(later.received) == 2  # SR + KOS
     again = client.post(url, headers={"Authorization": "Bearer s3cret"})
     assert again.status_code == 409  # DELIVERED is not redelivered
-    listed = client.get(f"/api/studies/{study_uid}/reports").json()
+    listed = client.get(f"/api/studies/{study_uid}/reports", headers=reader).json()
     assert [(d["attempt"], d["outcome"]) for d in listed[0]["deliveries"]] == [(1, "failure"), (2, "success")]
 
 

@@ -191,6 +191,6 @@ def test_a_flagged_study_teaches_nothing_until_a_person_marks_it_genuine(env: Si
     with session_scope(settings) as session:
         assert fold_samples(session, settings, now=datetime.now(UTC))  # the marked sample teaches now
         sample = session.scalar(select(ReferenceSample).where(ReferenceSample.study_uid == study_uid))
-        assert sample is not None and sample.folded_at is not None and sample.marked_genuine_by == "api"
+        assert sample is not None and sample.folded_at is not None and sample.marked_genuine_by == "anonymous"
     assert client.post(f"/api/studies/{study_uid}/genuine").status_code == 409  # nothing left to teach
     assert client.post("/api/studies/2.25.1/genuine").status_code == 404

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from worker.reports.findings import RegionFinding, SeriesFinding, StudyFindings
+from worker.reports.findings import RegionFinding, ReplacedInstance, SeriesFinding, StudyFindings
 from worker.reports.sr import build_sr, is_btd_document, predecessor_reference
 from worker.reports.validate import dciodvfy_errors, dsrdump_errors, validation_errors
 
@@ -257,3 +257,48 @@ def test_validators_catch_a_broken_sr(ct: list[Dataset], tmp_path: Path) -> None
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path)
     assert dsrdump_errors(path)
+
+
+def replaced_findings(images: list[Dataset], modality: str, verdict: str = "review") -> StudyFindings:
+    """A clean study whose middle image was received again with different bytes under its UID (version 2)."""
+    findings = findings_for(images, modality, flagged=False)
+    target = str(images[len(images) // 2].SOPInstanceUID)
+    return dataclasses.replace(findings, verdict=verdict, replaced_instances=[ReplacedInstance(target, 2)])
+
+
+def test_an_instance_replaced_under_its_uid_is_stated_and_never_a_silent_pass(ct: list[Dataset]) -> None:
+    findings = replaced_findings(ct, "CT")
+    sr = build_sr(ct, findings)
+    study_eval = children(sr, "C0034375")[0]
+    (stated,) = children(study_eval, "BTD0007")
+    target = findings.replaced_instances[0].sop_instance_uid
+    assert stated.ValueType == "TEXT" and stated.TextValue == (
+        f"Instance {target} was replaced by different bytes under the same UID (version 2): "
+        "itself evidence of tampering"
+    )
+    assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue == "82334004"  # Indeterminate
+    assert "REVIEW: 1 instance(s) replaced" in children(study_eval, "BTD0004")[0].TextValue
+    assert sr.SeriesDescription == "BTD forensic report: REVIEW: 1 instance(s) replaced"
+    assert sr.CompletionFlagDescription == "BTD verdict: review 0.125"
+
+
+def test_a_suspicious_study_with_a_replacement_stays_suspicious(ct: list[Dataset]) -> None:
+    target = str(ct[0].SOPInstanceUID)
+    findings = dataclasses.replace(
+        findings_for(ct, "CT", flagged=True), replaced_instances=[ReplacedInstance(target, 3)]
+    )
+    sr = build_sr(ct, findings)
+    study_eval = children(sr, "C0034375")[0]
+    assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue != "82334004"
+    assert "SUSPICIOUS" in sr.SeriesDescription and "(version 3)" in children(study_eval, "BTD0007")[0].TextValue
+
+
+@needs_validators
+@pytest.mark.parametrize(("series", "modality"), [("ct", "CT"), ("mr", "MR")])
+def test_sr_stating_a_replacement_passes_dciodvfy_and_dsrdump(
+    request, tmp_path: Path, series: str, modality: str
+) -> None:
+    images = request.getfixturevalue(series)
+    path = tmp_path / "sr.dcm"
+    build_sr(images, replaced_findings(images, modality)).save_as(path, enforce_file_format=True)
+    assert validation_errors(path) == []

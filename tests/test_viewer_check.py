@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from worker.reports.findings import RegionFinding, SeriesFinding, StudyFindings
+from worker.reports.findings import RegionFinding, ReplacedInstance, SeriesFinding, StudyFindings
 from worker.reports.sr import build_sr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +128,18 @@ def test_flagged_enhanced_mr_sr_draws_its_region(viewer_check: Path, mr_dir: Pat
     assert code == 0, result
     assert [m["displayed"] for m in result["measurements"]] == [True]
     assert result["measurements"][0]["tracking_identifier"] == "BTD: possible tampering, frame 2"
+
+
+@pytest.mark.slow
+def test_sr_stating_a_replaced_instance_still_loads_and_draws(viewer_check: Path, tmp_path: Path) -> None:
+    """The TEXT item for an instance replaced under its UID (issue 14) sits beside the verdict: the viewer
+    still loads the report and draws its region."""
+    series = FIXTURES / "ct_series_20"
+    images = headers(series)
+    findings = study_findings(images, n_regions=1)
+    findings.replaced_instances = [ReplacedInstance(str(images[3].SOPInstanceUID), 2)]
+    path = tmp_path / "sr.dcm"
+    build_sr(images, findings).save_as(path, enforce_file_format=True)
+    code, result = check(viewer_check, path, series)
+    assert code == 0, result
+    assert result["n_measurement_groups"] == 1 and all(m["displayed"] for m in result["measurements"])

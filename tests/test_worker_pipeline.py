@@ -393,3 +393,50 @@ def test_scoring_and_the_report_read_the_same_instances_without_btds_own_documen
         scored = [f.sop_instance_uid for s in tasks.load_series_inputs(session, settings, study_uid) for f in s.files]
         reported = [row.sop_instance_uid for row in repository.latest_instances(session, study_uid)]
     assert scored == reported == [image]
+
+
+def test_a_study_with_an_instance_replaced_under_its_uid_is_never_a_silent_pass(
+    env: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Issue 14: the model finds nothing, but one instance came again with different bytes under its UID. The
+    verdict is raised to review with the reason in the study's events, and the SR's findings name the instance."""
+    from worker.reports.findings import ReplacedInstance, load_findings
+    from worker.reports.sr import build_sr
+
+    quiet = make_tiny_model(tmp_path / "quiet.pt", slice_threshold=1e9)  # no slice is ever flagged
+    settings = env.settings.model_copy(update={"model": str(quiet)})
+    study_uid = uid()
+    kept = receive(settings, study_uid)
+    replaced = receive(settings, study_uid)
+    altered = pydicom.dcmread(CT_SMALL)
+    altered.ImageComments = "changed after the first send"
+    altered_path = tmp_path / "altered.dcm"
+    altered.save_as(altered_path)
+    assert receive(settings, study_uid, source=altered_path, sop_uid=replaced) == replaced  # version 2
+    queue(settings, study_uid)
+
+    outcome = tasks.run_score_study(study_uid, settings, owner="w1", dispatch_next=False)
+    assert outcome.kind == tasks.SCORED
+    study = study_row(settings, study_uid)
+    assert study.verdict == "review"
+    with session_scope(settings) as session:
+        series = session.scalars(select(SeriesResult).where(SeriesResult.study_uid == study_uid)).one()
+        assert series.verdict == "no_evidence"  # what the model said of the pixels
+        detail = session.scalars(
+            select(StudyEvent.detail).where(StudyEvent.study_uid == study_uid, StudyEvent.to_state == State.SCORED)
+        ).one()
+        assert "raised from no_evidence" in detail and "1 instance(s) replaced" in detail
+        findings = load_findings(session, study_uid)
+        paths = [settings.spool_dir / row.path for row in repository.latest_instances(session, study_uid)]
+    assert findings.verdict == "review" and findings.replaced_instances == [ReplacedInstance(replaced, 2)]
+    assert kept not in [r.sop_instance_uid for r in findings.replaced_instances]
+    images = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    texts = [item.TextValue for item in _walk(build_sr(images, findings).ContentSequence) if "TextValue" in item]
+    stated = f"Instance {replaced} was replaced by different bytes under the same UID (version 2)"
+    assert any(stated in text for text in texts)
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))

@@ -31,9 +31,10 @@ from sqlalchemy.orm import Session
 
 from core.contracts import State, Task
 from core.db.base import utcnow
-from core.db.repository import latest_instances, transition
+from core.db.repository import latest_instances, replaced_instances, transition
 from core.db.schema import InstanceResult, Region, SeriesResult, Study
 from core.db.session import session_scope
+from core.forensics import replacement_reason, verdict_with_replacements
 from core.observability.logs import log_event
 from core.observability.metrics import QUEUE_WAIT_SECONDS
 from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
@@ -404,14 +405,20 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
         keeper.stop()
     with session_scope(settings) as session:
         store_results(session, claim, result)
+        # An instance replaced under its UID is evidence in itself: never a silent pass (core/forensics.py).
+        n_replaced = len(replaced_instances(session, claim.study_uid))
+        verdict = verdict_with_replacements(result.verdict, n_replaced)
+        raised = ""
+        if verdict != result.verdict:
+            raised = f" (raised from {result.verdict}: {replacement_reason(n_replaced)})"
         finished = transition(
             session,
             claim.study_uid,
             State.SCORING,
             State.SCORED,
-            f"verdict {result.verdict}, score {result.score}",
+            f"verdict {verdict}, score {result.score}{raised}",
             where=_ours(claim),
-            verdict=result.verdict,
+            verdict=verdict,
             score=_finite(result.score),
             error=None,
             lease_owner=None,
@@ -423,8 +430,8 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
             return ScoreOutcome(DISCARDED, "study reopened or lease lost while scoring; results discarded")
         record_samples(session, claim.study_uid, claim.version, [s.result for s in result.series])
     _fold_references(settings)
-    log_event(log, "score.done", study_uid=claim.study_uid, verdict=result.verdict, score=result.score)
-    return ScoreOutcome(SCORED, result.verdict)
+    log_event(log, "score.done", study_uid=claim.study_uid, verdict=verdict, score=result.score, replaced=n_replaced)
+    return ScoreOutcome(SCORED, verdict)
 
 
 def _fold_references(settings: Settings) -> None:

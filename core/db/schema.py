@@ -1,9 +1,10 @@
 """The database schema as ORM classes: every table of btd, the one way the code reads and writes them.
 
 Migration 0001_gateway made studies, their events, instances and scoring results; 0002_reports the reports
-built for each study version and every delivery try. The column names and meanings are a contract shared by
-the gateway, the worker and the API (docs/architecture.md). Patient name and ID are kept only so the SR can
-carry them; nothing logs or serves them by default.
+built for each study version and every delivery try; 0004_access the audit log of who viewed or acted on
+what. The column names and meanings are a contract shared by the gateway, the worker and the API
+(docs/architecture.md). Patient name and ID are kept only so the SR can carry them; nothing logs or serves
+them by default.
 
 Why a row per report and per delivery attempt: the delivery log is evidence (what was sent where, when,
 with which DICOM status), and "a destination that already succeeded for this report is never sent again"
@@ -219,3 +220,20 @@ class ReferenceSample(Base):
     marked_genuine_by: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     folded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+class AuditEntry(Base):
+    """One access to patient data or one action, by whom: a study page or detail, an image, the reports, a
+    rescore, a redelivery, a login. Why in the database: it is evidence beside the delivery log, kept where
+    the studies are and shown on the study page. It names credentials, never a patient (no name, no ID)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_study_uid_at", "study_uid", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)  # "token:api", "user:alice", "anonymous"
+    via: Mapped[str] = mapped_column(String(16), nullable=False)  # "bearer", "session", "open", "login"
+    action: Mapped[str] = mapped_column(String(32), nullable=False)  # service.api.audit.Action
+    study_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    peer: Mapped[str | None] = mapped_column(String(64))  # the client's address as the gateway saw it
+    detail: Mapped[str | None] = mapped_column(String(256))

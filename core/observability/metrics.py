@@ -92,6 +92,54 @@ def install_study_state_collector(count_states: StateCounter, registry: Collecto
             _state_collector.count_states = count_states
 
 
+ForensicCounter = Callable[[], Mapping[str, int]]
+
+# Name of each db-derived forensic gauge -> (key in the counting function's result, help text).
+FORENSIC_GAUGES = {
+    "btd_conflicting_instances": (
+        "conflicting_instances",
+        "Instances replaced by different bytes under the same SOP Instance UID (stored as new versions), from the db",
+    ),
+    "btd_studies_with_conflicts": ("studies_with_conflicts", "Studies holding an instance replaced under its UID"),
+    "btd_duplicate_resends": ("duplicate_resends", "Identical resends of stored instances, from the db"),
+}
+
+
+class ForensicCollector(Collector):
+    """Gauges of what arrived that is evidence in itself, read from the database per scrape (like
+    `btd_studies`: every process that receives writes the same table, so no process-local counter is right)."""
+
+    def __init__(self, count: ForensicCounter) -> None:
+        self.count = count
+
+    def describe(self) -> Iterator[Metric]:
+        for name, (_key, text) in FORENSIC_GAUGES.items():
+            yield GaugeMetricFamily(name, text)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = dict(self.count())
+        except Exception:  # the other metrics must still be scraped while the database is down
+            STATE_SCRAPE_ERRORS.inc()
+            return
+        for name, (key, text) in FORENSIC_GAUGES.items():
+            yield GaugeMetricFamily(name, text, value=float(counts.get(key, 0)))
+
+
+_forensic_collector: ForensicCollector | None = None
+
+
+def install_forensic_collector(count: ForensicCounter, registry: CollectorRegistry = REGISTRY) -> None:
+    """Register the forensic gauges once per process; later calls swap the counting function (as for states)."""
+    global _forensic_collector
+    with _state_lock:
+        if _forensic_collector is None:
+            _forensic_collector = ForensicCollector(count)
+            registry.register(_forensic_collector)
+        else:
+            _forensic_collector.count = count
+
+
 def metrics_payload(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     """The text exposition of every registered metric and its content type, for the `/metrics` route."""
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -8,7 +8,7 @@
   proven quiet (or a person marked it genuine) before they are folded into the reference.
 
 Revision ID: 0005_forensics
-Revises: 0002_reports
+Revises: 0004_access
 Create Date: 2026-12-02
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_forensics"
-down_revision = "0002_reports"
+down_revision = "0004_access"
 branch_labels = None
 depends_on = None
 

@@ -10,69 +10,47 @@ BTD_EXPOSE_PATIENT_IDS is set.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, date, datetime
+import re
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from core.contracts import FAILED_STATES, MILESTONES, VERDICTS, State, cue_words
+from core.contracts import ALL_STATES, FAILED_STATES, MILESTONES, VERDICTS, State
 from core.db.session import session_factory
 from core.observability.logs import log_event
-from core.observability.metrics import install_study_state_collector, metrics_payload
+from core.observability.metrics import install_forensic_collector, install_study_state_collector, metrics_payload
 from core.settings import Settings
+from service.api import audit, forensics
 from service.api import dashboard_health as health
 from service.api import dashboard_queries as queries
+from service.api.auth import require_view, require_view_page
 from service.api.deps import get_session, get_settings, queue_depth, read_progress
+from service.api.pages import PACKAGE_DIR, render
+from service.api.params import MAX_FRAME, MAX_PAGE, DicomUID, clip
 from service.heatmap import CT_WINDOWS, RegionBox, load_residual_map, render_overlay_png
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-TEMPLATES_DIR = PACKAGE_DIR / "templates"
 STATIC_DIR = PACKAGE_DIR / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png"}
+STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[a-z]{2,4}$")
+STATE_CHOICES = "|".join(sorted(ALL_STATES))
+VERDICT_CHOICES = "|".join(sorted(VERDICTS))
 
-templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 router = APIRouter(tags=["dashboard"])
-
-
-def _fmt_time(value: datetime | None) -> str:
-    if value is None:
-        return "—"
-    if value.tzinfo is None:  # reflected tables (reports area) on SQLite come back naive; they hold UTC
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _fmt_score(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3g}"
-
-
-def _fmt_bytes(value: int | None) -> str:
-    size = float(value or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
-templates.env.filters["time"] = _fmt_time
-templates.env.filters["score"] = _fmt_score
-templates.env.filters["bytes"] = _fmt_bytes
-templates.env.filters["cue_words"] = cue_words
+page_guard = [Depends(require_view_page)]
+data_guard = [Depends(require_view)]
 
 
 def _page(request: Request, name: str, settings: Settings, status_code: int = 200, **context: Any) -> HTMLResponse:
-    base = {"token_required": bool(settings.api_token), "expose_patient_ids": settings.expose_patient_ids}
-    return templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
+    return render(request, name, settings, status_code, **context)
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=page_guard)
 def overview_page(
     request: Request, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
 ) -> HTMLResponse:
@@ -93,7 +71,7 @@ def overview_page(
     )
 
 
-@router.get("/ui/overview.json", include_in_schema=False)
+@router.get("/ui/overview.json", include_in_schema=False, dependencies=data_guard)
 def overview_json(settings: Settings = Depends(get_settings), session: Session = Depends(get_session)) -> JSONResponse:
     """The overview's numbers, polled by the page so the counters move without a reload."""
     data = queries.overview(session)
@@ -115,17 +93,17 @@ def _parse_day(value: str) -> date | None:
     try:
         return date.fromisoformat(value) if value else None
     except ValueError as exc:
-        raise HTTPException(422, f"date must be YYYY-MM-DD, not {value!r}") from exc
+        raise HTTPException(422, f"date must be YYYY-MM-DD, not {clip(value)!r}") from exc
 
 
-@router.get("/ui/studies", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/ui/studies", response_class=HTMLResponse, include_in_schema=False, dependencies=page_guard)
 def studies_page(
     request: Request,
-    state: str = "",
-    verdict: str = "",
-    day: str = Query("", alias="date"),
-    modality: str = "",
-    page: int = Query(1, ge=1),
+    state: str = Query("", pattern=f"^({STATE_CHOICES})?$"),
+    verdict: str = Query("", pattern=f"^({VERDICT_CHOICES})?$"),
+    day: str = Query("", alias="date", max_length=10),
+    modality: str = Query("", pattern=r"^([A-Za-z]{2,16})?$"),
+    page: int = Query(1, ge=1, le=MAX_PAGE),
     settings: Settings = Depends(get_settings),
     session: Session = Depends(get_session),
 ) -> HTMLResponse:
@@ -143,16 +121,19 @@ def studies_page(
     )
 
 
-@router.get("/ui/studies/{study_uid}", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/ui/studies/{study_uid}", response_class=HTMLResponse, include_in_schema=False, dependencies=page_guard)
 def study_page(
     request: Request,
-    study_uid: str,
+    study_uid: DicomUID,
     settings: Settings = Depends(get_settings),
     session: Session = Depends(get_session),
 ) -> HTMLResponse:
     detail = queries.study_detail(session, study_uid, with_patient=settings.expose_patient_ids)
     if detail is None:
         return _page(request, "not_found.html", settings, status_code=404, study_uid=study_uid)
+    session.rollback()  # end the read transaction before the audit row is written (SQLite: one writer)
+    audit.record(settings, request, audit.Action.VIEW_STUDY, study_uid, detail="dashboard")
+    detail["audit"] = audit.for_study(session, study_uid)
     return _page(
         request,
         "study.html",
@@ -163,9 +144,9 @@ def study_page(
     )
 
 
-@router.get("/ui/studies/{study_uid}/status.json", include_in_schema=False)
+@router.get("/ui/studies/{study_uid}/status.json", include_in_schema=False, dependencies=data_guard)
 def study_status(
-    study_uid: str, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
+    study_uid: DicomUID, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
 ) -> JSONResponse:
     """The pollable part of a study page: state, verdict and scoring progress."""
     status = queries.study_status(session, study_uid)
@@ -195,12 +176,17 @@ def _inside(root: Path, relative: str) -> Path:
     return path
 
 
-@router.get("/ui/studies/{study_uid}/instances/{sop_instance_uid}/overlay.png", include_in_schema=False)
+@router.get(
+    "/ui/studies/{study_uid}/instances/{sop_instance_uid}/overlay.png",
+    include_in_schema=False,
+    dependencies=data_guard,
+)
 def overlay_png(
-    study_uid: str,
-    sop_instance_uid: str,
-    frame: int | None = Query(None, ge=1),
-    window: str = Query("lung"),
+    request: Request,
+    study_uid: DicomUID,
+    sop_instance_uid: DicomUID,
+    frame: int | None = Query(None, ge=1, le=MAX_FRAME),
+    window: str = Query("lung", pattern=f"^({'|'.join(CT_WINDOWS)})$"),
     settings: Settings = Depends(get_settings),
     session: Session = Depends(get_session),
 ) -> Response:
@@ -209,6 +195,7 @@ def overlay_png(
     session.rollback()  # end the read transaction before the slow part (SQLite: it holds the write lock)
     if source is None:
         raise HTTPException(404, "unknown instance")
+    audit.record(settings, request, audit.Action.VIEW_IMAGE, study_uid, sop_instance_uid)
     dicom_path = _inside(Path(settings.spool_dir), source.spool_path)
     if not dicom_path.is_file():
         raise HTTPException(410, "the spool no longer holds this instance")
@@ -233,7 +220,7 @@ def overlay_png(
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 
-@router.get("/ui/destinations/echo.json", include_in_schema=False)
+@router.get("/ui/destinations/echo.json", include_in_schema=False, dependencies=data_guard)
 def echo_destinations(settings: Settings = Depends(get_settings)) -> JSONResponse:
     """C-ECHO every configured destination now (on demand from the overview; results cached briefly)."""
     return JSONResponse({"destinations": health.echo_all(settings)})
@@ -242,8 +229,10 @@ def echo_destinations(settings: Settings = Depends(get_settings)) -> JSONRespons
 @router.get("/static/{name}", include_in_schema=False)
 def static_file(name: str) -> FileResponse:
     """The dashboard's own CSS and JS (no CDN: hospital networks are closed)."""
+    if not STATIC_NAME.match(name):
+        raise HTTPException(404, "no such file")
     path = STATIC_DIR / name
-    if "/" in name or path.suffix not in STATIC_TYPES or not path.is_file():
+    if path.suffix not in STATIC_TYPES or not path.is_file():
         raise HTTPException(404, "no such file")
     return FileResponse(path, media_type=STATIC_TYPES[path.suffix], headers={"Cache-Control": "max-age=300"})
 
@@ -253,9 +242,15 @@ def _count_states(settings: Settings) -> dict[str, int]:
         return queries.count_states(session)
 
 
-@router.get("/metrics", include_in_schema=False)
+def _count_forensics(settings: Settings) -> dict[str, int]:
+    with session_factory(settings)() as session:
+        return forensics.count_forensics(session)
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=data_guard)
 def metrics(settings: Settings = Depends(get_settings)) -> Response:
     """Prometheus exposition: the process's counters and histograms plus studies by state from the db."""
     install_study_state_collector(lambda: _count_states(settings))
+    install_forensic_collector(lambda: _count_forensics(settings))
     payload, content_type = metrics_payload()
     return Response(payload, media_type=content_type)

@@ -1,5 +1,5 @@
-"""What the API routes depend on: settings, a database session, the bearer-token guard, and small readers
-of state kept outside the database (scoring progress, queue depth).
+"""What the API routes depend on: settings, a database session, and small readers of state kept outside
+the database (scoring progress, queue depth). Who may call a route is service/api/auth.py's.
 
 Why dependencies instead of globals: tests build an app per settings object (a throw-away database, a
 token or none), and FastAPI's dependency injection hands each request the app's own settings.
@@ -7,23 +7,19 @@ token or none), and FastAPI's dependency injection hands each request the app's 
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from core import queue as core_queue
 from core.contracts import progress_path
 from core.db.session import session_factory
 from core.settings import Settings
-
-_bearer = HTTPBearer(auto_error=False)
 
 
 def get_settings(request: Request) -> Settings:
@@ -37,25 +33,6 @@ def get_session(settings: Settings = Depends(get_settings)) -> Iterator[Session]
         yield session
     finally:
         session.close()
-
-
-def require_token(
-    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    settings: Settings = Depends(get_settings),
-) -> None:
-    """Guard the routes that change state: 401 without a bearer token, 403 with a wrong one.
-
-    No token configured (BTD_API_TOKEN unset) means the site protects the API by network instead.
-    """
-    expected = settings.api_token
-    if not expected:
-        return
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "bearer token required", headers={"WWW-Authenticate": "Bearer"}
-        )
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
 
 
 def read_progress(data_dir: Path, study_uid: str) -> dict[str, Any] | None:

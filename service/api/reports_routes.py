@@ -11,7 +11,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,11 +22,15 @@ from core.db.schema import DeliveryAttempt, Report, Study
 from core.observability.logs import log_event
 from core.queue import dispatch
 from core.settings import Settings
-from service.api.deps import get_session, get_settings, require_token
+from service.api import audit
+from service.api.auth import require_act, require_view
+from service.api.deps import get_session, get_settings
+from service.api.params import DicomUID
 
 log = logging.getLogger("btd.api.reports")
 
-router = APIRouter(prefix="/api", tags=["reports"])
+router = APIRouter(prefix="/api", tags=["reports"], dependencies=[Depends(require_view)])
+
 
 class DeliveryAttemptOut(BaseModel):
     destination: str
@@ -60,8 +64,13 @@ def _study_or_404(session: Session, study_uid: str) -> Study:
     return study
 
 
-@router.get("/studies/{study_uid}/reports", response_model=list[ReportOut])
-def list_reports(study_uid: str, session: Session = Depends(get_session)) -> list[ReportOut]:
+@router.get("/studies/{study_uid}/reports", response_model=list[ReportOut], responses={404: {}})
+def list_reports(
+    request: Request,
+    study_uid: DicomUID,
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+) -> list[ReportOut]:
     """Every report built for the study (one per verdict version), oldest first, with its delivery log."""
     _study_or_404(session, study_uid)
     reports = session.scalars(select(Report).where(Report.study_uid == study_uid).order_by(Report.id)).all()
@@ -81,6 +90,8 @@ def list_reports(study_uid: str, session: Session = Depends(get_session)) -> lis
             for a in attempts
         ]
         out.append(ReportOut(**fields, deliveries=deliveries))
+    session.rollback()  # end the read transaction before the audit row is written (SQLite: one writer)
+    audit.record(settings, request, audit.Action.VIEW_REPORTS, study_uid)
     return out
 
 
@@ -88,11 +99,14 @@ def list_reports(study_uid: str, session: Session = Depends(get_session)) -> lis
     "/studies/{study_uid}/redeliver",
     response_model=RedeliverAccepted,
     status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[Depends(require_token)],
+    dependencies=[Depends(require_act)],
     responses={401: {}, 403: {}, 404: {}, 409: {"description": "the study is not in FAILED_DELIVERY"}},
 )
 def redeliver(
-    study_uid: str, session: Session = Depends(get_session), settings: Settings = Depends(get_settings)
+    request: Request,
+    study_uid: DicomUID,
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
 ) -> RedeliverAccepted:
     """Retry the delivery of a study whose report could not be delivered (FAILED_DELIVERY -> REPORTED)."""
     study = _study_or_404(session, study_uid)
@@ -102,6 +116,7 @@ def redeliver(
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, "the study changed state meanwhile; try again")
     session.commit()
+    audit.record(settings, request, audit.Action.REDELIVER, study_uid)
     try:
         dispatch(Task.DELIVER_REPORT, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is REPORTED in the db; say the hand-over failed

@@ -39,6 +39,11 @@ class StudySummary(BaseModel):
     updated_at: datetime
     patient_id: str | None = Field(default=None, description="only when BTD_EXPOSE_PATIENT_IDS is set")
     patient_name: str | None = Field(default=None, description="only when BTD_EXPOSE_PATIENT_IDS is set")
+    duplicates: int = Field(default=0, description="identical resends of the study's instances (nothing stored)")
+    conflicting_instances: int = Field(
+        default=0, description="instances replaced by different bytes under the same SOP Instance UID"
+    )
+    conflict: bool = Field(default=False, description="true if any instance was replaced under its UID")
 
 
 class StudyList(BaseModel):
@@ -98,6 +103,38 @@ class SeriesResultOut(BaseModel):
     scanner_key: dict[str, str] | None = Field(default=None, description="manufacturer, model, kernel, thickness band")
 
 
+class InstanceVersionOut(BaseModel):
+    """One stored object: the bytes received under a SOP Instance UID at one time."""
+
+    version: int = Field(description="1 = the first bytes seen; 2, 3, ... = different bytes under the same UID")
+    sha256: str = Field(description="SHA-256 of the stored file (File Meta + the dataset as received)")
+    size: int
+    received_at: datetime
+    calling_ae: str | None
+    peer: str | None
+    transfer_syntax: str
+    duplicates: int = Field(description="identical resends of this version")
+
+
+class InstanceOut(BaseModel):
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str | None
+    current_version: int = Field(description="the version that is scored and reported")
+    duplicates: int
+    conflict: bool = Field(description="replaced by different bytes under the same UID: evidence of tampering")
+    versions: list[InstanceVersionOut]
+
+
+class ForensicSummary(BaseModel):
+    instances: int = Field(description="distinct SOP Instance UIDs received")
+    versions: int = Field(description="objects stored (an instance replaced once counts two)")
+    duplicates: int = Field(description="identical resends")
+    conflicting_instances: int = Field(description="instances replaced by different bytes under the same UID")
+    conflict: bool
+
+
 class StudyDetail(StudySummary):
     lease_owner: str | None = None
     lease_until: datetime | None = None
@@ -107,6 +144,8 @@ class StudyDetail(StudySummary):
     history: list[StudyEventOut]
     series: list[SeriesResultOut]
     errors: list[str]
+    forensics: ForensicSummary
+    instances: list[InstanceOut] = Field(description="what arrived: every instance with each of its versions")
     reports: list[dict[str, Any]] | None = Field(
         default=None, description="SR/KOS reports with their delivery attempts, when reporting is installed"
     )
@@ -120,6 +159,9 @@ class RescoreAccepted(BaseModel):
 
 
 class Stats(BaseModel):
+    conflicting_instances: int = Field(description="instances replaced by different bytes under the same UID")
+    studies_with_conflicts: int
+    duplicate_resends: int = Field(description="identical resends received (nothing stored for them)")
     by_state: dict[str, int]
     by_verdict: dict[str, int]
     total: int

@@ -11,18 +11,31 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
-from sqlalchemy import String, func, literal, select
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from sqlalchemy import String, exists, func, literal, select
 from sqlalchemy.orm import Session
 
 from core.contracts import ALL_STATES, RESCORABLE_STATES, VERDICTS, State, Task, Verdict
 from core.db.base import utcnow
 from core.db.repository import new_version_values, transition
-from core.db.schema import DeliveryAttempt, InstanceResult, Region, Report, SeriesResult, Study, StudyEvent
+from core.db.schema import (
+    DeliveryAttempt,
+    Instance,
+    InstanceResult,
+    Region,
+    Report,
+    SeriesResult,
+    Study,
+    StudyEvent,
+)
 from core.observability.logs import log_event
 from core.queue import dispatch
 from core.settings import Settings
-from service.api.deps import get_session, get_settings, queue_depth, read_progress, require_token
+from service.api import audit
+from service.api.auth import require_act, require_view
+from service.api.deps import get_session, get_settings, queue_depth, read_progress
+from service.api.forensics import count_forensics, instance_history, study_counts
+from service.api.params import MAX_OFFSET, DicomUID
 from service.api.schemas import (
     InstanceResultOut,
     Progress,
@@ -38,9 +51,7 @@ from service.api.schemas import (
 
 log = logging.getLogger("btd.api")
 
-router = APIRouter(prefix="/api", tags=["studies"])
-
-
+router = APIRouter(prefix="/api", tags=["studies"], dependencies=[Depends(require_view)])
 
 
 def _summary_fields(study: Study, settings: Settings) -> dict[str, Any]:
@@ -76,16 +87,22 @@ def _get_study_or_404(session: Session, study_uid: str) -> Study:
 @router.get("/studies", response_model=StudyList, response_model_exclude_none=False)
 def list_studies(
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     state: State | None = None,
     verdict: Verdict | None = None,
     since: datetime | None = Query(None, description="studies first received at or after this time (ISO 8601)"),
     modality: str | None = Query(None, pattern=r"^[A-Za-z]{2,16}$"),
+    conflict: bool | None = Query(
+        None, description="true: only studies with an instance replaced by different bytes under its UID; false: none"
+    ),
     session: Session = Depends(get_session),
     settings: Settings = Depends(get_settings),
 ) -> StudyList:
     """Newest first. `since` without a zone is taken as UTC."""
     conditions = []
+    if conflict is not None:
+        replaced = exists().where(Instance.study_uid == Study.study_uid, Instance.conflict.is_(True))
+        conditions.append(replaced if conflict else ~replaced)
     if state:
         conditions.append(Study.state == state)
     if verdict:
@@ -100,7 +117,8 @@ def list_studies(
     rows = session.scalars(
         select(Study).where(*conditions).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit).offset(offset)
     ).all()
-    items = [StudySummary(**_summary_fields(s, settings)) for s in rows]
+    counts = study_counts(session, [s.study_uid for s in rows])
+    items = [StudySummary(**_summary_fields(s, settings), **counts[s.study_uid].summary()) for s in rows]
     return StudyList(items=items, total=total, limit=limit, offset=offset)
 
 
@@ -187,10 +205,16 @@ def _reports(session: Session, study_uid: str) -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/studies/{study_uid}", response_model=StudyDetail)
+@router.get("/studies/{study_uid}", response_model=StudyDetail, responses={404: {}})
 def get_study(
-    study_uid: str, session: Session = Depends(get_session), settings: Settings = Depends(get_settings)
+    request: Request,
+    study_uid: DicomUID,
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
 ) -> StudyDetail:
+    """The study, its history, results and reports, and what arrived: every instance with each version's
+    SHA-256, size, time and calling AE, identical resends (`duplicates`) and replacements by different bytes
+    under the same UID (`conflict`), summed up in `forensics`."""
     study = _get_study_or_404(session, study_uid)
     events = session.scalars(
         select(StudyEvent).where(StudyEvent.study_uid == study_uid).order_by(StudyEvent.at, StudyEvent.id)
@@ -202,8 +226,16 @@ def get_study(
         errors.append(study.error)
     results_version, series = _series_results(session, study)
     progress = read_progress(settings.data_dir, study_uid) if study.state == State.SCORING else None
+    counts = study_counts(session, [study_uid])[study_uid]
+    instances = instance_history(session, study_uid)
+    reports = _reports(session, study_uid)
+    session.rollback()  # end the read transaction before the audit row is written (SQLite: one writer)
+    audit.record(settings, request, audit.Action.VIEW_STUDY, study_uid, detail="api")
     return StudyDetail(
         **_summary_fields(study, settings),
+        **counts.summary(),
+        forensics=counts.forensics(),
+        instances=instances,
         lease_owner=study.lease_owner,
         lease_until=study.lease_until,
         queued_at=study.queued_at,
@@ -212,7 +244,7 @@ def get_study(
         history=history,
         series=series,
         errors=errors,
-        reports=_reports(session, study_uid),
+        reports=reports,
     )
 
 
@@ -220,11 +252,14 @@ def get_study(
     "/studies/{study_uid}/rescore",
     response_model=RescoreAccepted,
     status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[Depends(require_token)],
+    dependencies=[Depends(require_act)],
     responses={401: {}, 403: {}, 404: {}, 409: {"description": "the study is being received, queued or scored"}},
 )
 def rescore_study(
-    study_uid: str, session: Session = Depends(get_session), settings: Settings = Depends(get_settings)
+    request: Request,
+    study_uid: DicomUID,
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
 ) -> RescoreAccepted:
     """Send a finished or failed study back to scoring, as a new version of its verdict.
 
@@ -248,6 +283,7 @@ def rescore_study(
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, "the study changed state meanwhile; try again")
     session.commit()
+    audit.record(settings, request, audit.Action.RESCORE, study_uid)
     try:
         dispatch(Task.SCORE_STUDY, study_uid, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the study is QUEUED in the db; say that the hand-over failed
@@ -271,7 +307,9 @@ def stats(session: Session = Depends(get_session), settings: Settings = Depends(
         select(Study.verdict, func.count()).where(Study.verdict.is_not(None)).group_by(Study.verdict)
     ):
         by_verdict[verdict] = count
+    forensic = count_forensics(session)
     return Stats(
+        **forensic,
         by_state=by_state,
         by_verdict=by_verdict,
         total=sum(by_state.values()),

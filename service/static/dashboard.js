@@ -4,13 +4,18 @@
 
 const POLL_MS = 2000;
 
+// An action is authorised by a token typed into the page (sent as a Bearer header), or else by the login
+// session's cookie, which the browser sends by itself; then the session's CSRF token (in a meta tag, never
+// in the cookie, which scripts cannot read) must go with it, so that no other site can post for the user.
 function tokenHeaders() {
   const field = document.getElementById("api-token");
   if (field && field.value) {
     sessionStorage.setItem("btd-token", field.value);
   }
   const token = (field && field.value) || sessionStorage.getItem("btd-token");
-  return token ? { Authorization: "Bearer " + token } : {};
+  if (token) return { Authorization: "Bearer " + token };
+  const csrf = document.querySelector('meta[name="csrf-token"]');
+  return csrf ? { "X-CSRF-Token": csrf.content } : {};
 }
 
 async function getJson(url) {
@@ -81,6 +86,7 @@ async function runAction(button) {
   try {
     const response = await fetch(button.dataset.action, {
       method: "POST",
+      credentials: "same-origin",
       headers: Object.assign({ Accept: "application/json" }, tokenHeaders()),
     });
     let body = "";

@@ -33,6 +33,8 @@ OPERATING_POINT = CodedConcept("BTD0006", PRIVATE_SCHEME, "Measured operating po
 # TEXT items per assessed series: what each forensic cue said, and the scanner reference it was judged against.
 FORENSIC_CUES = CodedConcept("BTD0008", PRIVATE_SCHEME, "Forensic cues")
 SCANNER_REFERENCE = CodedConcept("BTD0009", PRIVATE_SCHEME, "Scanner reference")
+# TEXT item per instance received again with different bytes under the same SOP Instance UID.
+INSTANCE_REPLACED = CodedConcept("BTD0007", PRIVATE_SCHEME, "Instance replaced under the same UID")
 
 # TID 1500 row 12: the root-level "Qualitative Evaluations" container (UMLS C0034375).
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")

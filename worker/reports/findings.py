@@ -14,7 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.contracts import Verdict, cue_words, worst_verdict
+from core.db.repository import replaced_instances
 from core.db.schema import InstanceResult, Region, SeriesResult, Study
+from core.forensics import verdict_with_replacements
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,14 @@ def _cue_with_score(cue: dict) -> str:
     return f"{cue_words(cue.get('name'))} ({float(score):.2f} >= {float(threshold):.2f})"
 
 
+@dataclass(frozen=True)
+class ReplacedInstance:
+    """An instance received again with different bytes under the same SOP Instance UID (core/forensics.py)."""
+
+    sop_instance_uid: str
+    version: int  # the version scored and reported (2 = replaced once)
+
+
 @dataclass
 class StudyFindings:
     """Everything one SR reports for one version of a study."""
@@ -98,6 +108,8 @@ class StudyFindings:
     regions: list[RegionFinding] = field(default_factory=list)
     # SOP Instance UIDs the detector judged suspicious (the KOS lists these, region or not).
     flagged_instances: list[str] = field(default_factory=list)
+    # Instances replaced by different bytes under their UID: stated in the SR, and the verdict is at least review.
+    replaced_instances: list[ReplacedInstance] = field(default_factory=list)
 
     @property
     def flagged(self) -> bool:
@@ -163,10 +175,12 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
     ]
     model_row = next((r for r in series_rows if r.model_name), None)
     model_name = model_row.model_name if model_row else "btd"
+    replaced = [ReplacedInstance(sop, n) for sop, n in replaced_instances(session, study_uid)]
+    verdict = verdict_with_replacements(study.verdict or worst_verdict(s.verdict for s in series), len(replaced))
     return StudyFindings(
         study_uid=study_uid,
         study_version=version,
-        verdict=study.verdict or worst_verdict(s.verdict for s in series),
+        verdict=verdict or Verdict.NOT_ASSESSED,
         score=study.score,
         model_name=model_name,
         # The model's version is not a db column; its name (e.g. "btd-ct-v1") is what the db stores.
@@ -175,6 +189,7 @@ def load_findings(session: Session, study_uid: str, study_version: int | None = 
         series=series,
         regions=regions,
         flagged_instances=[r.sop_instance_uid for r in instance_rows if r.verdict == Verdict.SUSPICIOUS],
+        replaced_instances=replaced,
     )
 
 

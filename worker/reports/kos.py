@@ -21,9 +21,11 @@ KOS_SERIES_NUMBER = 9902
 
 
 def flagged_uids(findings: StudyFindings) -> list[str]:
-    """The SOP Instance UIDs to list: every instance judged suspicious or carrying a region, in order."""
+    """The SOP Instance UIDs to list: every instance judged suspicious, carrying a region or replaced by
+    different bytes under its UID (the one a radiologist must look at first), in order."""
     seen: dict[str, None] = {}
-    for uid in [*findings.flagged_instances, *(r.sop_instance_uid for r in findings.regions)]:
+    replaced = (r.sop_instance_uid for r in findings.replaced_instances)
+    for uid in [*findings.flagged_instances, *(r.sop_instance_uid for r in findings.regions), *replaced]:
         seen.setdefault(uid, None)
     return list(seen)
 

@@ -35,6 +35,9 @@ SERIES_DESCRIPTION_PREFIX = "BTD forensic report"
 # itself, and hiding the region would be a silent pass. It is reported as what it is: slice-level findings
 # to review.
 REVIEW_WORDS = "REVIEW: slice flags below study threshold"
+# A study holding an instance replaced by different bytes under its UID (core/forensics.py): the replacement
+# is the finding, whatever the pixels scored; each one is named in its own TEXT item.
+REPLACED_WORDS = "REVIEW: {n} instance(s) replaced"
 VERDICT_WORDS = {
     Verdict.SUSPICIOUS: "SUSPICIOUS: possible image manipulation",
     Verdict.REVIEW: REVIEW_WORDS,
@@ -46,13 +49,18 @@ VERDICT_WORDS = {
 def headline(findings: StudyFindings) -> str:
     """The verdict in words, as the series description, the KOS and the verdict text say it. (A result
     stored before the "review" verdict existed says "no_evidence" with flagged slices: read as review.)"""
+    if findings.replaced_instances and findings.verdict != Verdict.SUSPICIOUS:
+        return REPLACED_WORDS.format(n=len(findings.replaced_instances))
     if findings.verdict == Verdict.NO_EVIDENCE and findings.flagged:
         return REVIEW_WORDS
     return VERDICT_WORDS.get(findings.verdict, findings.verdict)
 
 
 def study_evaluation(findings: StudyFindings) -> hd.sr.CodedConcept:
-    """The study's qualitative evaluation: Indeterminate, not Absent, when slices were flagged below it."""
+    """The study's qualitative evaluation: Indeterminate, not Absent, when slices were flagged below it or an
+    instance was replaced under its UID."""
+    if findings.verdict != Verdict.SUSPICIOUS and findings.replaced_instances:
+        return btd_codes.INDETERMINATE
     if findings.verdict == Verdict.NO_EVIDENCE and findings.flagged:
         return btd_codes.INDETERMINATE
     return btd_codes.VERDICT_EVALUATION.get(findings.verdict, btd_codes.INDETERMINATE)
@@ -73,6 +81,14 @@ def verdict_text(findings: StudyFindings) -> str:
     score = f", score {findings.score:.4g}" if findings.score is not None else ""
     regions = f", {len(findings.regions)} region(s) marked" if findings.regions else ""
     return f"BTD: {words}{score}{regions} (model {findings.model_name}; not verified by a person)"
+
+
+def replacement_text(sop_instance_uid: str, version: int) -> str:
+    """What the SR says of one instance replaced under its UID."""
+    return (
+        f"Instance {sop_instance_uid} was replaced by different bytes under the same UID (version {version}): "
+        "itself evidence of tampering"
+    )
 
 
 def completion_text(findings: StudyFindings) -> str:
@@ -159,8 +175,9 @@ def _region_group(
 
 
 def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12: the study verdict as a root-level qualitative evaluation, plus the reasons of
-    every series that was not assessed, as TEXT (no image region, so no measurement group)."""
+    """TID 1500 row 12: the study verdict as a root-level qualitative evaluation, plus, as TEXT (no image
+    region, so no measurement group), each instance replaced under its UID and the reasons of every series
+    that was not assessed."""
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=btd_codes.IMAGE_MANIPULATION,
@@ -191,6 +208,14 @@ def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
             if text:
                 contains = hd.sr.RelationshipTypeValues.CONTAINS
                 items.append(hd.sr.TextContentItem(name=name, value=text, relationship_type=contains))
+    for replaced in findings.replaced_instances:
+        items.append(
+            hd.sr.TextContentItem(
+                name=btd_codes.INSTANCE_REPLACED,
+                value=replacement_text(replaced.sop_instance_uid, replaced.version),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     for series in findings.not_assessed:
         items.append(
             hd.sr.TextContentItem(
