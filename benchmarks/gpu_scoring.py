@@ -1,0 +1,188 @@
+"""Scoring a large study on a GPU in batches: slices/s, memory, and what bf16 costs in score accuracy.
+
+Why: a busy site sends thousands of slices an hour, and a GPU worker is sized by how many slices per second
+one card scores with the default model. The detector already batches slices on CUDA (16 per forward pass
+by default) under bf16 autocast and computes the residual in fp32 from the noise prediction (FINDINGS.md:
+a residual taken as the difference of two bf16 images is destroyed); this script measures that path:
+
+- throughput: slices per second through the model (`Detector.residual_maps`, the part a GPU speeds up) and
+  end to end (`Detector.score_series` on DICOM files: decoding, the anomaly map, regions, the series
+  verdict), for each batch size asked for, after a warm-up pass;
+- memory: peak GPU memory allocated (torch.cuda.max_memory_allocated), or the process's peak RSS on CPU;
+- accuracy: each slice's score under bf16 against fp32 (largest absolute and relative difference, and
+  whether any verdict changed).
+
+Without a CUDA device the same script runs on the CPU (fp32 and bf16 autocast) with a small study, and
+says so in its output: the figures are then the CPU's, not a GPU's.
+
+    .venv/bin/python benchmarks/gpu_scoring.py --slices 512 --batch-sizes 16,32,64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models.detector import Detector  # noqa: E402
+from models.preprocess import read_hu  # noqa: E402
+
+# Real chest CT with lungs (LIDC-IDRI-0001, CC BY 3.0, TCIA LIDC-IDRI) when the shared data is present;
+# else the fixture series of the tests (TotalSegmentator, Apache-2.0).
+LIDC = REPO.parent / "shared" / "data" / "chest-ct" / "lidc-idri" / "LIDC-IDRI-0001"
+FIXTURE_SERIES = REPO / "tests" / "fixtures" / "ct_series_20"
+
+
+def source_slices() -> list[Path]:
+    found = sorted(LIDC.glob("*.dcm")) if LIDC.is_dir() else []
+    return found or sorted(FIXTURE_SERIES.glob("CT.*"))
+
+
+def make_study(out_dir: Path, n: int) -> list[Path]:
+    """N slices of one series (real slices cycled, each with its own UIDs and position), as files."""
+    sources = source_slices()
+    series_uid, study_uid = generate_uid(), generate_uid()
+    paths = []
+    for index in range(n):
+        ds = pydicom.dcmread(sources[index % len(sources)])
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        if "ImagePositionPatient" in ds:
+            x, y, _z = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, -1.25 * index]
+        paths.append(out_dir / f"{index:05d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_throughput(detector: Detector, values: list[np.ndarray], repeats: int) -> float:
+    """Slices per second through the model's residual (batched by the detector's own batch size)."""
+    detector.residual_maps(values[: max(1, detector.options.batch_size or 1)])  # warm-up: kernels, autotune
+    synchronize(detector.device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        detector.residual_maps(values)
+    synchronize(detector.device)
+    return repeats * len(values) / (time.perf_counter() - started)
+
+
+def end_to_end(detector: Detector, paths: list[Path]) -> tuple[float, Any]:
+    """Slices per second of `score_series` on the files (decoding and the anomaly model included)."""
+    synchronize(detector.device)
+    started = time.perf_counter()
+    result = detector.score_series([str(p) for p in paths])
+    synchronize(detector.device)
+    return len(paths) / (time.perf_counter() - started), result
+
+
+def compare(fp32: Any, bf16: Any) -> dict[str, Any]:
+    """How far bf16 moves each slice's score from fp32's, and whether a verdict changes."""
+    diffs, relative, changed = [], [], 0
+    for a, b in zip(fp32.instances, bf16.instances, strict=True):
+        if a.score is None or b.score is None:
+            continue
+        diffs.append(abs(a.score - b.score))
+        relative.append(abs(a.score - b.score) / max(abs(a.score), 1e-9))
+        changed += a.verdict != b.verdict
+    return {
+        "max_abs_score_diff": max(diffs, default=None),
+        "max_rel_score_diff": max(relative, default=None),
+        "verdicts_changed": changed,
+        "series_verdicts": [fp32.verdict, bf16.verdict],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="weights (default: the shipped CT model)")
+    parser.add_argument("--slices", type=int, default=None, help="slices in the study (default 512 GPU, 8 CPU)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 16,32,64 GPU; 2 CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the study for the model throughput")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    n = args.slices or (512 if cuda else 8)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("16,32,64" if cuda else "2")).split(",")]
+    if not cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        print("no CUDA device: this run measures the CPU path (fp32 and bf16 autocast), not a GPU", file=sys.stderr)
+    meta: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU: {platform.processor() or platform.machine()}",
+        "cuda": cuda,
+        "torch": torch.__version__,
+        "slices": n,
+        "model": str(args.model or "default"),
+    }
+    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-scoring-"))
+    try:
+        paths = make_study(workdir, n)
+        values = [read_hu(pydicom.dcmread(p))[0] for p in paths]  # (H, W) in HU: the first (only) frame
+        for batch in batch_sizes:
+            results = {}
+            for precision in ("fp32", "bf16"):
+                detector = Detector.load(args.model, device=device, batch_size=batch, precision=precision)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                model_rate = model_throughput(detector, values, args.repeats)
+                e2e_rate, result = end_to_end(detector, paths)
+                results[precision] = result
+                rows.append(
+                    {
+                        "batch_size": batch,
+                        "precision": precision,
+                        "model_slices_per_s": round(model_rate, 2),
+                        "end_to_end_slices_per_s": round(e2e_rate, 2),
+                        "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr)
+                del detector
+                if cuda:
+                    torch.cuda.empty_cache()
+            rows[-1]["bf16_vs_fp32"] = compare(results["fp32"], results["bf16"])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {"meta": meta, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
