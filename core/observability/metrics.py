@@ -39,6 +39,11 @@ DELIVERY_ATTEMPTS = Counter("btd_delivery_attempts_total", "Report deliveries tr
 MODEL_LOAD_SECONDS = Histogram(
     "btd_model_load_seconds", "Time to load the detector model", buckets=(0.1, 0.5, 1, 2, 5, 10, 30)
 )
+TASK_OUTCOMES = Counter(
+    "btd_task_outcomes_total",
+    "Task runs by task and outcome (scored, failed, retry, busy, skipped, delivered, ...)",
+    ["task", "outcome"],
+)
 STUDIES_SCORED = Counter("btd_studies_scored_total", "Studies scored by this process, by verdict", ["verdict"])
 STATE_SCRAPE_ERRORS = Counter(
     "btd_study_state_scrape_errors_total", "Scrapes where the studies-by-state query against the database failed"
