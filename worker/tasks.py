@@ -1,7 +1,8 @@
 """The scoring task `btd.score_study`: its Celery entry, its in-process entry, and the work they share.
 
 Why the state machine, not Celery, decides whether to work: a Redis message can be delivered twice (a
-re-delivery after the visibility timeout, a requeue after a killed worker), so the task first claims the
+re-delivery after the visibility timeout, a requeue after a killed worker, the gateway's monitor sending
+again a step whose lease ran out: core/liveness.py), so the task first claims the
 study with a compare-and-set QUEUED -> SCORING (or takes over a SCORING study whose lease ran out: its
 worker died), and writes its results in the same transaction as SCORING -> SCORED guarded by its own
 lease and the study version. A duplicate finds the study SCORING under a live lease, or SCORED, and
