@@ -19,8 +19,8 @@ send it once, and a step whose message is still in the queue is never duplicated
 idempotent, guarded by the state machine: a duplicate that finds its work done does nothing.
 
 Without a broker (embedded mode) the in-process queue died with the last process, so at start the monitor
-also ends any SCORING lease left by it and re-dispatches studies left QUEUED, SCORED (report not built)
-and REPORTED (not delivered) at once, without waiting for their deadlines.
+also ends any lease (scoring, delivery) left by it and re-dispatches studies left QUEUED, SCORED (report
+not built) and REPORTED (not delivered) at once, without waiting for their deadlines.
 """
 
 from __future__ import annotations
