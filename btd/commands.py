@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
     worker = subparsers.add_parser("worker", help="run a Celery worker for BTD_QUEUE_NAME (needs BTD_BROKER_URL)")
+    worker.add_argument(
+        "--queues",
+        help="comma-separated roles to consume: scoring, reports (default BTD_WORKER_QUEUES: both)",
+    )
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments passed to celery worker")
     worker.set_defaults(func=_worker)
 
@@ -60,10 +64,19 @@ def _serve(_args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from core.contracts import QueueRole
     from core.settings import get_settings
     from worker.main import run_worker
 
-    return run_worker(get_settings(), extra_args=list(args.celery_args or []))
+    settings = get_settings()
+    if args.queues:
+        roles = [role.strip() for role in args.queues.split(",") if role.strip()]
+        unknown = sorted(set(roles) - {role.value for role in QueueRole})
+        if unknown or not roles:
+            print(f"unknown queue role(s) {unknown}; use {', '.join(r.value for r in QueueRole)}", file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"worker_queues": roles})
+    return run_worker(settings, extra_args=list(args.celery_args or []))
 
 
 def _send(args: argparse.Namespace) -> int:

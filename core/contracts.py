@@ -97,6 +97,39 @@ class Task(StrEnum):
     DELIVER_REPORT = "btd.deliver_report"  # REPORTED / FAILED_DELIVERY -> DELIVERED
 
 
+class QueueRole(StrEnum):
+    """The two queues: scoring (long jobs) and reports (build and deliver, seconds each).
+
+    Why two: a report waiting behind a queue of long scoring jobs would hold back a finished study's
+    verdict; with its own queue a study's report goes out while other studies are still scored."""
+
+    SCORING = "scoring"
+    REPORTS = "reports"
+
+
+# Which queue carries which task.
+TASK_QUEUE_ROLE: dict[Task, QueueRole] = {
+    Task.SCORE_STUDY: QueueRole.SCORING,
+    Task.BUILD_REPORT: QueueRole.REPORTS,
+    Task.DELIVER_REPORT: QueueRole.REPORTS,
+}
+
+
+def queue_name(base: str, role: QueueRole | str) -> str:
+    """The broker queue of a role: BTD_QUEUE_NAME for scoring, BTD_QUEUE_NAME + ".reports" for reports."""
+    return base if QueueRole(role) == QueueRole.SCORING else f"{base}.{QueueRole.REPORTS.value}"
+
+
+# The states that wait on a task, and that task: the stability monitor's sweepers re-dispatch it when its
+# message is lost or its worker died (service/stability.py, core/liveness.py).
+STEP_TASKS: dict[State, Task] = {
+    State.QUEUED: Task.SCORE_STUDY,
+    State.SCORING: Task.SCORE_STUDY,
+    State.SCORED: Task.BUILD_REPORT,
+    State.REPORTED: Task.DELIVER_REPORT,
+}
+
+
 class Verdict(StrEnum):
     """A study's, series' or slice's verdict; the values are `models.results`' (the science defines them)."""
 
@@ -117,16 +150,20 @@ __all__ = [
     "RESCORABLE_STATES",
     "RESUMABLE_STATES",
     "SCOREABLE_SOP_CLASSES",
+    "STEP_TASKS",
+    "TASK_QUEUE_ROLE",
     "VERDICTS",
     "VERSION",
     "WAITING_STATES",
     "DeliveryOutcome",
+    "QueueRole",
     "State",
     "Task",
     "Verdict",
     "map_relpath",
     "model_path",
     "progress_path",
+    "queue_name",
     "report_relpath",
     "worst_verdict",
 ]

@@ -7,6 +7,11 @@ it the worker's task table when the process starts, so nothing here looks code u
 task dispatches its follow-up (or its own retry, with a `countdown`) through the same function, in either
 mode.
 
+With a broker each task goes to its role's queue (core.contracts.TASK_QUEUE_ROLE): scoring to
+BTD_QUEUE_NAME, report building and delivery to BTD_QUEUE_NAME + ".reports", so a report never waits
+behind other studies' scoring. `waiting_messages` says which (task, study) messages wait in the queues, in
+either mode: the stability monitor re-dispatches a step only when its message is not there.
+
 Nothing is lost if a queued entry is: the database holds every study's state, and the stability monitor
 re-dispatches what a lost queue forgot (see service/stability.py). An unknown task name is logged as an
 error, never raised into the caller's thread.
@@ -14,13 +19,16 @@ error, never raised into the caller's thread.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import queue as stdlib_queue
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from core.contracts import Task
+from core.contracts import TASK_QUEUE_ROLE, QueueRole, Task, queue_name
 from core.observability.logs import correlation, current_correlation_id, log_event
 from core.settings import Settings
 
@@ -28,6 +36,7 @@ log = logging.getLogger("btd.queue")
 
 TaskFunction = Callable[..., Any]
 Resolver = Callable[[str], TaskFunction | None]
+WaitingKey = tuple[str, str]  # (task name, study UID): one message for one study step
 
 # The longest wait before a retry, whatever step: a PACS or database back after an outage is tried again
 # within ten minutes.
@@ -57,6 +66,8 @@ class InProcessExecutor:
         self._thread = threading.Thread(target=self._run, name="btd-executor", daemon=True)
         self._timers: set[threading.Timer] = set()
         self._timers_lock = threading.Lock()
+        self._pending: Counter[WaitingKey] = Counter()  # queued, on a timer, or running
+        self._pending_lock = threading.Lock()
         self.failures = 0
         self.completed = 0
 
@@ -70,12 +81,28 @@ class InProcessExecutor:
         return self._thread.is_alive()
 
     def submit(self, name: str, args: tuple[Any, ...]) -> None:
+        self._hold(name, args, +1)
         self._queue.put((name, args, current_correlation_id()))
+
+    def _hold(self, name: str, args: tuple[Any, ...], change: int) -> None:
+        if not args:
+            return
+        key = (name, str(args[0]))
+        with self._pending_lock:
+            self._pending[key] += change
+            if self._pending[key] <= 0:
+                del self._pending[key]
+
+    def waiting(self) -> set[WaitingKey]:
+        """(task, study) of every task queued, waiting on its timer or running now."""
+        with self._pending_lock:
+            return set(self._pending)
 
     def submit_later(self, delay: float, name: str, args: tuple[Any, ...]) -> None:
         """Submit after `delay` seconds. A timer lost with the process is harmless: the stability monitor
         finds the study where it was left and dispatches it again."""
         correlation_id = current_correlation_id()
+        self._hold(name, args, +1)
 
         def fire() -> None:
             with self._timers_lock:
@@ -120,8 +147,11 @@ class InProcessExecutor:
                 if item is _STOP:
                     return
                 name, args, correlation_id = item
-                with correlation(correlation_id):
-                    self._run_one(name, args)
+                try:
+                    with correlation(correlation_id):
+                        self._run_one(name, args)
+                finally:
+                    self._hold(name, args, -1)
             finally:
                 self._queue.task_done()
 
@@ -185,10 +215,9 @@ def dispatch(task: Task | str, *args: Any, settings: Settings, countdown: float 
     """
     name = task.value if isinstance(task, Task) else str(task)
     if settings.broker_url:
-        _celery_client(settings.broker_url).send_task(
-            name, args=list(args), queue=settings.queue_name, countdown=countdown
-        )
-        log_event(log, "task.sent", task=name, queue=settings.queue_name, args=[str(a) for a in args])
+        target = queue_for(name, settings)
+        _celery_client(settings.broker_url).send_task(name, args=list(args), queue=target, countdown=countdown)
+        log_event(log, "task.sent", task=name, queue=target, args=[str(a) for a in args], countdown=countdown)
         return
     executor = _executor
     if executor is None or not executor.alive:
@@ -200,19 +229,82 @@ def dispatch(task: Task | str, *args: Any, settings: Settings, countdown: float 
     log_event(log, "task.queued_in_process", task=name, args=[str(a) for a in args], countdown=countdown)
 
 
+def queue_for(task: Task | str, settings: Settings) -> str:
+    """The broker queue that carries `task` (an unknown name goes to the scoring queue, the default)."""
+    try:
+        role = TASK_QUEUE_ROLE[Task(task)]
+    except ValueError:
+        role = QueueRole.SCORING
+    return queue_name(settings.queue_name, role)
+
+
+def broker_queues(settings: Settings, roles: list[str] | None = None) -> list[str]:
+    """The broker queues of `roles` (default: every role), in role order."""
+    wanted = [QueueRole(r) for r in (roles if roles is not None else list(QueueRole))]
+    return [queue_name(settings.queue_name, role) for role in QueueRole if role in wanted]
+
+
+def _redis_client(settings: Settings) -> Any:
+    import redis
+
+    assert settings.broker_url is not None
+    return redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _uses_redis(settings: Settings) -> bool:
+    return bool(settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")))
+
+
 def queue_depth(settings: Settings) -> int | None:
-    """Messages waiting: the Redis list of the queue, or the in-process queue; None if unknown."""
+    """Messages waiting: the Redis lists of both queues, or the in-process queue; None if unknown."""
     if not settings.broker_url:
         return _executor.depth() if _executor is not None else 0
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
+    if not _uses_redis(settings):
         return None
     try:
-        import redis
-
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        client = _redis_client(settings)
         try:
-            return int(client.llen(settings.queue_name))
+            return sum(int(client.llen(name)) for name in broker_queues(settings))
         finally:
             client.close()
     except Exception:
         return None
+
+
+def _message_key(raw: bytes) -> WaitingKey | None:
+    """(task name, first argument) of one Celery message as kombu keeps it in a Redis list (JSON with the
+    task name in its headers and the arguments base64-encoded in its body); None if it is not one."""
+    try:
+        message = json.loads(raw)
+        name = message["headers"]["task"]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return (str(name), str(args[0])) if args else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def waiting_messages(settings: Settings) -> set[WaitingKey] | None:
+    """(task, study UID) of every message waiting for a worker: in the Redis lists of our queues, or in the
+    in-process executor (queued, on a retry timer, or running). None when it cannot be known (the broker is
+    unreachable, or not Redis): the caller then goes by deadlines alone.
+
+    Why only the lists and not Celery's unacknowledged set: a message there belongs to a worker, and
+    whether that worker still lives is the lease's business (a dead worker's message stays there until the
+    visibility timeout); the database's lease and retry time say more than the broker can.
+    """
+    if not settings.broker_url:
+        return _executor.waiting() if _executor is not None else set()
+    if not _uses_redis(settings):
+        return None
+    try:
+        client = _redis_client(settings)
+        try:
+            raw = [item for name in broker_queues(settings) for item in client.lrange(name, 0, -1)]
+        finally:
+            client.close()
+    except Exception:
+        return None
+    return {key for key in map(_message_key, raw) if key is not None}

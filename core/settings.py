@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
     allowed_aets: CsvList = Field(default_factory=list)  # empty = any calling AE title
+    # The AE titles a peer may call us by; empty = only AE_TITLE. Why checked: a PACS routing rule that
+    # names the wrong node must be told at once (A-ASSOCIATE-RJ "called AE title not recognised"), not
+    # silently stored by a receiver that was meant for something else.
+    called_aets: CsvList = Field(default_factory=list)
     allowed_ips: CsvList = Field(default_factory=list)  # empty = any peer address
     min_free_bytes: int = 1_000_000_000  # below this free space on the spool's disk C-STORE answers 0xA700
     max_instance_bytes: int = 2 * 1024**3  # a larger dataset is answered 0xA700 (it is held in memory until whole)
@@ -64,8 +68,34 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = None  # None -> sqlite:///<DATA_DIR>/btd.sqlite3
     broker_url: str | None = None  # None -> tasks run in a thread of `btd serve`
+    # Scoring messages go to QUEUE_NAME, report and delivery messages to QUEUE_NAME + ".reports" (one
+    # long study never delays another study's report); `btd worker` consumes both unless told otherwise.
     queue_name: str = "btd"
-    visibility_timeout: int = 7200  # seconds; longer than the longest scoring job
+    worker_queues: CsvList = Field(default_factory=lambda: ["scoring", "reports"])  # roles `btd worker` takes
+    # Redis re-delivers a message whose consumer died after this many seconds. It is only a backstop: the
+    # stability monitor re-dispatches from the database (an expired lease, a lost message) within minutes.
+    # Why two hours: longer than any retry countdown (at most 600 s) and than a long scoring job, so a live
+    # job or a retry waiting on its timer is not handed to a second worker (which would only find it leased).
+    visibility_timeout: int = 7200
+    # A worker's claim on a study step (scoring, delivery), renewed every third of it by a heartbeat thread.
+    # Why one minute: a killed worker's study is taken over about a minute later, while a live worker
+    # (renewing three times a minute) survives a database or CPU hiccup of some 40 s without losing it.
+    lease_seconds: float = 60.0
+    # A step waiting for a message (QUEUED, SCORED, REPORTED) whose message is neither waiting in the queue
+    # nor held under a live lease is dispatched again after this long. Why a minute: a message lost with a
+    # Redis restart, or a dispatch that failed while the broker was down, is re-sent promptly, and a message
+    # still in the queue (a backlog) is never duplicated whatever the wait.
+    redispatch_seconds: float = 60.0
+    # A step that has not moved for this long although nothing legitimately holds it (no message waiting in
+    # the queue, no live lease, no retry timer) is stuck: /readyz says so, `btd_studies_stuck` counts it,
+    # the dashboard shows it. Why ten minutes: the monitor has re-dispatched it about ten times by then, so
+    # a person must look (no worker for its queue, a broker that drops messages, a bug).
+    stuck_seconds: float = 600.0
+    # Celery workers publish a heartbeat (with their metrics) every WORKER_HEARTBEAT_SECONDS; /readyz says
+    # "no worker" when none has been seen for WORKER_ABSENT_SECONDS. Why two minutes: longer than a worker
+    # restart (model load included), shorter than a lease plus its re-dispatch.
+    worker_heartbeat_seconds: float = 15.0
+    worker_absent_seconds: float = 120.0
     stable_seconds: float = 30.0  # quiet time after the last instance before a study counts as complete
     monitor_interval: float = 1.0  # how often the stability monitor looks for quiet studies
 

@@ -8,13 +8,19 @@ or to REJECTED when it holds no CT or MR image to score. Both steps are compare-
 gateways sharing a database queue a study once.
 
 Recovery: a study whose timer ran out while the gateway was down is simply due at the first pass. A
-dispatch that fails (broker down) puts the study back to STABLE, so the next pass tries again. Without a
-broker (embedded mode) the in-process queue died with the last process, so at start the monitor
-re-dispatches studies left QUEUED, SCORED (report not built) and
-REPORTED (not delivered), and every pass re-dispatches a SCORING study whose lease expired (its
-worker thread died with the process); the tasks are idempotent, guarded by the state machine. With a broker the
-messages live in Redis; a study QUEUED for longer than BTD_VISIBILITY_TIMEOUT is re-dispatched in case
-its message was lost (a duplicate message finds the study already claimed and does nothing).
+dispatch that fails (broker down) puts the study back to STABLE, so the next pass tries again.
+
+No study is ever stuck, in either mode: every pass also sweeps the states that wait on a message
+(QUEUED, SCORING, SCORED, REPORTED) and dispatches a step's task again when the step is overdue by the
+deadlines of core/liveness.py: its message is neither waiting in the queue nor held under a live lease
+(lost with a broker restart, a dispatch that failed while the broker was down, a worker killed mid-step).
+Each re-dispatch is a compare-and-set on the row's `dispatched_at`, so several gateways sharing a database
+send it once, and a step whose message is still in the queue is never duplicated. The tasks are
+idempotent, guarded by the state machine: a duplicate that finds its work done does nothing.
+
+Without a broker (embedded mode) the in-process queue died with the last process, so at start the monitor
+also ends any lease (scoring, delivery) left by it and re-dispatches studies left QUEUED, SCORED (report
+not built) and REPORTED (not delivered) at once, without waiting for their deadlines.
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import queue
+from core import liveness, queue
 from core.contracts import SCOREABLE_SOP_CLASSES, State, Task
 from core.db import repository
 from core.db.base import utcnow
@@ -40,6 +46,7 @@ from core.settings import Settings
 log = logging.getLogger("btd.stability")
 
 Dispatcher = Callable[..., None]
+WaitingLookup = Callable[[], liveness.Waiting]
 
 
 def has_scoreable_instance(session: Session, study_uid: str) -> bool:
@@ -64,13 +71,14 @@ class StabilityMonitor:
         dispatch: Dispatcher | None = None,
         *,
         embedded: bool | None = None,
+        waiting: WaitingLookup | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions or session_factory(settings)
         self.dispatch = dispatch or (lambda name, *args: queue.dispatch(name, *args, settings=settings))
+        self.waiting = waiting or (lambda: queue.waiting_messages(settings))
         self.embedded = (not settings.broker_url) if embedded is None else embedded
         self._stop = threading.Event()
-        self._lease_redispatched: dict[str, datetime] = {}
         self._thread = threading.Thread(target=self._loop, name="btd-stability", daemon=True)
 
     def start(self) -> StabilityMonitor:
@@ -117,29 +125,57 @@ class StabilityMonitor:
         with self.sessions() as session:
             stable = list(session.scalars(select(Study.study_uid).where(Study.state == State.STABLE)))
         queued = [uid for uid in stable if self._queue(uid, now)]
-        if self.embedded:
-            self._redispatch_expired_leases(now)
-        else:
-            self._redispatch_stale_queued(now)
+        self.sweep(now)
         return queued
 
-    def _redispatch_expired_leases(self, now: datetime) -> None:
-        """Embedded mode: a SCORING study whose lease ran out lost its worker thread; score it again once
-        per expired lease (the task takes over an expired lease; a live one makes it return at once)."""
+    def sweep(self, now: datetime | None = None) -> list[tuple[str, str]]:
+        """Dispatch again every step that is overdue (core.liveness); return the (task, study) sent.
+
+        The queues are read only when some step would be overdue were its message gone, so an idle pass
+        costs one query and no broker round trip."""
+        now = now or utcnow()
         with self.sessions() as session:
-            expired = list(
-                session.execute(
-                    select(Study.study_uid, Study.lease_until).where(
-                        Study.state == State.SCORING, Study.lease_until.is_not(None), Study.lease_until < now
-                    )
-                )
-            )
-        for study_uid, lease_until in expired:
-            if self._lease_redispatched.get(study_uid) == lease_until:
+            steps = liveness.load_steps(session, liveness.STEP_TASKS_STATES)
+        candidates = [s for s in steps if liveness.overdue(s, now, self.settings, waiting=set())]
+        if not candidates:
+            return []
+        waiting = self.waiting()
+        sent = []
+        for step in candidates:
+            if not liveness.overdue(step, now, self.settings, waiting) or not self._claim_redispatch(step, now):
                 continue
-            self._lease_redispatched[study_uid] = lease_until
-            log_event(log, "study.lease_expired", logging.WARNING, study_uid=study_uid)
-            self._send(study_uid, Task.SCORE_STUDY)
+            assert step.task is not None
+            expired = step.leased and liveness.lease_expiry(step, self.settings) <= now
+            log_event(
+                log,
+                "study.redispatched",
+                logging.WARNING,
+                study_uid=step.study_uid,
+                state=step.state,
+                task=step.task,
+                reason=f"lease of {step.lease_owner} expired" if expired else "no message waiting for this step",
+            )
+            if self._send(step.study_uid, step.task):
+                sent.append((step.task, step.study_uid))
+        return sent
+
+    def _claim_redispatch(self, step: liveness.Step, now: datetime) -> bool:
+        """Compare-and-set `dispatched_at` on the row as it was read, so one gateway of several re-sends."""
+        unchanged = [
+            Study.study_uid == step.study_uid,
+            Study.state == step.state,
+            Study.dispatched_at.is_(None) if step.dispatched_at is None else Study.dispatched_at == step.dispatched_at,
+            Study.lease_until.is_(None) if step.lease_until is None else Study.lease_until == step.lease_until,
+        ]
+        values: dict[str, Any] = {"dispatched_at": now}
+        if step.state == State.QUEUED:
+            values["queued_at"] = now  # as before: a re-sent study counts its queue wait from now
+        with self.sessions() as session:
+            claimed = session.execute(
+                update(Study).where(*unchanged).values(**values).execution_options(synchronize_session=False)
+            )
+            session.commit()
+        return claimed.rowcount == 1  # type: ignore[attr-defined]
 
     def _queue(self, study_uid: str, now: datetime) -> bool:
         with self.sessions() as session:
@@ -169,29 +205,6 @@ class StabilityMonitor:
         log_event(log, "study.dispatched", study_uid=study_uid, task=task)
         return True
 
-    def _redispatch_stale_queued(self, now: datetime) -> None:
-        cutoff = now - timedelta(seconds=self.settings.visibility_timeout)
-        with self.sessions() as session:
-            stale = list(
-                session.execute(
-                    select(Study.study_uid, Study.queued_at).where(
-                        Study.state == State.QUEUED, Study.queued_at.is_not(None), Study.queued_at < cutoff
-                    )
-                )
-            )
-        for study_uid, queued_at in stale:
-            with self.sessions() as session:
-                claimed = session.execute(
-                    update(Study)
-                    .where(Study.study_uid == study_uid, Study.state == State.QUEUED, Study.queued_at == queued_at)
-                    .values(queued_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-                session.commit()
-            if claimed.rowcount == 1:  # type: ignore[attr-defined]
-                log_event(log, "study.requeued_stale", study_uid=study_uid)
-                self._send(study_uid, Task.SCORE_STUDY)
-
     # Start-up recovery ---------------------------------------------------------------------------
 
     def recover(self, now: datetime | None = None) -> dict[str, list[str]]:
@@ -200,12 +213,16 @@ class StabilityMonitor:
             return {}
         now = now or utcnow()
         with self.sessions() as session:
-            # Without a broker only this process scores, so a lease still running belongs to the previous
-            # process, which is gone (stopped mid-scoring, or crashed): end it now rather than letting the
-            # study wait out up to half the visibility timeout. The next pass then re-dispatches it.
+            # Without a broker only this process scores and delivers, so a lease still running belongs to the
+            # previous process, which is gone (stopped mid-step, or crashed): end it now rather than letting
+            # the study wait out its lease. The next pass then re-dispatches it.
             orphaned = session.execute(
                 update(Study)
-                .where(Study.state == State.SCORING, Study.lease_until.is_not(None), Study.lease_until > now)
+                .where(
+                    Study.state.in_((State.SCORING, State.REPORTED)),
+                    Study.lease_until.is_not(None),
+                    Study.lease_until > now,
+                )
                 .values(lease_until=now)
                 .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]

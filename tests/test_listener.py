@@ -262,6 +262,35 @@ def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
         assoc.release()
 
 
+def test_a_called_ae_title_other_than_ours_is_rejected_as_not_recognised(tmp_path: Path) -> None:
+    """A PACS node configured for another receiver must be told (PS3.8 reason 7), not silently served."""
+    with running_listener(tmp_path / "a") as settings:
+        wrong = subprocess.run(
+            ["storescu", "-v", "-aet", "PACS", "-aec", "NOTBTD", "127.0.0.1", str(settings.dicom_port), str(CT_SMALL)],
+            env=dict(os.environ, TCP_NODELAY="1"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert wrong.returncode != 0
+        assert "Called AE Title Not Recognized" in wrong.stderr + wrong.stdout
+        assert spool_files(settings) == [] and rows_for(settings) == []
+        assert storescu(settings, str(CT_SMALL)).returncode == 0  # called by our own title: served
+    with running_listener(tmp_path / "b", called_aets=["BTD", "BTD-ALIAS"]) as settings:
+        for title in ("BTD", "BTD-ALIAS"):
+            ae = AE(ae_title="PACS")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=title)
+            assert assoc.is_established, title
+            assoc.release()
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title="OTHER")
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x07)
+
+
 def test_peer_address_outside_the_allow_list_is_rejected(tmp_path: Path) -> None:
     with running_listener(tmp_path / "a", allowed_ips=["10.255.255.0/24"]) as settings:
         results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)

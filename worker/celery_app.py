@@ -4,9 +4,11 @@ Why these options: a scoring job runs for minutes and must survive a worker that
 message is acknowledged only after the task returns (`task_acks_late`), a worker takes one message at a
 time (`worker_prefetch_multiplier=1`, so a slow study does not hold others hostage), and a message whose
 worker was killed goes back to the queue (`task_reject_on_worker_lost`). Redis re-delivers an unacked
-message after `visibility_timeout`, so that timeout must be longer than the longest job; the study's
-state machine in the database (not Celery) stops a re-delivered message from scoring twice. No result
-backend: the database is the truth.
+message after `visibility_timeout` (a backstop: a whole worker lost with its parent process is noticed
+sooner by its study's lease running out, core/liveness.py); the study's state machine in the database
+(not Celery) stops a re-delivered message from scoring twice. No result backend: the database is the
+truth. Scoring and report tasks travel on separate queues (`task_routes`, core.contracts.QueueRole), so
+a report never waits behind other studies' scoring.
 
 Why the app is configured by `configure`, not at import: the tasks register themselves on `app` when
 their modules are imported, but which broker, queue and timeouts apply is the process's settings, read
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from core.contracts import TASK_QUEUE_ROLE, queue_name
 from core.settings import Settings
 
 app = Celery("btd", set_as_current=False)
@@ -65,6 +68,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
+        "task_routes": {t.value: {"queue": queue_name(settings.queue_name, r)} for t, r in TASK_QUEUE_ROLE.items()},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

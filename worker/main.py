@@ -3,15 +3,27 @@
 One task at a time (`--concurrency 1`, prefetch 1): the model holds the GPU (or the CPU's cores), and a
 worker that took a second message would only make it wait. Start one process per GPU, or several CPU
 workers; they coordinate through the database, never with each other.
+
+Which queues: both by default (BTD_WORKER_QUEUES=scoring,reports); `btd worker --queues reports` makes a
+worker that only builds and delivers reports (no model is ever loaded by it), so a site can keep reports
+flowing however long the scoring queue is.
+
+Each pool process publishes a heartbeat with its metrics to Redis (core.observability.fleet) from a thread
+of its own: the gateway's `/readyz` knows a worker is alive, and its `/metrics` shows the worker's counts.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from core.contracts import QueueRole
+from core.observability.fleet import HeartbeatPublisher
 from core.observability.logs import configure_logging, log_event
+from core.queue import broker_queues
 from core.settings import Settings
 from worker import celery_app
+from worker.lease import worker_id
 
 log = logging.getLogger("btd.worker")
 
@@ -25,10 +37,12 @@ def run_worker(settings: Settings, extra_args: list[str] | None = None) -> int:
     app = celery_app.configure(settings)
     from worker import report_tasks, tasks  # noqa: F401 - importing registers the tasks on the app
 
+    roles = [QueueRole(role) for role in settings.worker_queues]
+    start_heartbeat_in_pool_processes(settings, roles)
     argv = [
         "worker",
         "-Q",
-        settings.queue_name,
+        ",".join(broker_queues(settings, roles)),
         "--concurrency",
         "1",
         "--prefetch-multiplier",
@@ -39,3 +53,14 @@ def run_worker(settings: Settings, extra_args: list[str] | None = None) -> int:
     ]
     app.worker_main(argv=argv)
     return 0
+
+
+def start_heartbeat_in_pool_processes(settings: Settings, roles: list[QueueRole]) -> None:
+    """Publish a heartbeat from each pool process, where the tasks run and count their metrics (a forked
+    child's counters are its own); the parent's would say nothing about the child doing the work."""
+    from celery.signals import worker_process_init
+
+    def start(**_kwargs: Any) -> None:
+        HeartbeatPublisher(settings, worker_id(), [role.value for role in roles]).start()
+
+    worker_process_init.connect(start, weak=False)

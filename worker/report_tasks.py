@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -31,11 +32,12 @@ from core.db.schema import DeliveryAttempt, Instance, Report, Study
 from core.db.session import session_scope
 from core.dicom.destination import Destination, parse_destination
 from core.observability.logs import log_event
-from core.observability.metrics import DELIVERY_ATTEMPTS
+from core.observability.metrics import DELIVERY_ATTEMPTS, TASK_OUTCOMES
 from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
 from core.settings import Settings
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
+from worker.lease import Claim, LeaseKeeper, lease_seconds, worker_id
 from worker.reports.delivery import send_report
 from worker.reports.findings import load_findings
 from worker.reports.kos import build_kos
@@ -253,8 +255,16 @@ def run_deliver_report(
     *,
     final_attempt: bool = True,
     timeout: float = DELIVERY_TIMEOUT_SECONDS,
+    retry_in: float | None = None,
+    owner: str | None = None,
 ) -> TaskOutcome:
-    """Send the current report to every destination that has not yet acknowledged it."""
+    """Send the current report to every destination that has not yet acknowledged it.
+
+    The sending worker holds a lease on the REPORTED study (renewed by its heartbeat), so a duplicate
+    message finds it leased and does nothing (two deliveries at once could each send before either
+    recorded its success), and a worker killed mid-delivery is replaced once its lease runs out.
+    `retry_in`: the countdown the caller gives its retry after a failed round, recorded as `retry_at`."""
+    owner = owner or worker_id()
     with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))
@@ -273,6 +283,9 @@ def run_deliver_report(
                     detail="no report for the current version",
                 )
                 return TaskOutcome(SKIPPED, "no report for the current version")
+            if settings.destinations and not _claim_delivery(session, settings, study, owner):
+                log_event(log, "delivery.skipped", study_uid=study_uid, detail=f"leased by {study.lease_owner}")
+                return TaskOutcome(SKIPPED, f"being delivered by {study.lease_owner}")
             if study.state == State.FAILED_DELIVERY:
                 transition(session, study_uid, State.FAILED_DELIVERY, State.REPORTED, "delivery restarted")
             already = _succeeded(session, report.id)
@@ -281,8 +294,27 @@ def run_deliver_report(
         if not settings.destinations:
             log_event(log, "delivery.no_destinations", study_uid=study_uid)
             return TaskOutcome(NO_DESTINATIONS, "BTD_DESTINATIONS is empty; the study stays REPORTED")
-        failures = _deliver_pending(settings, study_uid, report_id, paths, already, timeout)
-        return _finish_delivery(settings, study_uid, version, failures, final_attempt)
+        claim = Claim(study_uid, owner, version, 0, state=State.REPORTED)
+        with LeaseKeeper(settings, claim):
+            failures = _deliver_pending(settings, study_uid, report_id, paths, already, timeout)
+        return _finish_delivery(settings, claim, failures, final_attempt, retry_in)
+
+
+def _claim_delivery(session: Session, settings: Settings, study: Study, owner: str) -> bool:
+    """Lease the study for this delivery round unless a live worker holds it (a compare-and-set)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Study)
+        .where(
+            Study.study_uid == study.study_uid,
+            Study.state.in_((State.REPORTED, State.FAILED_DELIVERY)),
+            Study.version == study.version,
+            or_(Study.lease_until.is_(None), Study.lease_until < now, Study.lease_owner == owner),
+        )
+        .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds(settings)), retry_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return claimed.rowcount == 1  # type: ignore[attr-defined]
 
 
 def _deliver_pending(
@@ -335,9 +367,13 @@ def _deliver_pending(
 
 
 def _finish_delivery(
-    settings: Settings, study_uid: str, version: int, failures: dict[str, str], final_attempt: bool
+    settings: Settings, claim: Claim, failures: dict[str, str], final_attempt: bool, retry_in: float | None
 ) -> TaskOutcome:
-    guard = [Study.version == version]
+    """DELIVERED, FAILED_DELIVERY, or a retry: each releases our lease in the same UPDATE, guarded by it
+    (a worker whose lease was taken over leaves the study to its successor)."""
+    study_uid = claim.study_uid
+    guard = [Study.version == claim.version, Study.lease_owner == claim.owner]
+    release: dict[str, Any] = {"lease_owner": None, "lease_until": None}
     with session_scope(settings) as session:
         if not failures:
             transition(
@@ -348,6 +384,7 @@ def _finish_delivery(
                 "delivered to every destination",
                 where=guard,
                 error=None,
+                **release,
             )
             log_event(log, "delivery.done", study_uid=study_uid)
             return TaskOutcome(DELIVERED)
@@ -361,9 +398,17 @@ def _finish_delivery(
                 f"delivery failed: {summary}",
                 where=guard,
                 error=summary,
+                **release,
             )
             log_event(log, "delivery.failed", logging.ERROR, study_uid=study_uid, error=summary)
             return TaskOutcome(FAILED, summary)
+        retry_at = utcnow() + timedelta(seconds=retry_in or 0)
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == study_uid, Study.state == State.REPORTED, *guard)
+            .values(retry_at=retry_at, **release)
+            .execution_options(synchronize_session=False)
+        )
     log_event(log, "delivery.retry", logging.WARNING, study_uid=study_uid, error=summary)
     return TaskOutcome(RETRY, summary)
 
@@ -391,7 +436,9 @@ def _dispatch(task: Task, study_uid: str, settings: Settings) -> None:
     acks_late=True,
 )
 def build_report_task(self: Any, study_uid: str) -> str:
-    return run_build_report(study_uid, configured_settings()).kind
+    kind = run_build_report(study_uid, configured_settings()).kind
+    TASK_OUTCOMES.labels(task=Task.BUILD_REPORT.value, outcome=kind).inc()
+    return kind
 
 
 @app.task(
@@ -405,16 +452,19 @@ def build_report_task(self: Any, study_uid: str) -> str:
 def deliver_report_task(self: Any, study_uid: str) -> str:
     settings = configured_settings()
     final = self.request.retries >= settings.delivery_retries
-    outcome = run_deliver_report(study_uid, settings, final_attempt=final)
+    delay = backoff_seconds(settings.delivery_backoff_seconds, self.request.retries)
+    outcome = run_deliver_report(study_uid, settings, final_attempt=final, retry_in=delay)
+    TASK_OUTCOMES.labels(task=Task.DELIVER_REPORT.value, outcome=outcome.kind).inc()
     if outcome.kind == RETRY:
-        delay = backoff_seconds(settings.delivery_backoff_seconds, self.request.retries)
         raise self.retry(countdown=delay, max_retries=settings.delivery_retries)
     return outcome.kind
 
 
 def build_report(study_uid: str, *, settings: Settings) -> str:
     """In-process entry (no broker)."""
-    return run_build_report(study_uid, settings).kind
+    kind = run_build_report(study_uid, settings).kind
+    TASK_OUTCOMES.labels(task=Task.BUILD_REPORT.value, outcome=kind).inc()
+    return kind
 
 
 def deliver_report(study_uid: str, retries_done: int = 0, *, settings: Settings) -> str:
@@ -422,9 +472,10 @@ def deliver_report(study_uid: str, retries_done: int = 0, *, settings: Settings)
     again after the backoff, on a timer, so the single executor thread is not blocked while a PACS is down.
     A timer lost with the process is harmless: the stability monitor re-dispatches REPORTED studies."""
     final = retries_done >= settings.delivery_retries
-    outcome = run_deliver_report(study_uid, settings, final_attempt=final)
+    delay = backoff_seconds(settings.delivery_backoff_seconds, retries_done)
+    outcome = run_deliver_report(study_uid, settings, final_attempt=final, retry_in=delay)
+    TASK_OUTCOMES.labels(task=Task.DELIVER_REPORT.value, outcome=outcome.kind).inc()
     if outcome.kind == RETRY:
-        delay = backoff_seconds(settings.delivery_backoff_seconds, retries_done)
         dispatch(Task.DELIVER_REPORT, study_uid, retries_done + 1, settings=settings, countdown=delay)
         log_event(log, "delivery.retry_scheduled", study_uid=study_uid, seconds=delay, retry=retries_done + 1)
     return outcome.kind

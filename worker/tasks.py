@@ -1,7 +1,8 @@
 """The scoring task `btd.score_study`: its Celery entry, its in-process entry, and the work they share.
 
 Why the state machine, not Celery, decides whether to work: a Redis message can be delivered twice (a
-re-delivery after the visibility timeout, a requeue after a killed worker), so the task first claims the
+re-delivery after the visibility timeout, a requeue after a killed worker, the gateway's monitor sending
+again a step whose lease ran out: core/liveness.py), so the task first claims the
 study with a compare-and-set QUEUED -> SCORING (or takes over a SCORING study whose lease ran out: its
 worker died), and writes its results in the same transaction as SCORING -> SCORED guarded by its own
 lease and the study version. A duplicate finds the study SCORING under a live lease, or SCORED, and
@@ -17,15 +18,12 @@ delivery); after the last retry the study is FAILED with the error and its attem
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -36,13 +34,16 @@ from core.db.schema import InstanceResult, Region, SeriesResult, Study
 from core.db.session import session_scope
 from core.forensics import replacement_reason, verdict_with_replacements
 from core.observability.logs import log_event
-from core.observability.metrics import QUEUE_WAIT_SECONDS
+from core.observability.metrics import QUEUE_WAIT_SECONDS, TASK_OUTCOMES
 from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
 from core.settings import Settings
 from worker import pipeline
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
+from worker.lease import Claim, LeaseKeeper, LeaseLostError, lease_seconds, renew_lease, worker_id
 from worker.references import fold_samples, record_samples, site_references
+
+__all__ = ["Claim", "LeaseKeeper", "LeaseLostError", "lease_seconds", "renew_lease", "worker_id"]
 
 log = logging.getLogger("btd.worker.tasks")
 
@@ -54,28 +55,6 @@ BUSY = "busy"  # another worker holds a live lease on it
 DISCARDED = "discarded"  # scored, but the study was reopened or taken over meanwhile: results dropped
 FAILED = "failed"  # study FAILED
 RETRY = "retry"  # study back to QUEUED; try again later
-
-
-def worker_id() -> str:
-    """Who holds a lease: host and process (computed per call: a pool child is a fork with its own pid)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def lease_seconds(settings: Settings) -> float:
-    """A claim lasts half the broker's visibility timeout and is renewed while the worker makes progress.
-
-    Why shorter than the timeout: when Redis re-delivers the message of a dead worker (after the
-    visibility timeout) the dead worker's lease must already have run out, or the study would be stuck.
-    """
-    return max(1.0, settings.visibility_timeout / 2)
-
-
-@dataclass
-class Claim:
-    study_uid: str
-    owner: str
-    version: int
-    attempts: int
 
 
 @dataclass
@@ -156,67 +135,17 @@ def _give_up_after_lost_workers(
     return None
 
 
-def renew_lease(settings: Settings, claim: Claim) -> bool:
-    """Extend our lease while we make progress; False if it is no longer ours (taken over or reopened)."""
-    until = utcnow() + timedelta(seconds=lease_seconds(settings))
-    with session_scope(settings) as session:
-        result = session.execute(
-            update(Study)
-            .where(
-                Study.study_uid == claim.study_uid,
-                Study.state == State.SCORING,
-                Study.lease_owner == claim.owner,
-                Study.version == claim.version,
-            )
-            .values(lease_until=until)
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-class LeaseLostError(Exception):
-    """Our claim on the study is gone; whatever we were computing will not be stored."""
-
-
-class LeaseKeeper:
-    """Renews a claim's lease from a background thread for as long as this process scores the study.
-
-    Why a thread, not the progress callback: one batch of slices can take longer than a lease on a slow
-    CPU, and a live worker must never look dead. A killed process renews nothing, so its lease runs out
-    and the study is taken over. `lost` turns True when a renewal finds the claim no longer ours.
-    """
-
-    def __init__(self, settings: Settings, claim: Claim) -> None:
-        self.settings = settings
-        self.claim = claim
-        self.interval = lease_seconds(settings) / 3
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.study_uid[-12:]}", daemon=True)
-
-    def start(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if not renew_lease(self.settings, self.claim):
-                    self.lost = True
-                    return
-            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next interval
-                log_event(log, "lease.renew_failed", logging.WARNING, study_uid=self.claim.study_uid, error=str(exc))
-
-
 def _ours(claim: Claim) -> list[Any]:
     return [Study.lease_owner == claim.owner, Study.version == claim.version]
 
 
-def _release(settings: Settings, claim: Claim, new_state: str, detail: str, error: str) -> bool:
+def _release(
+    settings: Settings, claim: Claim, new_state: str, detail: str, error: str, retry_in: float | None = None
+) -> bool:
+    """Give the study up (FAILED, or back to QUEUED for a retry due in `retry_in` seconds: the monitor
+    does not take a retry waiting on its countdown for a lost message)."""
+    now = utcnow()
+    queued = {"queued_at": now, "retry_at": now + timedelta(seconds=retry_in or 0)}
     with session_scope(settings) as session:
         return transition(
             session,
@@ -228,7 +157,7 @@ def _release(settings: Settings, claim: Claim, new_state: str, detail: str, erro
             error=error,
             lease_owner=None,
             lease_until=None,
-            **({"queued_at": utcnow()} if new_state == State.QUEUED else {}),
+            **(queued if new_state == State.QUEUED else {}),
         )
 
 
@@ -334,10 +263,12 @@ def run_score_study(
     final_attempt: bool = True,
     owner: str | None = None,
     dispatch_next: bool = True,
+    retry_in: float | None = None,
 ) -> ScoreOutcome:
     """Do (or decline) the scoring of one study; never raises for the study's own faults.
 
     `dispatch_next=False` leaves the study SCORED without asking for its report (tests of this step).
+    `retry_in`: the countdown the caller will give its retry, recorded with the study (`retry_at`).
 
     Database errors while claiming propagate (the caller retries the message: nothing was done yet).
     """
@@ -370,7 +301,7 @@ def run_score_study(
                     log, "score.failed", logging.ERROR, study_uid=study_uid, error=error, attempt=claimed.attempts
                 )
                 return ScoreOutcome(FAILED, error)
-            _release(settings, claimed, State.QUEUED, f"retry after error: {error}", error)
+            _release(settings, claimed, State.QUEUED, f"retry after error: {error}", error, retry_in)
             log_event(log, "score.retry", logging.WARNING, study_uid=study_uid, error=error, attempt=claimed.attempts)
             return ScoreOutcome(RETRY, error)
         finally:
@@ -471,15 +402,14 @@ def score_study_task(self: Any, study_uid: str) -> str:
     """Celery entry: the state machine decides; Celery only carries retries and re-checks."""
     settings = configured_settings()
     final = self.request.retries >= settings.score_retries
-    outcome = run_score_study(study_uid, settings, final_attempt=final)
+    countdown = backoff_seconds(settings.score_backoff_seconds, self.request.retries)
+    outcome = run_score_study(study_uid, settings, final_attempt=final, retry_in=countdown)
+    TASK_OUTCOMES.labels(task=Task.SCORE_STUDY.value, outcome=outcome.kind).inc()
     if outcome.kind == RETRY:
-        countdown = backoff_seconds(settings.score_backoff_seconds, self.request.retries)
         raise self.retry(countdown=countdown, max_retries=settings.score_retries)
-    if outcome.kind == BUSY and outcome.retry_in is not None:
-        # Another worker holds the study. If it dies, nobody else will re-deliver this message (a pool
-        # child killed outright is requeued at once, before its lease runs out), so look again when its
-        # lease would have run out; if it finished by then, this does nothing.
-        self.apply_async((study_uid,), countdown=max(1.0, outcome.retry_in + 1.0))
+    # BUSY: another worker holds a live lease; this message is a duplicate and is acknowledged. Should that
+    # worker die, its lease runs out and the gateway's monitor dispatches the study again (core/liveness.py):
+    # nothing here needs to schedule a look later, so duplicates never multiply.
     return outcome.kind
 
 
@@ -487,8 +417,9 @@ def score_study(study_uid: str, retries_done: int = 0, *, settings: Settings) ->
     """In-process entry (no broker): one attempt; a retry is dispatched again after the backoff, on a
     timer, so the executor's single thread never sleeps while other studies wait."""
     final = retries_done >= settings.score_retries
-    outcome = run_score_study(study_uid, settings, final_attempt=final)
+    delay = backoff_seconds(settings.score_backoff_seconds, retries_done)
+    outcome = run_score_study(study_uid, settings, final_attempt=final, retry_in=delay)
+    TASK_OUTCOMES.labels(task=Task.SCORE_STUDY.value, outcome=outcome.kind).inc()
     if outcome.kind == RETRY:
-        delay = backoff_seconds(settings.score_backoff_seconds, retries_done)
         dispatch(Task.SCORE_STUDY, study_uid, retries_done + 1, settings=settings, countdown=delay)
     return outcome.kind

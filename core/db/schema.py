@@ -1,8 +1,9 @@
 """The database schema as ORM classes: every table of btd, the one way the code reads and writes them.
 
 Migration 0001_gateway made studies, their events, instances and scoring results; 0002_reports the reports
-built for each study version and every delivery try; 0004_access the audit log of who viewed or acted on
-what. The column names and meanings are a contract shared by the gateway, the worker and the API
+built for each study version and every delivery try; 0003_liveness the studies' dispatch bookkeeping;
+0004_access the audit log of who viewed or acted on what; 0005_forensics the cues and scanner references.
+The column names and meanings are a contract shared by the gateway, the worker and the API
 (docs/architecture.md). Patient name and ID are kept only so the SR can carry them; nothing logs or serves
 them by default.
 
@@ -46,6 +47,10 @@ class Study(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # 0003_liveness: when the stability monitor last re-dispatched the current step (its compare-and-set),
+    # and when a step's own retry (a countdown) is due; see core/liveness.py.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow)
 

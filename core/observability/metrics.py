@@ -5,8 +5,12 @@ of studies in each state is not counted at all: it is read from the database at 
 `StudyStateCollector`, because the database is the single source of truth and a counter kept in one
 process would be wrong as soon as a second process (a Celery worker) moves a study along.
 
-In Celery mode the workers run in other processes; `start_metrics_server` lets a worker expose its own
-scoring and delivery metrics on a port of its own for Prometheus to scrape beside the gateway's `/metrics`.
+`btd_studies_stuck{state=...}` (studies past their deadline with nothing holding them, core/liveness.py)
+is likewise computed per scrape by `StuckStudiesCollector`.
+
+In Celery mode the workers run in other processes: each publishes its metrics with its heartbeat
+(core/observability/fleet.py) and the gateway's `/metrics` re-exposes them with a `worker` label;
+`start_metrics_server` still lets a worker expose them on a port of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ QUEUE_WAIT_SECONDS = Histogram(
 DELIVERY_ATTEMPTS = Counter("btd_delivery_attempts_total", "Report deliveries tried, by outcome", ["outcome"])
 MODEL_LOAD_SECONDS = Histogram(
     "btd_model_load_seconds", "Time to load the detector model", buckets=(0.1, 0.5, 1, 2, 5, 10, 30)
+)
+TASK_OUTCOMES = Counter(
+    "btd_task_outcomes_total",
+    "Task runs by task and outcome (scored, failed, retry, busy, skipped, delivered, ...)",
+    ["task", "outcome"],
 )
 STUDIES_SCORED = Counter("btd_studies_scored_total", "Studies scored by this process, by verdict", ["verdict"])
 STATE_SCRAPE_ERRORS = Counter(
@@ -71,6 +80,44 @@ class StudyStateCollector(Collector):
         for state in sorted(set(STUDY_STATES) | set(counts)):
             family.add_metric([state], float(counts.get(state, 0)))
         yield family
+
+
+class StuckStudiesCollector(Collector):
+    """`btd_studies_stuck{state=...}`: studies past their deadline with nothing holding them, per scrape."""
+
+    NAME = "btd_studies_stuck"
+    HELP = "Studies stuck past their step's deadline (no message waiting, no live lease), by state"
+
+    def __init__(self, count_stuck: StateCounter) -> None:
+        self.count_stuck = count_stuck
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["state"])
+        try:
+            counts = dict(self.count_stuck())
+        except Exception:  # the database is down: the other metrics still go out
+            STATE_SCRAPE_ERRORS.inc()
+            return
+        for state in sorted(counts):
+            family.add_metric([state], float(counts[state]))
+        yield family
+
+
+_stuck_collector: StuckStudiesCollector | None = None
+
+
+def install_stuck_collector(count_stuck: StateCounter, registry: CollectorRegistry = REGISTRY) -> None:
+    """Register the stuck-studies collector once per process (later calls swap the counting function)."""
+    global _stuck_collector
+    with _state_lock:
+        if _stuck_collector is None:
+            _stuck_collector = StuckStudiesCollector(count_stuck)
+            registry.register(_stuck_collector)
+        else:
+            _stuck_collector.count_stuck = count_stuck
 
 
 _state_collector: StudyStateCollector | None = None

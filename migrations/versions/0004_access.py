@@ -1,7 +1,7 @@
 """Access: the audit log of who viewed or acted on which study (audit_log).
 
 Revision ID: 0004_access
-Revises: 0002_reports
+Revises: 0003_liveness
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_access"
-down_revision = "0002_reports"
+down_revision = "0003_liveness"
 branch_labels = None
 depends_on = None
 

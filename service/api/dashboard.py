@@ -21,10 +21,16 @@ from sqlalchemy.orm import Session
 
 from core.contracts import ALL_STATES, FAILED_STATES, MILESTONES, VERDICTS, State
 from core.db.session import session_factory
+from core.observability.fleet import merged_payload, read_heartbeats
 from core.observability.logs import log_event
-from core.observability.metrics import install_forensic_collector, install_study_state_collector, metrics_payload
+from core.observability.metrics import (
+    install_forensic_collector,
+    install_stuck_collector,
+    install_study_state_collector,
+    metrics_payload,
+)
 from core.settings import Settings
-from service.api import audit, forensics
+from service.api import alarms, audit, forensics
 from service.api import dashboard_health as health
 from service.api import dashboard_queries as queries
 from service.api.auth import require_view, require_view_page
@@ -62,6 +68,7 @@ def overview_page(
         "overview.html",
         settings,
         overview=data,
+        stuck=_stuck(settings),
         depth=queue_depth(settings),
         worker=health.worker_health(settings),
         model=health.model_in_use(settings, data.model_name, data.model_sha256),
@@ -237,6 +244,14 @@ def static_file(name: str) -> FileResponse:
     return FileResponse(path, media_type=STATIC_TYPES[path.suffix], headers={"Cache-Control": "max-age=300"})
 
 
+def _stuck(settings: Settings) -> alarms.StuckReport | None:
+    """Stuck studies for the overview's alarm; None if they cannot be counted now (the page still renders)."""
+    try:
+        return alarms.stuck_report(settings)
+    except Exception:  # noqa: BLE001 - the database or broker is away; /readyz names it
+        return None
+
+
 def _count_states(settings: Settings) -> dict[str, int]:
     with session_factory(settings)() as session:
         return queries.count_states(session)
@@ -249,8 +264,12 @@ def _count_forensics(settings: Settings) -> dict[str, int]:
 
 @router.get("/metrics", include_in_schema=False, dependencies=data_guard)
 def metrics(settings: Settings = Depends(get_settings)) -> Response:
-    """Prometheus exposition: the process's counters and histograms plus studies by state from the db."""
+    """Prometheus exposition: the process's counters and histograms, studies by state and stuck studies from
+    the db, and in Celery mode every live worker's own metrics (from its heartbeat) with a `worker` label."""
     install_study_state_collector(lambda: _count_states(settings))
     install_forensic_collector(lambda: _count_forensics(settings))
+    install_stuck_collector(lambda: alarms.stuck_report(settings).counts)
     payload, content_type = metrics_payload()
+    if settings.broker_url:
+        payload = merged_payload(read_heartbeats(settings) or [])  # the same registry, workers merged in
     return Response(payload, media_type=content_type)

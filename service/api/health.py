@@ -2,12 +2,21 @@
 
 Why two: `/healthz` says the process answers (a restart is the cure if not); `/readyz` says the gateway
 can do its job right now (a load balancer or an operator should look at which dependency failed), so
-it checks each dependency and names the ones that failed in a 503 body.
+it checks each dependency and names the ones that failed in a 503 body:
+
+- database, broker: reachable now;
+- spool: writable, and its disk above BTD_MIN_FREE_BYTES (below it every C-STORE is refused 0xA700, so a
+  gateway that answers "ready" then would be lying);
+- workers (Celery mode): at least one worker of each queue (scoring, reports) published its heartbeat
+  within BTD_WORKER_ABSENT_SECONDS; in embedded mode, the executor thread is alive;
+- studies: none stuck past its deadline (core/liveness.py);
+- model: the weights and metadata the workers will load exist.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,9 +24,12 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from core.contracts import model_path
+from core import queue
+from core.contracts import QueueRole, model_path
 from core.db.session import get_engine
+from core.observability.fleet import read_heartbeats
 from core.settings import Settings
+from service.api.alarms import stuck_report
 from service.api.deps import get_settings
 from service.api.schemas import Ready, ReadyCheck
 
@@ -54,16 +66,47 @@ def check_broker(settings: Settings) -> ReadyCheck:
 
 
 def check_spool(settings: Settings) -> ReadyCheck:
-    """The spool must accept a file now; C-STORE would answer 0xA700 otherwise."""
+    """The spool must accept a file now, above the free-space watermark; C-STORE answers 0xA700 otherwise."""
     spool = Path(settings.spool_dir)
     try:
         spool.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=spool, prefix=".readyz-")
         os.close(fd)
         os.unlink(name)
-        return ReadyCheck(ok=True)
+        free = shutil.disk_usage(spool).free
     except OSError as exc:
         return ReadyCheck(ok=False, detail=f"spool not writable: {exc}"[:300])
+    if free < settings.min_free_bytes:
+        detail = f"{free} bytes free, under BTD_MIN_FREE_BYTES={settings.min_free_bytes}: C-STORE is refused (0xA700)"
+        return ReadyCheck(ok=False, detail=detail)
+    return ReadyCheck(ok=True, detail=f"{free} bytes free")
+
+
+def check_workers(settings: Settings) -> ReadyCheck:
+    """Someone takes the work: a live heartbeat per queue (Celery), or the executor thread (embedded)."""
+    if not settings.broker_url:
+        executor = queue.current_executor()
+        if executor is None:  # an API without `btd serve` around it (a test, a tool): nothing to judge
+            return ReadyCheck(ok=True, detail="no in-process executor in this process")
+        return ReadyCheck(ok=executor.alive, detail="in-process executor " + ("alive" if executor.alive else "died"))
+    beats = read_heartbeats(settings)
+    if beats is None:
+        # One cause, one failure: an unreachable broker fails the broker check; workers cannot be judged.
+        return ReadyCheck(ok=True, detail="unknown: worker heartbeats cannot be read from the broker")
+    missing = [role.value for role in QueueRole if not any(role.value in beat.queues for beat in beats)]
+    if missing:
+        detail = f"no worker for queue(s) {', '.join(missing)} seen in {settings.worker_absent_seconds:g} s"
+        return ReadyCheck(ok=False, detail=detail)
+    return ReadyCheck(ok=True, detail=f"{len(beats)} worker(s): " + ", ".join(sorted(b.worker for b in beats)))
+
+
+def check_studies(settings: Settings) -> ReadyCheck:
+    """No study stuck past its deadline (the monitor re-dispatched it in vain for BTD_STUCK_SECONDS)."""
+    try:
+        report = stuck_report(settings)
+    except Exception as exc:  # noqa: BLE001 - the database check names the cause
+        return ReadyCheck(ok=False, detail=f"cannot read the studies: {type(exc).__name__}"[:300])
+    return ReadyCheck(ok=report.total == 0, detail=report.summary())
 
 
 def check_model(settings: Settings) -> ReadyCheck:
@@ -93,6 +136,8 @@ def readyz(settings: Settings = Depends(get_settings)) -> JSONResponse:
         "database": check_database(settings),
         "broker": check_broker(settings),
         "spool": check_spool(settings),
+        "workers": check_workers(settings),
+        "studies": check_studies(settings),
         "model": check_model(settings),
     }
     failed = [name for name, check in checks.items() if not check.ok]

@@ -19,8 +19,10 @@ Statuses we answer (C-STORE):
 Failures never end the association; the peer may go on sending.
 
 Associations are rejected (A-ASSOCIATE-RJ, permanent) for a calling AE title not in BTD_ALLOWED_AETS
-(reason 0x03 "calling AE title not recognised") or a peer address outside BTD_ALLOWED_IPS (reason 0x01,
-no reason given: DICOM has no code for it; the log says why).
+(reason 0x03 "calling AE title not recognised"), a called AE title other than ours (BTD_CALLED_AETS,
+default BTD_AE_TITLE: reason 0x07 "called AE title not recognised", so a PACS node configured for another
+receiver is told at once instead of being served by the wrong one) or a peer address outside
+BTD_ALLOWED_IPS (reason 0x01, no reason given: DICOM has no code for it; the log says why).
 
 The association itself (negotiation, PDUs, DIMSE commands) is served by `service.dicom.scp`, one blocking
 thread per association; every accepted socket gets TCP_NODELAY there, so a small C-STORE response never
@@ -410,6 +412,7 @@ def _peer_allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress
 _REJECTION_REASONS = {
     "rejected_ip": "peer address not allowed",
     "rejected_aet": "calling AE title not allowed",
+    "rejected_called_aet": "called AE title not recognised",
     "rejected_protocol": "protocol version not supported",
     "rejected_context_name": "application context name not supported",
     "rejected_busy": "too many associations",
@@ -459,6 +462,7 @@ def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = 
     acceptor = AcceptorSettings(
         contexts=list(supported_contexts()),
         allowed_aets=[aet.strip() for aet in settings.allowed_aets],
+        called_aets=[aet.strip() for aet in settings.called_aets] or [settings.ae_title.strip()],
         peer_allowed=(lambda address: _peer_allowed(address, networks)) if networks else (lambda _address: True),
         max_associations=_MAX_ASSOCIATIONS,
         acse_timeout=30,

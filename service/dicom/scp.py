@@ -62,6 +62,7 @@ UNRECOGNISED_OPERATION = 0x0211
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_CONTEXT_NAME = (0x01, 0x01, 0x02)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user: "called AE title not recognized" (PS3.8 9.3.4)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
 # A-ABORT (source 2: service provider) reasons, PS3.8 section 9.3.8
@@ -111,6 +112,7 @@ StoreHandlerType = Callable[[StoreRequest], tuple[int, str | None]]
 class AcceptorSettings:
     contexts: list[PresentationContext]
     allowed_aets: list[str] = field(default_factory=list)
+    called_aets: list[str] = field(default_factory=list)  # the titles we answer to; empty = any
     peer_allowed: Callable[[str], bool] = lambda _address: True
     max_associations: int = 64
     acse_timeout: float = 30.0
@@ -287,6 +289,7 @@ class Association:
         self.server = server
         self.settings = server.acceptor
         self.peer = Peer("", address[0], address[1])
+        self.called = ""  # the AE title the peer called us by
         self.contexts: dict[int, PresentationContext] = {}
         self.peer_max_pdu = 0
         self.stopping = False
@@ -312,6 +315,7 @@ class Association:
             raise ProtocolError(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ does not decode: {exc}") from exc
         calling = str(primitive.calling_ae_title or "").strip()
         self.peer = Peer(calling, self.address[0], self.address[1])
+        self.called = str(primitive.called_ae_title or "").strip()
         rejection = self._rejection(request, primitive, calling)
         if rejection is not None:
             self.socket.sendall(reject_pdu(*rejection))
@@ -327,6 +331,9 @@ class Association:
         if self.settings.allowed_aets and calling not in self.settings.allowed_aets:
             self.settings.on_association("rejected_aet", self.peer)
             return REJECT_CALLING_AE
+        if self.settings.called_aets and self.called not in self.settings.called_aets:
+            self.settings.on_association("rejected_called_aet", self.peer)
+            return REJECT_CALLED_AE
         if not (request.protocol_version & 0x0001):
             self.settings.on_association("rejected_protocol", self.peer)
             return REJECT_PROTOCOL_VERSION
