@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     # Model and worker
     model: str | None = None  # None -> the models package's default model
     device: str = "auto"
+    # CPU threads torch may use in a scoring process (None: torch's default, one per core). A worker that
+    # shares its machine with the gateway or with other workers should get its share of the cores, e.g. 1
+    # per worker on a 2-core machine: on a shared CPU, torch's spin-waiting threads slowed model passes
+    # tenfold (measured: models/forensics/cli.py). On a GPU worker the threads only feed the device.
+    torch_threads: int | None = Field(default=None, ge=1)
     score_retries: int = 3  # scoring attempts after the first before the study is FAILED
     score_backoff_seconds: float = 10.0  # first retry delay; each later one doubles
     # How long a study must stay quiet (verdict no_evidence, not rescored or reopened) before its series teach

@@ -440,3 +440,19 @@ def _walk(items):
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+def test_a_scoring_process_uses_the_threads_it_is_given(env: SimpleNamespace, tmp_path: Path) -> None:
+    """BTD_TORCH_THREADS: a worker sharing its cores takes only its share (none given: torch's default)."""
+    from pydantic import ValidationError
+
+    other_model = shutil.copy(env.settings.model, tmp_path / "tiny-copy.pt")  # a new key: loaded afresh
+    shutil.copy(Path(env.settings.model).with_suffix(".json"), tmp_path / "tiny-copy.json")
+    torch.set_num_threads(2)
+    try:
+        pipeline.get_detector(env.settings.model_copy(update={"model": str(other_model), "torch_threads": 1}))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(ValidationError):
+        Settings(torch_threads=0)

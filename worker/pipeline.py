@@ -56,6 +56,10 @@ def get_detector(settings: Settings) -> Any:
         if _detector is None or _detector_key != key:
             from models import Detector  # torch is heavy: import it only in processes that score
 
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
             started = time.perf_counter()
             _detector = Detector.load(path=settings.model, device=settings.device)
             seconds = time.perf_counter() - started
