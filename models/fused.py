@@ -49,6 +49,7 @@ class FusionConfig:
     tails_single: dict[str, TailModel]
     review: float
     suspicious: float
+    single_review: float | None = None  # REVIEW bar for a short series judged against a reference
     min_series_slices: int = 8
     header_cue: bool = True
 
@@ -64,6 +65,7 @@ class FusionConfig:
             tails_single={c: TailModel.from_dict(t) for c, t in data.get("tails_single", {}).items()},
             review=float(data["thresholds"]["review"]),
             suspicious=float(data["thresholds"]["suspicious"]),
+            single_review=float(data["thresholds"].get("single_review", data["thresholds"]["review"])),
             min_series_slices=int(data.get("min_series_slices", 8)),
             header_cue=bool(data.get("header_cue", True)),
         )
@@ -210,7 +212,10 @@ def fuse_series(
         p[c] = np.array([tail.p_value(v - offset) if math.isfinite(v) else np.nan for v in raw[c]])
         cue_results[c] = CueResult(c, True, threshold=config.review)
 
-    correction = series_correction(len(lung)) if in_series else 0.0
+    # In series: multiplicity over the series' lung slices. Against a reference: the score is lowered by how
+    # much stricter the single-slice bar is, so that one pair of thresholds reads both cases.
+    single_extra = (config.single_review or config.review) - config.review
+    correction = series_correction(len(lung)) if in_series else single_extra
     features = []
     for i, instance in enumerate(instances):
         sc = cues[i]
@@ -249,6 +254,11 @@ def fuse_series(
 
     header_flagged: list[int] = []
     ordered = [cue_results[c] for c in config.cues if c in cue_results]
+    ordered += [
+        CueResult(c, False, reason="not in this model's fusion (dropped by the leave-one-family-out selection)")
+        for c in PIXEL_CUES
+        if c not in config.cues
+    ]
     if config.header_cue and signatures is not None:
         findings, why = header_findings(list(signatures))
         strong = [f for f in findings if f.strong]
@@ -275,6 +285,10 @@ def fuse_series(
                         f"{instances[f.index].reason}; {note}" if instances[f.index].reason else note
                     )
     used = [r for r in ordered if r.used and r.name != "header"]
+    if not lung and not used:
+        for r in ordered:
+            if r.name != "header" and r.name in config.cues:
+                r.reason = "no lungs in this series"
     why_not = None
     if not used:
         reasons = sorted({r.reason for r in ordered if r.reason and r.name != "header"})
