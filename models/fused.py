@@ -186,7 +186,12 @@ def fuse_series(
         values = raw[c][lung] if lung else np.array([])
         finite = values[np.isfinite(values)]
         if tail is None:
-            cue_results[c] = CueResult(c, False, reason=f"no genuine tail model for {c} in this layout")
+            why = (
+                "a series too short to judge against itself has no neighbours to compare with"
+                if c == "continuity" and not in_series
+                else f"no genuine tail model for {c} in this layout"
+            )
+            cue_results[c] = CueResult(c, False, reason=why)
             continue
         if finite.size == 0:
             reasons = {sc.reasons.get(c) for sc in cues if sc is not None and sc.reasons.get(c)}
@@ -291,10 +296,15 @@ def fuse_series(
                 r.reason = "no lungs in this series"
     why_not = None
     if not used:
-        reasons = sorted({r.reason for r in ordered if r.reason and r.name != "header"})
-        why_not = "; ".join(reasons) or "no cue could judge this series"
+        # the reasons of the cues this model fuses, the decisive ones first (a missing reference says more
+        # than a missing neighbour)
+        reasons = [cue_results[c].reason for c in config.cues if c in cue_results and cue_results[c].reason]
+        reasons.sort(key=lambda r: ("neighbours" in r or "tail model" in r, r))
+        why_not = "; ".join(dict.fromkeys(reasons)) or "no cue could judge this series"
         if not lung:
             why_not = "no lungs in this series: the cues judge lung tissue"
+        if all(sc is None for sc in cues):
+            why_not = None  # nothing was scored at all: the per-image reasons (not CT, unreadable...) say why
     return FusedSeries(ordered, reference_info, features, header_flagged, why_not)
 
 
