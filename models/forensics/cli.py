@@ -11,7 +11,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands."""
-    from models.forensics.methods import ALL_METHODS
+    from models.forensics.methods import ALL_METHODS, TAMPER_METHODS
 
     tamper = subparsers.add_parser(
         "tamper", help="write a tampered copy of a DICOM CT series with ground truth (red-team your deployment)"
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tamper.add_argument(
         "--out", type=Path, required=True, help="output folder: dicom/ (send this), ground_truth.json, masks/"
     )
-    tamper.add_argument("--method", choices=ALL_METHODS, default="inject-noise")
+    tamper.add_argument("--method", choices=TAMPER_METHODS, default="inject-noise")
     tamper.add_argument("--count", type=int, default=1, help="slices to tamper (2-D methods)")
     tamper.add_argument("--seed", type=int, default=0)
     tamper.add_argument("--keep-uids", action="store_true", help="keep SOP/Series UIDs (overwrite-in-PACS attack)")
