@@ -444,6 +444,16 @@ def single_threshold(ev: Evaluation, config: dict[str, Any], review: float) -> f
     return round(bar, 2)
 
 
+def best_config(select_auc: dict[str, dict[str, float]], families: Sequence[str], excluded_group: str | None) -> str:
+    """The configuration with the best mean SELECTION-patient AUC over the families outside `excluded_group`
+    (a family's 2-D and 3-D forms share a group, models.forensics.lofo_build.FAMILY_OF): the held-out
+    family's own AUCs are never read."""
+    keep = [f for f in families if excluded_group is None or FAMILY_OF[f] != excluded_group]
+    if not keep:
+        raise ValueError("no family left to choose on")
+    return max(select_auc, key=lambda name: float(np.nanmean([select_auc[name][f] for f in keep])))
+
+
 def _auc_block(genuine: list[float], tampered: list[float], hits: list[bool], missing: int, threshold: float) -> dict:
     auc = roc_auc(genuine, tampered)
     ci = bootstrap_auc_ci(genuine, tampered, n=400) if tampered and genuine else (float("nan"), float("nan"))
@@ -615,8 +625,7 @@ def run(bench_dir: Path, scores_dir: Path, out_dir: Path, cache: Path | None = N
     select_auc = {name: {f: s.mean_auc([f], "select") for f in families} for name, s in scored.items()}
 
     def best(excluded_group: str | None) -> str:
-        keep = [f for f in families if excluded_group is None or FAMILY_OF[f] != excluded_group]
-        return max(select_auc, key=lambda name: np.nanmean([select_auc[name][f] for f in keep]))
+        return best_config(select_auc, families, excluded_group)
 
     shipped = best(None)
     shipped_scored = scored[shipped]
