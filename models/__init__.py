@@ -14,11 +14,23 @@ try:  # pyproject.toml is the one place the version is written; installed metada
 except PackageNotFoundError:  # a source tree used without installing (pip install -e . fixes that)
     __version__ = "0+unknown"
 
-__all__ = ["Detector", "InstanceResult", "ModelInfo", "Region", "SeriesResult", "__version__"]
+__all__ = [
+    "CueResult",
+    "Detector",
+    "InstanceResult",
+    "ModelInfo",
+    "Reference",
+    "ReferenceKey",
+    "ReferenceSet",
+    "Region",
+    "SeriesResult",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from models.detector import Detector
-    from models.results import InstanceResult, ModelInfo, Region, SeriesResult
+    from models.reference import Reference, ReferenceKey, ReferenceSet
+    from models.results import CueResult, InstanceResult, ModelInfo, Region, SeriesResult
 
 # Resolved on first use so that `import models` (e.g. by the CLI dispatcher) stays cheap: the Detector
 # pulls in torch, which takes seconds to import.
@@ -28,6 +40,10 @@ _LAZY = {
     "ModelInfo": "models.results",
     "Region": "models.results",
     "SeriesResult": "models.results",
+    "CueResult": "models.results",
+    "Reference": "models.reference",
+    "ReferenceKey": "models.reference",
+    "ReferenceSet": "models.reference",
 }
 
 

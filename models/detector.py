@@ -146,6 +146,14 @@ class Detector:
         self.anomaly = AnomalyModel.from_metadata(metadata.anomaly)
         # Fused cues (issue 12): None for a model whose metadata has no fusion block (the BTD-only scoring).
         self.fusion = FusionConfig.from_metadata(metadata.fusion)
+        if self.fusion is not None:
+            # One pair of thresholds: a site's `btd calibrate` rewrites calibration.slice/series_threshold on
+            # its own (fused) scores, and the fused verdicts follow them.
+            calibration = metadata.calibration or {}
+            if calibration.get("slice_threshold") is not None:
+                self.fusion.review = float(calibration["slice_threshold"])
+            if calibration.get("series_threshold") is not None:
+                self.fusion.suspicious = float(calibration["series_threshold"])
         # The shipped references per scanner key, then the site's (a site's reference wins for its key).
         self.references = ReferenceSet.from_dict(metadata.references)
         for site_reference in (references.by_key.values() if references else ()):

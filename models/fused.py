@@ -49,6 +49,7 @@ class FusionConfig:
     tails_single: dict[str, TailModel]
     review: float
     suspicious: float
+    single_review: float | None = None  # REVIEW bar for a short series judged against a reference
     min_series_slices: int = 8
     header_cue: bool = True
 
@@ -64,6 +65,7 @@ class FusionConfig:
             tails_single={c: TailModel.from_dict(t) for c, t in data.get("tails_single", {}).items()},
             review=float(data["thresholds"]["review"]),
             suspicious=float(data["thresholds"]["suspicious"]),
+            single_review=float(data["thresholds"].get("single_review", data["thresholds"]["review"])),
             min_series_slices=int(data.get("min_series_slices", 8)),
             header_cue=bool(data.get("header_cue", True)),
         )
@@ -184,7 +186,12 @@ def fuse_series(
         values = raw[c][lung] if lung else np.array([])
         finite = values[np.isfinite(values)]
         if tail is None:
-            cue_results[c] = CueResult(c, False, reason=f"no genuine tail model for {c} in this layout")
+            why = (
+                "a series too short to judge against itself has no neighbours to compare with"
+                if c == "continuity" and not in_series
+                else f"no genuine tail model for {c} in this layout"
+            )
+            cue_results[c] = CueResult(c, False, reason=why)
             continue
         if finite.size == 0:
             reasons = {sc.reasons.get(c) for sc in cues if sc is not None and sc.reasons.get(c)}
@@ -210,7 +217,10 @@ def fuse_series(
         p[c] = np.array([tail.p_value(v - offset) if math.isfinite(v) else np.nan for v in raw[c]])
         cue_results[c] = CueResult(c, True, threshold=config.review)
 
-    correction = series_correction(len(lung)) if in_series else 0.0
+    # In series: multiplicity over the series' lung slices. Against a reference: the score is lowered by how
+    # much stricter the single-slice bar is, so that one pair of thresholds reads both cases.
+    single_extra = (config.single_review or config.review) - config.review
+    correction = series_correction(len(lung)) if in_series else single_extra
     features = []
     for i, instance in enumerate(instances):
         sc = cues[i]
@@ -249,6 +259,11 @@ def fuse_series(
 
     header_flagged: list[int] = []
     ordered = [cue_results[c] for c in config.cues if c in cue_results]
+    ordered += [
+        CueResult(c, False, reason="not in this model's fusion (dropped by the leave-one-family-out selection)")
+        for c in PIXEL_CUES
+        if c not in config.cues
+    ]
     if config.header_cue and signatures is not None:
         findings, why = header_findings(list(signatures))
         strong = [f for f in findings if f.strong]
@@ -275,12 +290,21 @@ def fuse_series(
                         f"{instances[f.index].reason}; {note}" if instances[f.index].reason else note
                     )
     used = [r for r in ordered if r.used and r.name != "header"]
+    if not lung and not used:
+        for r in ordered:
+            if r.name != "header" and r.name in config.cues:
+                r.reason = "no lungs in this series"
     why_not = None
     if not used:
-        reasons = sorted({r.reason for r in ordered if r.reason and r.name != "header"})
-        why_not = "; ".join(reasons) or "no cue could judge this series"
+        # the reasons of the cues this model fuses, the decisive ones first (a missing reference says more
+        # than a missing neighbour)
+        reasons = [cue_results[c].reason for c in config.cues if c in cue_results and cue_results[c].reason]
+        reasons.sort(key=lambda r: ("neighbours" in r or "tail model" in r, r))
+        why_not = "; ".join(dict.fromkeys(reasons)) or "no cue could judge this series"
         if not lung:
             why_not = "no lungs in this series: the cues judge lung tissue"
+        if all(sc is None for sc in cues):
+            why_not = None  # nothing was scored at all: the per-image reasons (not CT, unreadable...) say why
     return FusedSeries(ordered, reference_info, features, header_flagged, why_not)
 
 

@@ -14,8 +14,8 @@ Contract for the service (the lead wires it into worker, DB, SR, API, dashboard)
 - ``Reference.fit(key, features, source)`` and ``reference.refine(features)``: robust fit / update;
 - ``Reference.to_dict()`` / ``Reference.from_dict()``: JSON-able, with provenance (n_slices, n_series,
   fitted_at, source);
-- ``ReferenceSet.lookup(key)``: exact key, then the same scanner model and kernel in any thickness band,
-  then the same manufacturer and kernel; None when nothing matches;
+- ``ReferenceSet.lookup(key)``: exact key, then the same scanner model and kernel in any thickness band;
+  None when nothing matches (never another model's kernel of the same name);
 - ``reference.relative(cue, raw)``: a raw cue score relative to this reference (what the detector uses for
   series too short to judge against themselves).
 """
@@ -260,22 +260,22 @@ class ReferenceSet:
         return len(self.by_key)
 
     def lookup(self, key: ReferenceKey) -> tuple[Reference, str] | None:
-        """(reference, how it matched: exact | any-thickness | same-kernel) or None. Unknown kernels match nothing."""
+        """(reference, how it matched: exact | any-thickness) or None. Unknown kernels match nothing."""
         if not key.known:
             return None
         exact = self.by_key.get(key)
         if exact is not None and exact.usable():
             return exact, "exact"
-        for match, same in (
-            (
-                "any-thickness",
-                lambda k: (k.manufacturer, k.model, k.kernel) == (key.manufacturer, key.model, key.kernel),
-            ),
-            ("same-kernel", lambda k: (k.manufacturer, k.kernel) == (key.manufacturer, key.kernel)),
-        ):
-            candidates = [r for k, r in self.by_key.items() if same(k) and r.usable()]
-            if candidates:
-                return max(candidates, key=lambda r: r.n_slices), match
+        # Same scanner model and kernel in another thickness band. Not further: a kernel name shared by two
+        # models of one vendor is not the same kernel (measured: the Philips Big Bore's "B" judged against the
+        # Brilliance16's "B" flagged 19 of 46 genuine single slices; docs/bench/forensics-lofo.md).
+        candidates = [
+            r
+            for k, r in self.by_key.items()
+            if (k.manufacturer, k.model, k.kernel) == (key.manufacturer, key.model, key.kernel) and r.usable()
+        ]
+        if candidates:
+            return max(candidates, key=lambda r: r.n_slices), "any-thickness"
         return None
 
     def to_dict(self) -> dict[str, Any]:

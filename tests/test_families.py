@@ -57,3 +57,24 @@ def test_3d_forms_cover_consecutive_slices(chest) -> None:
     assert indices == list(range(indices[0], indices[0] + len(indices))) and len(indices) >= 3
     for _, tamper in edits:
         _only_inside(chest, tamper)
+
+
+def test_btd_tamper_writes_the_new_families_as_dicom(fixtures_dir, tmp_path) -> None:
+    """`btd tamper --method nps-nodule | inject-exemplar` on a real chest slice: written, masked, labelled."""
+    import json
+    import shutil
+
+    from models.forensics.red_team import tamper_series
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    shutil.copy(fixtures_dir / "ct_transfer_syntaxes/CT1_J2KR", folder / "CT1.dcm")
+    for method in ("nps-nodule", "inject-exemplar"):
+        report = tamper_series(folder, tmp_path / method, method, count=1, seed=0)
+        assert len(report.tampered) == 1, report.skipped
+        truth = json.loads((tmp_path / method / "ground_truth.json").read_text())
+        assert truth["tampered"][0]["method"] == method
+        written = pydicom.dcmread(tmp_path / method / truth["tampered"][0]["file"])
+        mask = np.load(tmp_path / method / truth["tampered"][0]["mask_file"])
+        changed = np.abs(dicom_to_hu(written) - dicom_to_hu(pydicom.dcmread(folder / "CT1.dcm"))) > 0.5
+        assert changed.any() and not (changed & ~mask).any()

@@ -91,7 +91,9 @@ def test_a_copy_moved_patch_is_flagged_by_the_copy_move_cue_at_its_place(tmp_pat
     detector = fused_detector(tmp_path, ["copymove"], review=1.5, suspicious=2.5)
     genuine = detector.score_series(lidc)
     assert genuine.verdict == NO_EVIDENCE, [i.score for i in genuine.instances]
-    assert [c.name for c in genuine.cues] == ["copymove", "header"] and genuine.reference is None
+    assert [c.name for c in genuine.cues] == ["copymove", "btd", "noise", "continuity", "header"]
+    assert [c.used for c in genuine.cues] == [True, False, False, False, True] and genuine.reference is None
+    assert "not in this model's fusion" in genuine.cues[1].reason
     assert genuine.scanner_key["kernel"] == "STANDARD"
     tampered, index, (ty, tx) = _copy_patch(lidc)
     result = detector.score_series(tampered)

@@ -27,7 +27,8 @@ COARSE_HALF = 6
 FINE_HALF = 5
 SHIFT = 3
 COARSE_MIN = 0.7
-MAX_PAIRS = 6000
+TOP_PER_KEYPOINT = 24
+ROW_CHUNK = 1024
 EXCLUDE_SAME_SLICE_PX = 12
 EXCLUDE_ADJACENT_PX = 6
 
@@ -94,6 +95,23 @@ def _fine_correlation(a: np.ndarray, b: np.ndarray, sigma_a: float = 20.0, sigma
     return float(max(1.0 - best / floor, -1.0))
 
 
+def duplicate_scores(a: np.ndarray, b: np.ndarray, sigma_a: np.ndarray, sigma_b: np.ndarray,
+                     chunk: int = 512) -> np.ndarray:
+    """`_fine_correlation` for many pairs at once: (P, w, w) crops -> (P,) scores (vectorised over shifts)."""
+    h = FINE_HALF
+    size = 2 * h + 1
+    out = np.empty(len(a), dtype=np.float64)
+    for start in range(0, len(a), chunk):
+        ca = a[start : start + chunk, SHIFT : SHIFT + size, SHIFT : SHIFT + size]
+        ca = ca - ca.mean(axis=(1, 2), keepdims=True)
+        windows = np.lib.stride_tricks.sliding_window_view(b[start : start + chunk], (size, size), axis=(1, 2))
+        windows = windows - windows.mean(axis=(3, 4), keepdims=True)  # (P, 2S+1, 2S+1, size, size)
+        msd = ((windows - ca[:, None, None]) ** 2).mean(axis=(3, 4)).min(axis=(1, 2))
+        floor = sigma_a[start : start + chunk] ** 2 + sigma_b[start : start + chunk] ** 2
+        out[start : start + chunk] = np.maximum(1.0 - msd / floor, -1.0)
+    return out
+
+
 def copy_move_scores(
     slices: list[SliceKeypoints | None],
     positions: list[float | None] | None = None,
@@ -119,28 +137,43 @@ def copy_move_scores(
         descriptors = np.concatenate(coarse)
         points = np.concatenate([slices[s].points[i : i + 1] for s, i in zip(owner_a, index_a, strict=True)])  # type: ignore[union-attr]
         rows = np.arange(len(owner_a)) if only is None else np.nonzero(np.isin(owner_a, list(only)))[0]
-        if len(rows):
-            sims = descriptors[rows] @ descriptors.T
-            candidates = np.argwhere(sims > COARSE_MIN)
-            if len(candidates) > MAX_PAIRS:
-                keep = np.argsort(-sims[candidates[:, 0], candidates[:, 1]])[:MAX_PAIRS]
-                candidates = candidates[keep]
-            for r, j in candidates:
-                i = rows[r]
-                if i == j:
-                    continue
-                si, sj = int(owner_a[i]), int(owner_a[j])
-                distance = float(np.hypot(*(points[i] - points[j])))
-                if si == sj and distance < EXCLUDE_SAME_SLICE_PX:
-                    continue
-                if si != sj and distance < EXCLUDE_ADJACENT_PX and _near_in_z(si, sj, positions, spacing):
-                    continue
-                a, b = slices[si], slices[sj]
-                value = _fine_correlation(
-                    a.fine[index_a[i]], b.fine[index_a[j]], a.extra.get("sigma", 20.0), b.extra.get("sigma", 20.0)
-                )
+        # The best TOP_PER_KEYPOINT coarse matches of each keypoint (rows in chunks: a 100-slice series has
+        # ~10^4 keypoints, and a full similarity matrix would be ~400 MB).
+        found = []
+        for begin in range(0, len(rows), ROW_CHUNK):
+            chunk = rows[begin : begin + ROW_CHUNK]
+            sims = descriptors[chunk] @ descriptors.T
+            sims[np.arange(len(chunk)), chunk] = -1.0
+            k = min(TOP_PER_KEYPOINT, sims.shape[1])
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            for r, row in enumerate(top):
+                for j in row:
+                    if sims[r, j] > COARSE_MIN:
+                        found.append((begin + r, int(j)))
+        pairs = []
+        for r, j in found:
+            i = rows[r]
+            if i == j:
+                continue
+            si, sj = int(owner_a[i]), int(owner_a[j])
+            distance = float(np.hypot(*(points[i] - points[j])))
+            if si == sj and distance < EXCLUDE_SAME_SLICE_PX:
+                continue
+            if si != sj and distance < EXCLUDE_ADJACENT_PX and _near_in_z(si, sj, positions, spacing):
+                continue
+            pairs.append((i, j))
+        if pairs:
+            first = np.array([p[0] for p in pairs])
+            second = np.array([p[1] for p in pairs])
+            crops_a = np.stack([slices[owner_a[i]].fine[index_a[i]] for i in first])  # type: ignore[union-attr]
+            crops_b = np.stack([slices[owner_a[j]].fine[index_a[j]] for j in second])  # type: ignore[union-attr]
+            sigma_a = np.array([slices[owner_a[i]].extra.get("sigma", 20.0) for i in first])  # type: ignore[union-attr]
+            sigma_b = np.array([slices[owner_a[j]].extra.get("sigma", 20.0) for j in second])  # type: ignore[union-attr]
+            values = duplicate_scores(crops_a, crops_b, sigma_a, sigma_b)
+            for i, value in zip(first, values, strict=True):
+                si = int(owner_a[i])
                 if value > best[si][0]:
-                    best[si] = (value, tuple(points[i]))
+                    best[si] = (float(value), tuple(points[i]))
     for s, kp in enumerate(slices):
         if kp is None or (only is not None and s not in only):
             results.append(CueMap("copymove", None, None, "no keypoints" if kp is None else None))

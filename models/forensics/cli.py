@@ -11,7 +11,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands."""
-    from models.forensics.methods import ALL_METHODS
+    from models.forensics.methods import ALL_METHODS, TAMPER_METHODS
 
     tamper = subparsers.add_parser(
         "tamper", help="write a tampered copy of a DICOM CT series with ground truth (red-team your deployment)"
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tamper.add_argument(
         "--out", type=Path, required=True, help="output folder: dicom/ (send this), ground_truth.json, masks/"
     )
-    tamper.add_argument("--method", choices=ALL_METHODS, default="inject-noise")
+    tamper.add_argument("--method", choices=TAMPER_METHODS, default="inject-noise")
     tamper.add_argument("--count", type=int, default=1, help="slices to tamper (2-D methods)")
     tamper.add_argument("--seed", type=int, default=0)
     tamper.add_argument("--keep-uids", action="store_true", help="keep SOP/Series UIDs (overwrite-in-PACS attack)")
@@ -53,6 +53,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--mode", choices=("tiles", "whole"), default=None, help="scoring mode (default: the service's)")
     run.add_argument("--n-reference", type=int, default=60, help="genuine training slices for fitting + calibration")
     run.set_defaults(func=run_bench_run)
+
+    # The leave-one-family-out evaluation (issue 12; docs/bench/forensics-lofo.md).
+    lofo_build = actions.add_parser("lofo-build", help="independent attack families on every corpus series")
+    lofo_build.add_argument("--out", type=Path, required=True)
+    lofo_build.add_argument("--per-family-2d", type=int, default=16)
+    lofo_build.add_argument("--per-family-3d", type=int, default=5)
+    lofo_build.add_argument("--seed", type=int, default=0)
+    lofo_build.set_defaults(func=run_lofo_build)
+    lofo_score = actions.add_parser("lofo-score", help="raw cue scores of every slice (resumable, shardable)")
+    lofo_score.add_argument("bench_dir", type=Path)
+    lofo_score.add_argument("--out", type=Path, required=True)
+    lofo_score.add_argument("--shard", default="0/1", help="i/n: this process scores every n-th entry from i")
+    lofo_score.set_defaults(func=run_lofo_score)
+    lofo_run = actions.add_parser("lofo-run", help="leave-one-family-out selection and report")
+    lofo_run.add_argument("bench_dir", type=Path)
+    lofo_run.add_argument("--scores", type=Path, required=True)
+    lofo_run.add_argument("--out", type=Path, required=True)
+    lofo_run.set_defaults(func=run_lofo_run)
 
 
 def _one_thread() -> None:
@@ -101,6 +119,39 @@ def run_bench_run(args: argparse.Namespace) -> int:
         detectors.append("published")
     results = run_benchmark(args.bench_dir, model, args.out, detectors, args.published, args.mode, args.n_reference)
     table = markdown_table(results)
+    (Path(args.out) / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def run_lofo_build(args: argparse.Namespace) -> int:
+    from models.forensics.lofo_build import build
+
+    _one_thread()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = build(args.out, per_family_2d=args.per_family_2d, per_family_3d=args.per_family_3d, seed=args.seed)
+    print(json.dumps(summary["counts"], indent=2))
+    return 0
+
+
+def run_lofo_score(args: argparse.Namespace) -> int:
+    from models.forensics.lofo_score import recompute_keypoints, score
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    a, b = (int(v) for v in args.shard.split("/"))
+    computed = score(args.bench_dir, args.out, (a, b))
+    if b == 1:
+        recompute_keypoints(args.bench_dir, args.out)
+    print(json.dumps({"computed": computed}))
+    return 0
+
+
+def run_lofo_run(args: argparse.Namespace) -> int:
+    from models.forensics.lofo import run
+    from models.forensics.lofo_report import markdown
+
+    results = run(args.bench_dir, args.scores, args.out)
+    table = markdown(results)
     (Path(args.out) / "table.md").write_text(table)
     print(table)
     return 0

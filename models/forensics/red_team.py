@@ -21,14 +21,14 @@ from pydicom.uid import generate_uid
 
 from models.corpus import Lesion, dicom_to_hu, load_annotations
 from models.forensics.dicom_write import fresh_uids, write_tampered
-from models.forensics.methods import ALL_METHODS
+from models.forensics.methods import FAMILY_SERIES_METHODS, TAMPER_METHODS
 from models.forensics.tamper import Skip, Tamper, copy_move, inject_nodule, inject_sphere, remove_lesion
 from models.lungmask import has_lungs
 from models.metadata import DEFAULT_MODEL_PATH
 
 log = logging.getLogger(__name__)
 
-METHODS = ALL_METHODS
+METHODS = TAMPER_METHODS
 
 
 @dataclass
@@ -95,6 +95,26 @@ def tamper_slice(
     model: Any = None,
 ) -> Tamper | Skip:
     """One slice, one method (the 3-D method works on a series: see tamper_series)."""
+    if method in ("nps-nodule", "inject-exemplar", "transplant", "remove-exemplar"):
+        from models.forensics import families
+
+        if method == "remove-exemplar":
+            if not lesions:
+                return Skip(method, "no annotated lesion on this slice")
+            lesion = lesions[int(rng.integers(len(lesions)))]
+            return families.remove_exemplar_2d(hu, lesion.region_mask(hu.shape), rng)
+        if not has_lungs(hu):
+            return Skip(method, "no lungs in this slice")
+        if method == "nps-nodule":
+            return families.nps_nodule_2d(hu, rng)
+        if method == "inject-exemplar":
+            return families.inject_exemplar_2d(hu, rng)
+        if donor is None:
+            return Skip(method, "no annotated lesion available to transplant")
+        source_hu, lesion = donor
+        # pixel sizes unknown here: the donor is pasted at its own scale
+        donor_lesion = families.Donor("corpus", [source_hu], [lesion.region_mask(source_hu.shape)], 0.7)
+        return families.transplant_2d(hu, donor_lesion, 0, rng, pixel_mm=0.7)
     if method in ("inject-noise", "inject-smooth", "inject-diffusion"):
         if not has_lungs(hu):
             return Skip(method, "no lungs in this slice")
@@ -138,10 +158,22 @@ def tamper_series(
     if not series:
         report.skipped.append({"slice": str(folder), "reason": "no CT image in this folder"})
         return _finish(report, series, {}, out_dir, keep_uids)
-    annotations = load_annotations() if method in ("remove", "remove-diffusion", "copy-move") else {}
+    needs_lesions = ("remove", "remove-diffusion", "copy-move", "transplant", "remove-exemplar")
+    annotations = load_annotations() if method in needs_lesions else {}
     model = _diffusion_model(model_path) if "diffusion" in method else None
     tampers: dict[int, Tamper] = {}
-    if method == "inject-3d":
+    if method in FAMILY_SERIES_METHODS:
+        from models.forensics import families
+
+        spacing = abs(series[1].z - series[0].z) if len(series) > 1 else 1.0
+        pixel_mm = float(series[0].ds.PixelSpacing[0]) if "PixelSpacing" in series[0].ds else 0.7
+        volume = families.Volume([s.hu for s in series], spacing, pixel_mm)
+        made = (families.nps_nodule_3d if method == "nps-nodule-3d" else families.inject_exemplar_3d)(volume, rng)
+        if isinstance(made, Skip):
+            report.skipped.append({"slice": "series", "reason": made.reason})
+        else:
+            tampers = dict(made)
+    elif method == "inject-3d":
         spacing = abs(series[1].z - series[0].z) if len(series) > 1 else 1.0
         pixel_mm = float(series[0].ds.PixelSpacing[0]) if "PixelSpacing" in series[0].ds else 0.7
         result = inject_sphere([s.hu for s in series], spacing, pixel_mm, rng)
@@ -150,7 +182,7 @@ def tamper_series(
         else:
             tampers = dict(result)
     else:
-        donor = _find_donor(annotations) if method == "copy-move" else None
+        donor = _find_donor(annotations) if method in ("copy-move", "transplant") else None
         order = rng.permutation(len(series))
         for index in order:
             if len(tampers) >= count:
