@@ -21,7 +21,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from test_fused_detector import LIDC2, _copy_patch, fusion_block
+from test_fused_detector import LIDC2, _copy_patch, save_fused_model
 from test_worker_pipeline import queue, receive
 
 from core.contracts import State
@@ -29,11 +29,7 @@ from core.db import migrate
 from core.db.schema import ReferenceSample, ScannerReference, SeriesResult, Study
 from core.db.session import dispose_engines, session_scope
 from core.settings import Settings
-from models.checkpoint import save_model
-from models.diffusion import GaussianDiffusion
-from models.metadata import ModelMetadata
 from models.results import NO_EVIDENCE, NOT_ASSESSED
-from models.unet import Unet
 from service.api.app import create_app
 from worker import report_tasks, tasks
 from worker.references import fold_samples
@@ -43,22 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not LIDC2.is_dir(), reason="s
 
 def tiny_fused_model(path: Path) -> Path:
     """Copy-move and header cues only (they need no training): genuine LIDC-IDRI-0002 reads no_evidence."""
-    torch.manual_seed(0)
-    block = fusion_block(["copymove"], review=1.5, suspicious=2.5)
-    meta = ModelMetadata(
-        name="tiny-fused",
-        patch_size=32,
-        windows=[{"low": -1100.0, "high": 300.0}],
-        anomaly={"energy_mean": -9.0, "energy_std": 1.0, "region_threshold": 1.0, "two_sided": False},
-        calibration={
-            "slice_threshold": block["thresholds"]["review"],
-            "series_threshold": block["thresholds"]["suspicious"],
-            "scoring": {"mode": "whole", "overlap": None, "skip_air": True},
-        },
-        fusion=block,
-    )
-    save_model(GaussianDiffusion(Unet(8, (1, 2, 4), 1), 32), path, meta)
-    return path
+    return save_fused_model(path, ["copymove"], review=1.5, suspicious=2.5)
 
 
 @pytest.fixture(scope="module")

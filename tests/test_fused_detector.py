@@ -4,6 +4,7 @@ regions named by cue, the reference used or the reason none could be, the header
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -34,7 +35,8 @@ def fusion_block(cues: list[str], review: float = 1.0, suspicious: float = 2.0) 
             "tails_single": tails, "thresholds": {"review": review, "suspicious": suspicious}}
 
 
-def fused_detector(tmp_path, cues: list[str], references: ReferenceSet | None = None, **thresholds) -> Detector:
+def save_fused_model(path: Path, cues: list[str], **thresholds: float) -> Path:
+    """A tiny random U-Net with a fusion block over `cues` (their tails random but fixed), saved at `path`."""
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(Unet(8, (1, 2, 4), 1), 32)
     block = fusion_block(cues, **thresholds)
@@ -48,8 +50,13 @@ def fused_detector(tmp_path, cues: list[str], references: ReferenceSet | None = 
         },
         fusion=block,
     )
-    save_model(diffusion, tmp_path / "tiny-fused.pt", meta)
-    return Detector.load(tmp_path / "tiny-fused.pt", device="cpu", references=references)
+    save_model(diffusion, path, meta)
+    return path
+
+
+def fused_detector(tmp_path, cues: list[str], references: ReferenceSet | None = None, **thresholds) -> Detector:
+    path = save_fused_model(tmp_path / "tiny-fused.pt", cues, **thresholds)
+    return Detector.load(path, device="cpu", references=references)
 
 
 @pytest.fixture(scope="module")
