@@ -11,9 +11,9 @@ and MB/s for three receivers on the same machine and the same file system:
 
 each sent to by dcmtk `storescu` with `TCP_NODELAY=1` in its environment (without it, dcmtk waits on the
 40 ms delayed ACK of loopback per message), plus btd's own sender (`btd send`) into btd's listener and into
-storescp, to check that it does not fall into the same trap. A "storescu x4" sender sends the same
-instances over 4 concurrent associations (every 4th file each), as a PACS with parallel outgoing
-associations does. One extra row sends into storescp without `TCP_NODELAY` to show the trap itself.
+storescp, to check that it does not fall into the same trap. The "storescu x4" and "storescu x8" senders
+send the same instances over 4 or 8 concurrent associations (every 4th or 8th file each), as a PACS with
+parallel outgoing associations does. One extra row sends into storescp without `TCP_NODELAY` to show the trap itself.
 
 The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apache-2.0,
 TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -361,13 +362,15 @@ def send_storescu(files: list[Path], port: int, nodelay: bool = True) -> subproc
     )
 
 
-PARALLEL_ASSOCIATIONS = 4
+PARALLEL_ASSOCIATIONS = (4, 8)
 
 
-def send_storescu_parallel(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
-    """The same instances over 4 concurrent associations (one storescu each, every 4th file), as a PACS
-    with several outgoing associations sends a study; finished when the last of them is."""
-    chunks = [files[k::PARALLEL_ASSOCIATIONS] for k in range(PARALLEL_ASSOCIATIONS)]
+def send_storescu_parallel(
+    files: list[Path], port: int, nodelay: bool = True, associations: int = 4
+) -> subprocess.CompletedProcess:
+    """The same instances over `associations` concurrent associations (one storescu each, every k-th file),
+    as a PACS with several outgoing associations sends a study; finished when the last of them is."""
+    chunks = [files[k::associations] for k in range(associations)]
     procs = [
         subprocess.Popen(
             ["storescu", "-xe", "-aet", f"{SENDER_AET}{k}", "-aec", RECEIVER_AET, "127.0.0.1", str(port)]
@@ -426,7 +429,10 @@ def send_files_inprocess(files: list[Path], port: int, nodelay: bool = True) -> 
 
 SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {
     "storescu": send_storescu,
-    f"storescu x{PARALLEL_ASSOCIATIONS}": send_storescu_parallel,
+    **{
+        f"storescu x{k}": functools.partial(send_storescu_parallel, associations=k)
+        for k in PARALLEL_ASSOCIATIONS
+    },
     "btd send": send_btd,
     "send_files": send_files_inprocess,
 }
@@ -528,12 +534,12 @@ CASES: list[tuple[str, str, bool]] = [
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd-pg", "storescu", True),  # only with --postgres
-    # A study over 4 concurrent associations (PACS with parallel sends).
-    ("orthanc", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd-listener-baseline", f"storescu x{PARALLEL_ASSOCIATIONS}", True),  # only with --baseline
-    ("btd-listener", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd-pg", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
+    # A study over 4 and 8 concurrent associations (PACS with parallel sends).
+    *(
+        (receiver, f"storescu x{k}", True)
+        for k in PARALLEL_ASSOCIATIONS
+        for receiver in ("orthanc", "btd-listener-baseline", "btd-listener", "btd", "btd-pg")
+    ),
     ("btd", "btd send", True),
     ("btd", "send_files", True),
     ("storescp", "btd send", True),
@@ -600,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another btd source tree (core/, service/ and migrations/ of an older commit); adds a row for its listener "
-        "(with btd-listener), run round-robin with the others: a change against its parent under the same load",
+        help="another btd source tree (core/, service/ and migrations/ of an older commit); adds a row for its "
+        "listener (with btd-listener), run round-robin with the others: a change against its parent, same load",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")

@@ -147,10 +147,13 @@ class Spool:
         os.close(fd)
         return path
 
-    def publish_new(self, staged: Path, relative: str) -> str:
+    def publish_new(self, staged: Path, relative: str, *, sync: bool = True) -> str:
         """Link a staged file under `relative` or, if that name is taken, under the first free
         `<name>~<n>.dcm` (n = 2, 3, ...), fsync the folder, and return the relative name used. This call
         created that name, so only its caller may remove it.
+
+        `sync=False` leaves the folder's fsync to the caller (`sync_folder`), who publishes several files
+        into one folder and syncs it once for all of them before anything may rely on their names.
 
         Why never adopt or replace a taken name: a file can hold it without any row pointing at it, left
         by a crash between publishing and committing (complete: bytes are synced before they are linked),
@@ -171,9 +174,14 @@ class Spool:
                 os.link(staged, final.parent / candidate)
             except FileExistsError:
                 continue
-            fsync_dir(final.parent)
+            if sync:
+                fsync_dir(final.parent)
             return f"{folder}/{candidate}" if folder else candidate
         raise SpoolConflict(f"{relative}: {_MAX_NAMES} names taken")
+
+    def sync_folder(self, relative: str) -> None:
+        """fsync the folder holding `relative` (a name returned by `publish_new(..., sync=False)`)."""
+        fsync_dir((self.root / relative).parent)
 
     def _check_staged(self, staged: Path) -> None:
         if self.root not in staged.parents:

@@ -59,9 +59,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import repository
 from core.db.session import session_factory
 from core.observability.logs import log_event
-from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED
+from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_BATCH_SIZE
 from core.settings import Settings
-from core.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, relative_path, sha256_hex
+from core.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, sha256_hex
+from service.dicom.group_commit import GroupCommit
 from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest, uid_bytes
 
 log = logging.getLogger("btd.listener")
@@ -269,6 +270,7 @@ class StoreHandler:
         self.spool = spool
         self.sessions = sessions
         self.stager = ThreadPoolExecutor(max_workers=_STAGING_THREADS, thread_name_prefix="btd-stage")
+        self.committer = GroupCommit(spool, sessions, settings.stable_seconds, on_batch=STORE_BATCH_SIZE.observe)
 
     def __call__(self, request: StoreRequest) -> Answer:
         started = time.perf_counter()
@@ -352,41 +354,17 @@ class StoreHandler:
                 return _status(PROCESSING_FAILURE, "internal error"), "", parsed
 
     def _store(self, parsed: ParsedInstance, staging: Future[Path]) -> str:
-        """Inside one transaction publish the staged bytes under their final name and commit the row.
+        """Publish the staged bytes under their final name and commit the row, in a transaction shared with
+        the instances other associations have ready at the same moment (service.dicom.group_commit).
 
         The transaction's reads and study update run while the staging thread may still be syncing the
-        bytes; `store` waits for them before the name is published and the row inserted, so the row never
-        points at bytes that are not on disk. On any failure remove the final name this call created; the
-        caller removes the staged file."""
-        received = parsed.received
-        created: list[str] = []
-
-        def store(version: int) -> str:
-            staged = staging.result()  # the bytes are on disk (or the write's error is raised here)
-            name = relative_path(received.study_uid, received.series_uid, received.sop_instance_uid, version)
-            rel = self.spool.publish_new(staged, name)  # another name if an orphan holds this one
-            created.append(rel)
-            return rel
-
-        session = self.sessions()
-        try:
-            outcome = repository.record_instance(
-                session, received, stable_seconds=self.settings.stable_seconds, store=store
-            )
-            session.commit()
-            if outcome.reopened:
-                log_event(log, "study.reopened", study_uid=received.study_uid)
-            return outcome.kind
-        except BaseException:
-            session.rollback()
-            for rel in created:
-                try:
-                    self.spool.remove(rel)
-                except OSError:
-                    log.exception("spool.cleanup_failed")
-            raise
-        finally:
-            session.close()
+        bytes; they are waited for before the name is published and the row inserted, so the row never
+        points at bytes that are not on disk. On failure the names published for this instance are removed
+        again; the caller removes the staged file."""
+        outcome = self.committer.record(parsed.received, staging)
+        if outcome.reopened:
+            log_event(log, "study.reopened", study_uid=parsed.received.study_uid)
+        return outcome.kind
 
 
 def _discard_staged(staging: Future[Path]) -> None:
