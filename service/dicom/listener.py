@@ -58,12 +58,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import repository
 from core.db.session import session_factory
+from core.dicom.wire import uid_bytes
 from core.observability.logs import log_event
 from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_BATCH_SIZE
 from core.settings import Settings
 from core.spool import INCOMING_FOLDER, Spool, SpoolConflict, SpoolFull, sha256_hex
 from service.dicom.group_commit import GroupCommit
-from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest, uid_bytes
+from service.dicom.scp import AcceptorSettings, DicomServer, Peer, StoreRequest
 
 log = logging.getLogger("btd.listener")
 
