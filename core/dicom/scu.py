@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from core.dicom.wire import (
     A_ABORT_TYPE,
@@ -47,6 +46,9 @@ from core.dicom.wire import (
     read_pdu,
     store_request_command,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 # btd's implementation class UID (PS3.7 annex D.3.3.2): a UUID-derived UID (PS3.5 B.2), fixed for btd.
 IMPLEMENTATION_UID = "2.25.302473919564358210768734003394802935291"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
-import ssl
 import struct
 import sys
 import threading
@@ -30,6 +29,8 @@ from core.dicom.scu import Association, AssociationLost, AssociationRejected
 from core.dicom.wire import ProtocolError
 
 if TYPE_CHECKING:
+    import ssl
+
     from pydicom.dataset import Dataset
 
 MAX_CONTEXTS = 128
