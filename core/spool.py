@@ -178,7 +178,16 @@ class Spool:
                 self.direct = direct = False  # this filesystem has no O_DIRECT (tmpfs): the page cache it is
         try:
             if direct:
-                _write_direct(fd, data)
+                try:
+                    _write_direct(fd, data)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # opened, but the filesystem refuses these writes (alignment): the page cache it is
+                    os.close(fd)
+                    path.unlink(missing_ok=True)
+                    self.direct = False
+                    return self.stage(folder, data)
             else:
                 with memoryview(data) as view:
                     written = 0

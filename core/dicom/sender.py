@@ -300,11 +300,21 @@ def _send_parallel(
     lanes = [items[k :: max(1, associations)] for k in range(max(1, associations))]
     lanes = [lane for lane in lanes if lane]
 
+    errors: list[BaseException] = []
+
     def run(lane: list[_Item]) -> None:
         for contexts, batch in _batches(lane):
             _send_batch(contexts, batch, host, port, called_aet, calling_aet, ssl_context, timeout, settle)
 
-    threads = [threading.Thread(target=run, args=(lane,), name=f"btd-send-{k}") for k, lane in enumerate(lanes[1:])]
+    def run_in_thread(lane: list[_Item]) -> None:
+        try:
+            run(lane)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below, as with one lane
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run_in_thread, args=(lane,), name=f"btd-send-{k}") for k, lane in enumerate(lanes[1:])
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -313,6 +323,8 @@ def _send_parallel(
     finally:
         for thread in threads:
             thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _send_batch(
