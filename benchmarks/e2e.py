@@ -19,8 +19,19 @@ normal so the series stays one geometrically consistent stack).
 The model: `--model PATH` (a real BTD model), else a tiny random one (dim 8; see make_tiny_model), which
 exercises the whole path at a fraction of the published model's cost; the report says which was used.
 
+A large study: `--sizes 2000 --associations 4 --sender btd` sends 2,000 instances over 4 concurrent
+associations with `btd send` (its progress bar on this script's stderr), and the script prints the study's
+progress (state, slices scored) while it waits. The peak resident memory of every process (the sender,
+`btd serve`, the Celery worker and its pool children, the PACS) is sampled every 0.5 s from /proc, so a
+process that held a whole study in memory would show it. `--not-assessed` relabels the study's modality
+"MR", which the CT model declines slice by slice (each slice is still read and decoded, then judged "not
+assessed: model judges CT"): the run then measures everything but the model's arithmetic (ingest, quiet
+timer, hand-over, reading 2,000 slices, 2,000 result rows, an SR citing 2,000 instances, delivery), for a
+study whose real scoring would take hours on this CPU.
+
 Usage: .venv/bin/python benchmarks/e2e.py [--sizes 20 100] [--modes embedded celery] [--model PATH]
-       [--stable-seconds 2] [--markdown docs/bench/e2e.md]
+       [--stable-seconds 2] [--associations N] [--sender storescu|btd] [--not-assessed]
+       [--markdown docs/bench/e2e.md]
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,7 +63,9 @@ sys.path.insert(0, str(REPO))
 FIXTURE_SERIES = REPO / "tests" / "fixtures" / "ct_series_20"
 PYTHON = sys.executable
 PACS_AET = "E2EPACS"
-POSTGRES_ADMIN_URL = os.environ.get("BTD_BENCH_POSTGRES_ADMIN_URL", "postgresql+psycopg2://root@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "BTD_BENCH_POSTGRES_ADMIN_URL", "postgresql+psycopg2://root@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("BTD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PHASES = ("STABLE", "QUEUED", "SCORING", "SCORED", "REPORTED", "DELIVERED")
 DONE_STATES = ("DELIVERED", "FAILED_DELIVERY", "FAILED", "REJECTED")
@@ -60,8 +74,9 @@ DONE_STATES = ("DELIVERED", "FAILED_DELIVERY", "FAILED", "REJECTED")
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def make_study(out_dir: Path, n_slices: int, source: Path = FIXTURE_SERIES) -> Path:
-    """Write one CT study of `n_slices` (a multiple of the source's 20) with fresh UIDs; return its folder."""
+def make_study(out_dir: Path, n_slices: int, source: Path = FIXTURE_SERIES, modality: str | None = None) -> Path:
+    """Write one CT study of `n_slices` (a multiple of the source's 20) with fresh UIDs; return its folder.
+    `modality`: written into every instance instead of CT (e.g. "MR": a study the CT model declines)."""
     heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in source.glob("CT.*")}
     sources = sorted(heads, key=lambda p: float(heads[p].ImagePositionPatient[2]))
     z = [float(heads[p].ImagePositionPatient[2]) for p in sources]
@@ -86,6 +101,8 @@ def make_study(out_dir: Path, n_slices: int, source: Path = FIXTURE_SERIES) -> P
             if "SliceLocation" in clone:
                 clone.SliceLocation = float(clone.SliceLocation) + copy * span
             clone.InstanceNumber = number
+            if modality:
+                clone.Modality = modality
             clone.save_as(out_dir / f"CT{number:04d}.dcm", enforce_file_format=True)
     return out_dir
 
@@ -186,6 +203,9 @@ class Run:
     to_scored: float | None = None
     to_delivered: float | None = None
     scoring_seconds_per_slice: float | None = None
+    associations: int = 1
+    sender: str = "storescu"
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # role -> peak resident MB over the run
     error: str | None = None
 
 
@@ -204,7 +224,8 @@ def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | N
                 select(func.max(Instance.received_at)).where(Instance.study_uid == study_uid)
             ).scalar_one_or_none()
             events = conn.execute(
-                select(StudyEvent.to_state, StudyEvent.at).where(StudyEvent.study_uid == study_uid)
+                select(StudyEvent.to_state, StudyEvent.at)
+                .where(StudyEvent.study_uid == study_uid)
                 .order_by(StudyEvent.at, StudyEvent.id)
             ).all()
     finally:
@@ -219,16 +240,128 @@ def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | N
     return state, last, first
 
 
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (Celery's pool processes, storescu's helpers), from /proc."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in task.read_text().split()]
+                found.extend(kids)
+                pending.extend(kids)
+    return found
+
+
+def _rss_kb(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class MemorySampler:
+    """Samples the resident memory of named processes and their descendants every `interval` seconds and
+    keeps each role's peak (the largest single process of that role)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.roles: dict[str, subprocess.Popen] = {}
+        self.peak_kb: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, role: str, proc: subprocess.Popen) -> None:
+        self.roles[role] = proc
+
+    def sample(self) -> None:
+        for role, proc in list(self.roles.items()):
+            if proc.poll() is not None:
+                continue
+            for pid in (proc.pid, *_children(proc.pid)):
+                self.peak_kb[role] = max(self.peak_kb.get(role, 0), _rss_kb(pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def peaks_mb(self) -> dict[str, float]:
+        return {role: round(kb / 1024, 1) for role, kb in sorted(self.peak_kb.items())}
+
+
+def send_study(files: list[str], port: int, associations: int, sender: str, memory: MemorySampler) -> None:
+    """Send the study over `associations` concurrent associations (every N-th file each), with dcmtk storescu
+    (one process per association) or `btd send --associations N` (its progress bar on our stderr)."""
+    if sender == "btd":
+        command = [PYTHON, "-m", "btd.cli", "send", "--port", str(port), "--aet", "BTD", "--calling-aet", "E2ESCU"]
+        command += ["--associations", str(associations), "--quiet", "--progress", *files]
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        memory.watch("sender (btd send)", proc)
+        out, _ = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"btd send failed: {out[-500:]}")
+        return
+    procs = []
+    for k in range(associations):
+        chunk = files[k::associations]
+        if chunk:
+            procs.append(
+                subprocess.Popen(
+                    ["storescu", "-aet", f"E2ESCU{k}", "-aec", "BTD", "-xv", "127.0.0.1", str(port), *chunk],
+                    env=dict(os.environ, TCP_NODELAY="1"),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            memory.watch(f"sender (storescu {k})" if associations > 1 else "sender (storescu)", procs[-1])
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err[-500:]}")
+
+
+def report_progress(data_dir: Path, study_uid: str, state: str, started: float) -> None:
+    """One line on stderr: the study's state and, while it is scored, slices done of total."""
+    from core.contracts import progress_path
+
+    detail = ""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        progress = json.loads(progress_path(data_dir, study_uid).read_text())
+        detail = f", scored {progress['done']}/{progress['total']}"
+    print(f"[e2e {time.monotonic() - started:7.1f} s] {state or '-'}{detail}", file=sys.stderr, flush=True)
+
+
 def run_once(
-    mode: str, n_slices: int, model: Path, stable_seconds: float, work: Path, timeout: float, threads: int
+    mode: str,
+    n_slices: int,
+    model: Path,
+    stable_seconds: float,
+    work: Path,
+    timeout: float,
+    threads: int,
+    associations: int = 1,
+    sender: str = "storescu",
+    modality: str | None = None,
 ) -> Run:
-    result = Run(mode=mode, slices=n_slices)
-    study_dir = make_study(work / f"study-{n_slices}", n_slices)
+    result = Run(mode=mode, slices=n_slices, associations=associations, sender=sender)
+    study_dir = make_study(work / f"study-{n_slices}", n_slices, modality=modality)
     study_uid = str(pydicom.dcmread(next(study_dir.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     data_dir = work / f"data-{mode}-{n_slices}"
     pacs_port, dicom_port, http_port = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen] = []
-    with contextlib.ExitStack() as stack:
+    memory = MemorySampler()
+    with contextlib.ExitStack() as stack, memory:
         database_url = f"sqlite:///{data_dir / 'btd.sqlite3'}"
         settings = {
             "data_dir": str(data_dir),
@@ -252,33 +385,39 @@ def run_once(
         data_dir.mkdir(parents=True, exist_ok=True)
         logs = open(work / f"{mode}-{n_slices}.log", "ab")  # noqa: SIM115 - children write to it
         stack.callback(logs.close)
-        pacs = subprocess.Popen(["storescp", "-aet", PACS_AET, "-od", str(work / "pacs"), str(pacs_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pacs = subprocess.Popen(
+            ["storescp", "-aet", PACS_AET, "-od", str(work / "pacs"), str(pacs_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         (work / "pacs").mkdir(exist_ok=True)
         procs.append(pacs)
-        gateway = subprocess.Popen([PYTHON, "-m", "btd.cli", "serve"], cwd=REPO, env=env, stdout=logs,
-                                   stderr=subprocess.STDOUT)
+        memory.watch("PACS (storescp)", pacs)
+        gateway = subprocess.Popen(
+            [PYTHON, "-m", "btd.cli", "serve"], cwd=REPO, env=env, stdout=logs, stderr=subprocess.STDOUT
+        )
         procs.append(gateway)
+        memory.watch("btd serve", gateway)
         try:
             wait_for_port(pacs_port, pacs)
             wait_for_port(dicom_port, gateway)
             if mode == "celery":
-                worker = subprocess.Popen([PYTHON, "-m", "btd.cli", "worker"], cwd=REPO, env=env, stdout=logs,
-                                          stderr=subprocess.STDOUT)
+                worker = subprocess.Popen(
+                    [PYTHON, "-m", "btd.cli", "worker"], cwd=REPO, env=env, stdout=logs, stderr=subprocess.STDOUT
+                )
                 procs.append(worker)
+                memory.watch("btd worker (Celery, with its pool)", worker)
                 time.sleep(5)  # let the worker connect and load; the model itself loads on its first task
             started = time.monotonic()
-            sent = subprocess.run(
-                ["storescu", "-aet", "E2ESCU", "-aec", "BTD", "-xv", "127.0.0.1", str(dicom_port),
-                 *sorted(map(str, study_dir.iterdir()))],
-                env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, text=True, timeout=300,
-            )
+            send_study(sorted(map(str, study_dir.iterdir())), dicom_port, associations, sender, memory)
             result.send_seconds = time.monotonic() - started
-            if sent.returncode != 0:
-                raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
             deadline = time.monotonic() + timeout
+            shown, last_shown = "", 0.0
             while time.monotonic() < deadline:
                 state, _, _ = study_timeline(database_url, study_uid)
+                if state != shown or time.monotonic() - last_shown > 15:
+                    report_progress(data_dir, study_uid, state, started)
+                    shown, last_shown = state, time.monotonic()
                 if state in DONE_STATES:
                     break
                 if any(p.poll() is not None for p in procs[1:]):
@@ -299,6 +438,8 @@ def run_once(
         except Exception as exc:  # one failed run is reported, the others still run
             result.error = f"{type(exc).__name__}: {exc}"[:300]
         finally:
+            memory.sample()
+            result.peak_rss_mb = memory.peaks_mb()
             for proc in reversed(procs):
                 stop(proc)
     return result
@@ -338,18 +479,24 @@ def markdown(runs: list[Run], info: dict[str, str], model_text: str, stable_seco
         "Seconds after the study's last instance was received (database times). `delivered` is the end",
         "point asked for: the SR stored into a dcmtk storescp standing in for the PACS.",
         "",
-        "| mode | slices | send (s) | stable | queued | scoring starts | scored | reported | delivered "
+        "| mode | slices | sent with | send (s) | stable | queued | scoring starts | scored | reported | delivered "
         "| scoring s/slice | end state |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         cells = [run.phases.get(s) for s in PHASES]
         shown = ["—" if v is None else f"{v:.1f}" for v in cells]
         per_slice = "—" if run.scoring_seconds_per_slice is None else f"{run.scoring_seconds_per_slice:.2f}"
+        sent_with = f"{'btd send' if run.sender == 'btd' else 'storescu'} x{run.associations}"
         lines.append(
-            f"| {run.mode} | {run.slices} | {run.send_seconds:.1f} | " + " | ".join(shown)
+            f"| {run.mode} | {run.slices} | {sent_with} | {run.send_seconds:.1f} | "
+            + " | ".join(shown)
             + f" | {per_slice} | {run.state or '—'}{' (' + run.error + ')' if run.error else ''} |"
         )
+    lines += ["", "Peak resident memory per process (MB, sampled every 0.5 s from /proc):", ""]
+    for run in runs:
+        peaks = ", ".join(f"{role} {mb:.0f}" for role, mb in run.peak_rss_mb.items()) or "—"
+        lines.append(f"- {run.mode}, {run.slices} slices: {peaks}")
     return "\n".join(lines) + "\n"
 
 
@@ -363,22 +510,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the btd processes")
+    parser.add_argument("--associations", type=int, default=1, help="concurrent associations sending the study")
+    parser.add_argument("--sender", choices=["storescu", "btd"], default="storescu")
+    parser.add_argument(
+        "--not-assessed", action="store_true", help="modality MR: the CT model declines every slice (all but scoring)"
+    )
     args = parser.parse_args(argv)
     info = machine()
     with tempfile.TemporaryDirectory(prefix="btd-e2e-") as tmp:
         work = Path(tmp)
         if args.model is None:
             model = make_tiny_model(work / "e2e-tiny.pt")
-            model_text = ("a tiny random BTD model (U-Net dim 8, dim_mults 1-2-4-8, 64 px tiles, calibrated to flag "
-                          "every slice so that every run builds and delivers an SR with regions), not the published "
-                          "weights: scoring time here is a floor, not the production figure")
+            model_text = (
+                "a tiny random BTD model (U-Net dim 8, dim_mults 1-2-4-8, 64 px tiles, calibrated to flag "
+                "every slice so that every run builds and delivers an SR with regions), not the published "
+                "weights: scoring time here is a floor, not the production figure"
+            )
         else:
             model = args.model
             model_text = f"`{model.name}`"
+        if args.not_assessed:
+            model_text += (
+                "; the study's modality relabelled MR, so the CT model declines every slice after reading and "
+                "decoding it (verdict not assessed): these runs time everything but the model's arithmetic"
+            )
         runs = []
         for n_slices in args.sizes:
             for mode in args.modes:
-                run = run_once(mode, n_slices, model, args.stable_seconds, work, args.timeout, args.threads)
+                run = run_once(
+                    mode,
+                    n_slices,
+                    model,
+                    args.stable_seconds,
+                    work,
+                    args.timeout,
+                    args.threads,
+                    args.associations,
+                    args.sender,
+                    "MR" if args.not_assessed else None,
+                )
                 print(json.dumps(asdict(run)), flush=True)
                 runs.append(run)
                 if args.markdown:  # after every run, so a long benchmark cut short still leaves its rows

@@ -11,21 +11,23 @@ and MB/s for three receivers on the same machine and the same file system:
 
 each sent to by dcmtk `storescu` with `TCP_NODELAY=1` in its environment (without it, dcmtk waits on the
 40 ms delayed ACK of loopback per message), plus btd's own sender (`btd send`) into btd's listener and into
-storescp, to check that it does not fall into the same trap. A "storescu x4" sender sends the same
-instances over 4 concurrent associations (every 4th file each), as a PACS with parallel outgoing
-associations does. One extra row sends into storescp without `TCP_NODELAY` to show the trap itself.
+storescp, to check that it does not fall into the same trap. The "storescu x4" and "storescu x8" senders
+send the same instances over 4 or 8 concurrent associations (every 4th or 8th file each), as a PACS with
+parallel outgoing associations does. One extra row sends into storescp without `TCP_NODELAY` to show the trap itself.
 
 The instances are the pixels of tests/fixtures/ct_series_20 (real chest CT, Apache-2.0,
 TotalSegmentator), decoded and re-encoded as Explicit VR Little Endian with new UIDs, cycled to N.
 
 Usage: .venv/bin/python benchmarks/ingest.py [--n 128] [--repeats 3] [--json out.json] [--markdown]
-       [--only KEY ...] [--baseline DIR]   (DIR: `git archive <commit> core service migrations | tar -x -C DIR`)
+       [--only KEY ...] [--senders NAME ...] [--baseline DIR]
+       (DIR: `git archive <commit> core service migrations btd | tar -x -C DIR`)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -361,13 +363,15 @@ def send_storescu(files: list[Path], port: int, nodelay: bool = True) -> subproc
     )
 
 
-PARALLEL_ASSOCIATIONS = 4
+PARALLEL_ASSOCIATIONS = (4, 8)
 
 
-def send_storescu_parallel(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
-    """The same instances over 4 concurrent associations (one storescu each, every 4th file), as a PACS
-    with several outgoing associations sends a study; finished when the last of them is."""
-    chunks = [files[k::PARALLEL_ASSOCIATIONS] for k in range(PARALLEL_ASSOCIATIONS)]
+def send_storescu_parallel(
+    files: list[Path], port: int, nodelay: bool = True, associations: int = 4
+) -> subprocess.CompletedProcess:
+    """The same instances over `associations` concurrent associations (one storescu each, every k-th file),
+    as a PACS with several outgoing associations sends a study; finished when the last of them is."""
+    chunks = [files[k::associations] for k in range(associations)]
     procs = [
         subprocess.Popen(
             ["storescu", "-xe", "-aet", f"{SENDER_AET}{k}", "-aec", RECEIVER_AET, "127.0.0.1", str(port)]
@@ -388,11 +392,13 @@ def send_storescu_parallel(files: list[Path], port: int, nodelay: bool = True) -
     )
 
 
-def send_btd(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
-    """btd's own C-STORE SCU, exactly as an operator runs it (`btd send`); TCP_NODELAY is not set for it."""
+def send_btd(files: list[Path], port: int, nodelay: bool = True, associations: int = 1) -> subprocess.CompletedProcess:
+    """btd's own C-STORE SCU, exactly as an operator runs it (`btd send`, timed from the command's start to its
+    exit, interpreter start-up included); TCP_NODELAY is not set for it."""
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
     return subprocess.run(
         [str(VENV_BIN / "btd"), "send", "--host", "127.0.0.1", "--port", str(port), "--aet", RECEIVER_AET]
+        + ["--associations", str(associations)]
         + [str(f) for f in files],
         capture_output=True,
         env=env,
@@ -414,21 +420,50 @@ sys.exit(1 if failed else 0)
 """
 
 
-def send_files_inprocess(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+def send_files_inprocess(
+    files: list[Path], port: int, nodelay: bool = True, tree: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)  # ahead of the editable install of this checkout
     return subprocess.run(
         [sys.executable, "-c", SEND_FILES_TIMED, str(port), RECEIVER_AET, *map(str, files)],
         capture_output=True,
         env=env,
-        cwd=REPO,
+        cwd=tree or REPO,
     )
+
+
+def send_btd_baseline(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    """`btd send` of the --baseline tree (it must hold btd/ too), started the same way as `btd send`."""
+    assert BASELINE_TREE, "--baseline is required"
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    env["PYTHONPATH"] = str(BASELINE_TREE)
+    return subprocess.run(
+        [sys.executable, "-m", "btd.cli", "send", "--host", "127.0.0.1", "--port", str(port), "--aet", RECEIVER_AET]
+        + [str(f) for f in files],
+        capture_output=True,
+        env=env,
+        cwd=BASELINE_TREE,
+    )
+
+
+def send_files_baseline(files: list[Path], port: int, nodelay: bool = True) -> subprocess.CompletedProcess:
+    assert BASELINE_TREE, "--baseline is required"
+    return send_files_inprocess(files, port, nodelay, tree=BASELINE_TREE)
 
 
 SENDERS: dict[str, Callable[..., subprocess.CompletedProcess]] = {
     "storescu": send_storescu,
-    f"storescu x{PARALLEL_ASSOCIATIONS}": send_storescu_parallel,
+    **{
+        f"storescu x{k}": functools.partial(send_storescu_parallel, associations=k)
+        for k in PARALLEL_ASSOCIATIONS
+    },
     "btd send": send_btd,
+    **{f"btd send x{k}": functools.partial(send_btd, associations=k) for k in PARALLEL_ASSOCIATIONS},
     "send_files": send_files_inprocess,
+    "btd send, baseline": send_btd_baseline,
+    "send_files, baseline": send_files_baseline,
 }
 
 
@@ -499,7 +534,7 @@ def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[
                 ]
                 detail = "; ".join(failures[:3]) or done.stderr.decode(errors="replace")[-800:]
                 raise RuntimeError(f"{result.sender} exited {done.returncode}: {detail[:800]}")
-            if result.sender == "send_files":  # timed inside the sender's process
+            if result.sender.startswith("send_files"):  # timed inside the sender's process
                 elapsed = float(json.loads(done.stdout.decode().strip().splitlines()[-1])["elapsed"])
             result.stored.append(wait_for_count(receiver, before + len(files)) - before)
             result.seconds.append(elapsed)
@@ -528,13 +563,16 @@ CASES: list[tuple[str, str, bool]] = [
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd-pg", "storescu", True),  # only with --postgres
-    # A study over 4 concurrent associations (PACS with parallel sends).
-    ("orthanc", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd-listener-baseline", f"storescu x{PARALLEL_ASSOCIATIONS}", True),  # only with --baseline
-    ("btd-listener", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
-    ("btd-pg", f"storescu x{PARALLEL_ASSOCIATIONS}", True),
+    # A study over 4 and 8 concurrent associations (PACS with parallel sends).
+    *(
+        (receiver, f"storescu x{k}", True)
+        for k in PARALLEL_ASSOCIATIONS
+        for receiver in ("orthanc", "btd-listener-baseline", "btd-listener", "btd", "btd-pg")
+    ),
+    ("btd", "btd send, baseline", True),  # only with --baseline (a tree with btd/ as well)
     ("btd", "btd send", True),
+    *(("btd", f"btd send x{k}", True) for k in PARALLEL_ASSOCIATIONS),
+    ("btd", "send_files, baseline", True),  # only with --baseline
     ("btd", "send_files", True),
     ("storescp", "btd send", True),
     ("storescp", "send_files", True),
@@ -592,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         help="receiver keys to run: btd btd-listener btd-listener-baseline btd-pg storescp orthanc",
     )
+    parser.add_argument("--senders", nargs="*", help="sender names to run (e.g. storescu 'storescu x4' 'btd send')")
+    parser.add_argument("--skip-unset", action="store_true", help="leave out the rows without TCP_NODELAY (slow)")
     parser.add_argument(
         "--postgres",
         help="PostgreSQL server URL without a database, e.g. postgresql+psycopg2://postgres@127.0.0.1:5432; "
@@ -600,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another btd source tree (core/, service/, migrations/ of an older commit); adds a row for its listener "
-        "(with btd-listener), run round-robin with the others: a change against its parent under the same load",
+        help="another btd source tree (core/, service/ and migrations/ of an older commit); adds a row for its "
+        "listener (with btd-listener), run round-robin with the others: a change against its parent, same load",
     )
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -620,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
             if (not args.only or c[0] in args.only or (c[0] == "btd-listener-baseline" and "btd-listener" in args.only))
             and (c[0] != "btd-pg" or POSTGRES_SERVER)
             and (c[0] != "btd-listener-baseline" or BASELINE_TREE)
+            and (not c[1].endswith(", baseline") or BASELINE_TREE)
+            and (not args.senders or c[1] in args.senders or c[1].removesuffix(", baseline") in args.senders)
+            and (c[2] or not args.skip_unset)
         ]
         results = [Result(key, sender, nodelay, len(files), megabytes) for key, sender, nodelay in cases]
         # Round-robin over the cases, so that the load of a shared machine falls on all of them alike.

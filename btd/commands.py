@@ -33,6 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     send.add_argument("--aet", default="BTD", help="called AE title (the receiver's)")
     send.add_argument("--calling-aet", default="BTDSEND", help="our AE title")
     send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument(
+        "--associations", type=int, default=1, metavar="N", help="send over N associations at once (default 1)"
+    )
+    send.add_argument("--quiet", action="store_true", help="list only the instances that failed on stdout")
+    send.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
     send.set_defaults(func=_send)
 
     db = subparsers.add_parser("db", help="database maintenance")
@@ -80,19 +90,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from core.dicom.sender import send_files
+    from btd.send_cli import run_send
 
-    results = send_files(args.paths, args.host, args.port, args.aet, args.calling_aet, timeout=args.timeout)
-    failed = 0
-    for result in results:
-        ok = result.ok
-        failed += not ok
-        status = "----" if result.status is None else f"0x{result.status:04X}"
-        where = result.path or result.sop_instance_uid or "?"
-        detail = f"  {result.error}" if result.error else ""
-        print(f"{'OK  ' if ok else 'FAIL'} {status} {where}{detail}")
-    print(f"{len(results) - failed} sent, {failed} failed", file=sys.stderr)
-    return 1 if failed or not results else 0
+    return run_send(args)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:

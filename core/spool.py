@@ -17,11 +17,14 @@ decoded which study the bytes belong to.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
+import mmap
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 _UID_UNSAFE = re.compile(r"[^0-9A-Za-z.\-]")
@@ -94,6 +97,33 @@ def _makedirs_durable(path: Path, root: Path) -> None:
         fsync_dir(folder.parent)
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SYNC_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC | _CLOEXEC
+_DIRECT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0) | os.O_DSYNC | _CLOEXEC
+_DIRECT_ALIGN = 4096  # buffer address, length and file offset of an O_DIRECT write (the page size covers disks)
+_DIRECT_MAX_BYTES = 16 << 20  # larger instances (multi-frame) go through the page cache: no 16 MiB+ buffers
+_buffers = threading.local()
+
+
+def _write_direct(fd: int, data: bytes) -> None:
+    """Write `data` through an O_DIRECT descriptor: copied into this thread's page-aligned buffer (kept and
+    reused, so its pages are warm), written rounded up to the alignment, then cut back to its length."""
+    size = len(data)
+    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN or _DIRECT_ALIGN
+    buffer: mmap.mmap | None = getattr(_buffers, "buffer", None)
+    if buffer is None or len(buffer) < padded:
+        if buffer is not None:
+            buffer.close()
+        buffer = _buffers.buffer = mmap.mmap(-1, max(padded, 1 << 20))  # anonymous: page-aligned
+    buffer[:size] = data
+    buffer[size:padded] = bytes(padded - size)
+    with memoryview(buffer) as view:
+        written = 0
+        while written < padded:
+            written += os.write(fd, view[written:padded])
+    os.ftruncate(fd, size)
+
+
 class Spool:
     """Durable writes under one root folder, refusing below a free-space watermark."""
 
@@ -101,6 +131,7 @@ class Spool:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self.direct = hasattr(os, "O_DIRECT")  # cleared once the filesystem refuses it
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -122,24 +153,47 @@ class Spool:
         Why O_SYNC: the write returns only once the bytes and the file's metadata are on disk (fsync's
         guarantee) in one system call, so a thread staging while another decodes the same instance does
         not wait for the GIL between a write and an fsync.
+        Why O_DIRECT (with O_DSYNC) for instances up to 16 MiB: the bytes go from one page-aligned buffer per
+        staging thread straight to the disk instead of being copied into fresh page-cache pages first. On
+        the benchmark VM that copy (`copy_folio_from_iter_atomic`) was 29 % of the listener's CPU (perf,
+        4 associations); a 529 kB staged write took 1.1-1.2 ms and 0.4-0.5 ms of system time with O_DIRECT
+        against 1.8-3.1 ms and 0.6-2.3 ms with O_SYNC. The file is written rounded up to the alignment
+        and cut back to its length (ftruncate) before the fsync that makes its size durable. A filesystem
+        without O_DIRECT (tmpfs) is written as before.
         """
         self.check_space(len(data))
         target = self.root / folder
         _makedirs_durable(target, self.root)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC | getattr(os, "O_CLOEXEC", 0)
+        direct = self.direct and len(data) <= _DIRECT_MAX_BYTES
         while True:  # a name this process has not used; one left by a crashed process is skipped
             path = target / f".incoming-{os.getpid()}-{next(_staged_names)}.tmp"
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(path, _DIRECT_FLAGS if direct else _SYNC_FLAGS, 0o644)
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self.direct = direct = False  # this filesystem has no O_DIRECT (tmpfs): the page cache it is
         try:
-            with memoryview(data) as view:
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-            os.fsync(fd)  # O_SYNC already made it durable; kept so no filesystem may treat O_SYNC loosely
+            if direct:
+                try:
+                    _write_direct(fd, data)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # opened, but the filesystem refuses these writes (alignment): the page cache it is
+                    os.close(fd)
+                    path.unlink(missing_ok=True)
+                    self.direct = False
+                    return self.stage(folder, data)
+            else:
+                with memoryview(data) as view:
+                    written = 0
+                    while written < len(view):
+                        written += os.write(fd, view[written:])
+            os.fsync(fd)  # O_SYNC / O_DSYNC already made the bytes durable; this covers the file's metadata
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -147,10 +201,13 @@ class Spool:
         os.close(fd)
         return path
 
-    def publish_new(self, staged: Path, relative: str) -> str:
+    def publish_new(self, staged: Path, relative: str, *, sync: bool = True) -> str:
         """Link a staged file under `relative` or, if that name is taken, under the first free
         `<name>~<n>.dcm` (n = 2, 3, ...), fsync the folder, and return the relative name used. This call
         created that name, so only its caller may remove it.
+
+        `sync=False` leaves the folder's fsync to the caller (`sync_folder`), who publishes several files
+        into one folder and syncs it once for all of them before anything may rely on their names.
 
         Why never adopt or replace a taken name: a file can hold it without any row pointing at it, left
         by a crash between publishing and committing (complete: bytes are synced before they are linked),
@@ -171,9 +228,14 @@ class Spool:
                 os.link(staged, final.parent / candidate)
             except FileExistsError:
                 continue
-            fsync_dir(final.parent)
+            if sync:
+                fsync_dir(final.parent)
             return f"{folder}/{candidate}" if folder else candidate
         raise SpoolConflict(f"{relative}: {_MAX_NAMES} names taken")
+
+    def sync_folder(self, relative: str) -> None:
+        """fsync the folder holding `relative` (a name returned by `publish_new(..., sync=False)`)."""
+        fsync_dir((self.root / relative).parent)
 
     def _check_staged(self, staged: Path) -> None:
         if self.root not in staged.parents:

@@ -1,30 +1,41 @@
 """C-STORE SCU: send DICOM files or datasets to a peer (used by `btd send` and by report delivery).
 
-Files are sent exactly as they are on disk (pynetdicom's chunked mode: the File Meta is read for the SOP
-class, instance and transfer syntax, and the dataset bytes stream unchanged), so what the peer stores is
-what we hold. Each association proposes one presentation context per (SOP class, transfer syntax) pair
-found in the input; more than 128 pairs (the DICOM limit per association) are split over several
-associations. A deflated file whose dataset has odd length is sent with one zero pad byte (the only
-change ever made). The socket gets TCP_NODELAY so a small request PDU never waits for a delayed ACK.
+Files are sent exactly as they are on disk: the File Meta is read for the SOP class, instance and
+transfer syntax, and the dataset bytes stream unchanged from the file, so what the peer stores is what we
+hold. Each association proposes one presentation context per (SOP class, transfer syntax) pair found in
+the input; more than 128 pairs (the DICOM limit per association) are split over several associations. A
+deflated file whose dataset has odd length is sent with one zero pad byte (the only change ever made).
+
+The association is btd's own requestor (`core.dicom.scu`, on the codecs the listener uses), which sets
+TCP_NODELAY so a small request PDU never waits for a delayed ACK. `associations=N` sends over N
+associations at once (every N-th instance each), as a PACS forwarding a large study does. Neither pydicom
+nor pynetdicom is imported to send files: `btd send` starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
-import ssl
-import tempfile
-from collections.abc import Iterable, Iterator
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from core.dicom.scu import Association, AssociationLost, AssociationRejected
+from core.dicom.wire import ProtocolError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from pydicom.dataset import Dataset
 
 MAX_CONTEXTS = 128
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,15 @@ class _Item:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    pad: bool = False  # a deflated file whose dataset has odd length (see _padded_copy)
+    pad: bool = False  # a deflated file whose dataset has odd length: one zero byte is added
+    offset: int = 0  # where the dataset starts in the file
+    length: int = 0  # the dataset's bytes in the file
+
+
+def _is_dataset(source: object) -> bool:
+    """A pydicom Dataset, tested without importing pydicom (a caller holding one has imported it)."""
+    module = sys.modules.get("pydicom.dataset")
+    return module is not None and isinstance(source, module.Dataset)
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -70,43 +89,106 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
+# File Meta VRs with a 4-byte length after two reserved bytes (PS3.5 7.1.2); the others have 2 bytes.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_META_LIMIT = 1 << 20  # a File Meta beyond this is not one
+_REQUIRED_META = (
+    (0x00020002, "MediaStorageSOPClassUID"),
+    (0x00020003, "MediaStorageSOPInstanceUID"),
+    (0x00020010, "TransferSyntaxUID"),
+)
+
+
+def read_file_meta(path: Path) -> tuple[dict[int, str], int]:
+    """The text values of a Part 10 file's File Meta (group 0002, Explicit VR Little Endian) by tag, and
+    the offset where the dataset begins. ValueError if the File Meta does not parse."""
+    with path.open("rb") as handle:
+        data = handle.read(132 + 16384)
+        if len(data) < 132 or data[128:132] != b"DICM":
+            raise ValueError("no DICM prefix")
+        position = 132
+
+        def have(n: int) -> bool:
+            """Whether `n` bytes from `position` are (or can be read) in `data`."""
+            nonlocal data
+            while len(data) < position + n:
+                if len(data) > _META_LIMIT:
+                    raise ValueError("File Meta too long")
+                more = handle.read(65536)
+                if not more:
+                    return False
+                data += more
+            return True
+
+        values: dict[int, str] = {}
+        while have(8):
+            group, element = struct.unpack_from("<HH", data, position)
+            if group != 0x0002:
+                break
+            vr = data[position + 4 : position + 6]
+            if vr in _LONG_VRS:
+                if not have(12):
+                    raise ValueError("File Meta ends inside an element header")
+                length, header = struct.unpack_from("<I", data, position + 8)[0], 12
+            else:
+                length, header = struct.unpack_from("<H", data, position + 6)[0], 8
+            if not have(header + length):
+                raise ValueError("File Meta ends inside an element")
+            if vr in (b"UI", b"AE", b"SH", b"LO", b"CS"):
+                value = data[position + header : position + header + length]
+                values[(group << 16) | element] = value.decode("ascii", "replace").rstrip("\0 ").strip()
+            position += header + length
+    return values, position
+
+
 def _describe(source: str | Path | Dataset) -> _Item | SendResult:
-    if isinstance(source, Dataset):
+    if _is_dataset(source):
+        ds: Any = source
         try:
-            ts = str(source.file_meta.TransferSyntaxUID)
+            ts = str(ds.file_meta.TransferSyntaxUID)
         except AttributeError:
-            ts = ExplicitVRLittleEndian
-        if "SOPClassUID" not in source or "SOPInstanceUID" not in source:
-            return SendResult(source.get("SOPInstanceUID"), None, "dataset lacks SOPClassUID or SOPInstanceUID")
-        return _Item(source, str(source.SOPClassUID), str(source.SOPInstanceUID), ts)
-    path = Path(source)
+            ts = EXPLICIT_VR_LITTLE_ENDIAN
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            return SendResult(ds.get("SOPInstanceUID"), None, "dataset lacks SOPClassUID or SOPInstanceUID")
+        return _Item(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts)
+    path = Path(source)  # type: ignore[arg-type]
     if not _is_dicom_file(path):
         return SendResult(None, None, "not a DICOM Part 10 file", str(path))
     try:
-        meta = read_file_meta_info(path)
-        ts = str(meta.TransferSyntaxUID)
-        pad = ts == DeflatedExplicitVRLittleEndian and _dataset_length(path) % 2 == 1
-        return _Item(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), ts, pad)
+        meta, offset = read_file_meta(path)
+        for tag, keyword in _REQUIRED_META:
+            if not meta.get(tag):
+                raise ValueError(f"no {keyword}")
+        ts = meta[0x00020010]
+        length = path.stat().st_size - offset
+        pad = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN and length % 2 == 1
+        return _Item(path, meta[0x00020002], meta[0x00020003], ts, pad, offset, length)
     except Exception as exc:
         return SendResult(None, None, f"unreadable File Meta: {type(exc).__name__}: {exc}"[:300], str(path))
 
 
-def _dataset_length(path: Path) -> int:
-    """Bytes after the File Meta (its group length element comes first in a Part 10 file)."""
-    with path.open("rb") as handle:
-        head = handle.read(144)
-    meta_end = 144 + int.from_bytes(head[140:144], "little")
-    return path.stat().st_size - meta_end
-
-
 @contextlib.contextmanager
-def _padded_copy(path: Path) -> Iterator[Path]:
-    """A deflated dataset stored with odd length, padded with one zero byte as DICOM requires of every
-    PDV fragment (dcmtk aborts the association on an odd fragment; zlib ignores the trailing byte)."""
-    with tempfile.TemporaryDirectory(prefix="btd-send-") as folder:
-        copy = Path(folder) / path.name
-        copy.write_bytes(path.read_bytes() + b"\x00")
-        yield copy
+def _dataset_stream(item: _Item) -> Iterator[tuple[BinaryIO, int]]:
+    """The encoded dataset to send and its length: read from the file as it goes out, or a Dataset encoded
+    in its transfer syntax (as pynetdicom encodes it)."""
+    if isinstance(item.source, Path):
+        with item.source.open("rb", buffering=0) as handle:
+            handle.seek(item.offset)
+            if item.pad:  # deflated and odd: every PDV fragment must have even length (dcmtk aborts otherwise)
+                yield io.BytesIO(handle.read(item.length) + b"\x00"), item.length + 1
+            else:
+                yield handle, item.length
+        return
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import encode
+
+    ts = UID(item.transfer_syntax)
+    encoded = encode(item.source, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if encoded is None:
+        raise ValueError("the dataset does not encode in its transfer syntax")
+    if len(encoded) % 2:
+        encoded += b"\x00"
+    yield io.BytesIO(encoded), len(encoded)
 
 
 def _batches(items: list[_Item]) -> Iterator[tuple[list[tuple[str, list[str]]], list[_Item]]]:
@@ -129,6 +211,8 @@ def _context_list(contexts: dict[tuple[str, str], None]) -> list[tuple[str, list
 
 
 def _on_conn_open(event: Any) -> None:
+    """pynetdicom EVT_CONN_OPEN handler setting TCP_NODELAY, for code that still opens associations with
+    pynetdicom's AE (pynetdicom sets none itself); btd's own requestor sets it on its socket."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -148,30 +232,45 @@ def send_files(
     calling_aet: str = "BTD",
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 30,
+    *,
+    associations: int = 1,
+    on_result: Callable[[SendResult], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> list[SendResult]:
-    """C-STORE every file (folders are walked) or dataset; one SendResult per input item, in order."""
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send files' bytes as they are, without decoding them
+    """C-STORE every file (folders are walked) or dataset; one SendResult per input item, in order.
+
+    `associations`: how many associations send at once (each takes every N-th instance). `on_result` is
+    called once per input item with its final result (from the sending threads), `on_total` once with the
+    number of items when the input is read: together, a progress bar."""
+    report = on_result or (lambda _result: None)
     described: list[_Item | SendResult] = []
     for source in paths_or_datasets:
-        if isinstance(source, Dataset):
-            described.append(_describe(source))
-        elif Path(source).is_dir():
+        if not _is_dataset(source) and Path(source).is_dir():  # type: ignore[arg-type]
             # A folder holds licences and notes beside the images: send what is DICOM, skip the rest.
-            described.extend(_describe(path) for path in expand_paths([source]) if _is_dicom_file(path))
+            described.extend(_describe(path) for path in expand_paths([source]) if _is_dicom_file(path))  # type: ignore[list-item]
         else:
             described.append(_describe(source))
+    if on_total is not None:
+        on_total(len(described))
+    for entry in described:
+        if isinstance(entry, SendResult):
+            report(entry)
     outcome: dict[int, SendResult] = {}
     items = [d for d in described if isinstance(d, _Item)]
     for attempt in range(2):
-        for contexts, batch in _batches(items):
-            sent = _send_batch(contexts, batch, host, port, called_aet, calling_aet, ssl_context, timeout)
-            for item, result in zip(batch, sent, strict=True):
-                outcome[id(item)] = result
-        # pynetdicom 3.0 can swallow a C-STORE response when its threads are starved of CPU, which ends
-        # the association and fails every later instance. Those never got an answer, so sending them once
-        # more on a fresh association cannot store anything twice that the peer acknowledged.
+        last_attempt = attempt == 1
+
+        def settle(item: _Item, result: SendResult, final: bool = last_attempt) -> None:
+            outcome[id(item)] = result
+            if final or not _worth_resending(result):
+                report(result)
+
+        _send_parallel(items, host, port, called_aet, calling_aet, ssl_context, timeout, associations, settle)
+        # An association that dies (a peer's abort, a reset) fails every later instance on it. Those never
+        # got an answer, so sending them once more on a fresh association cannot store anything twice that
+        # the peer acknowledged.
         items = [item for item in items if _worth_resending(outcome[id(item)])]
-        if not items or attempt == 1:
+        if not items:
             break
     return [outcome[id(d)] if isinstance(d, _Item) else d for d in described]
 
@@ -185,6 +284,49 @@ def _worth_resending(result: SendResult) -> bool:
     return result.status is None and result.error in (_NO_ANSWER, _ASSOCIATION_ENDED)
 
 
+def _send_parallel(
+    items: list[_Item],
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    ssl_context: ssl.SSLContext | None,
+    timeout: float,
+    associations: int,
+    settle: Callable[[_Item, SendResult], None],
+) -> None:
+    """Send `items` over up to `associations` concurrent associations (every N-th item each); a thread per
+    association beyond the first, which runs on the calling thread."""
+    lanes = [items[k :: max(1, associations)] for k in range(max(1, associations))]
+    lanes = [lane for lane in lanes if lane]
+
+    errors: list[BaseException] = []
+
+    def run(lane: list[_Item]) -> None:
+        for contexts, batch in _batches(lane):
+            _send_batch(contexts, batch, host, port, called_aet, calling_aet, ssl_context, timeout, settle)
+
+    def run_in_thread(lane: list[_Item]) -> None:
+        try:
+            run(lane)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below, as with one lane
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run_in_thread, args=(lane,), name=f"btd-send-{k}") for k, lane in enumerate(lanes[1:])
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        if lanes:
+            run(lanes[0])
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _send_batch(
     contexts: list[tuple[str, list[str]]],
     batch: list[_Item],
@@ -194,40 +336,44 @@ def _send_batch(
     calling_aet: str,
     ssl_context: ssl.SSLContext | None,
     timeout: float,
-) -> list[SendResult]:
-    ae = AE(ae_title=calling_aet)
-    ae.maximum_pdu_size = 0
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    tls_args = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(
-        host, port, ae_title=called_aet, tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, _on_conn_open)]
-    )
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [_result(item, None, why) for item in batch]
-    results: list[SendResult] = []
+    settle: Callable[[_Item, SendResult], None],
+) -> None:
+    """One association for `batch`; every item is settled exactly once."""
+    pairs = [(sop_class, syntaxes[0]) for sop_class, syntaxes in contexts]
     try:
-        for message_id, item in enumerate(batch, start=1):
-            if not assoc.is_established:
-                results.append(_result(item, None, _ASSOCIATION_ENDED))
+        assoc = Association.request(
+            host, port, called_aet, calling_aet, pairs, ssl_context=ssl_context, timeout=timeout
+        )
+    except AssociationRejected:
+        for item in batch:
+            settle(item, _result(item, None, "association rejected"))
+        return
+    except (AssociationLost, ProtocolError, OSError):
+        for item in batch:
+            settle(item, _result(item, None, "association aborted or peer unreachable"))
+        return
+    try:
+        for item in batch:
+            if not assoc.open:
+                settle(item, _result(item, None, _ASSOCIATION_ENDED))
+                continue
+            context_id = assoc.context_for(item.sop_class_uid, item.transfer_syntax)
+            if context_id is None:
+                why = (
+                    f"No presentation context for {item.sop_class_uid} with transfer syntax "
+                    f"{item.transfer_syntax} was accepted by the peer"
+                )
+                settle(item, _result(item, None, why))
                 continue
             try:
-                if item.pad and isinstance(item.source, Path):
-                    with _padded_copy(item.source) as padded:
-                        status = assoc.send_c_store(padded, msg_id=message_id % 65536)
-                else:
-                    status = assoc.send_c_store(item.source, msg_id=message_id % 65536)
-            except (ValueError, AttributeError, OSError) as exc:
-                results.append(_result(item, None, f"{type(exc).__name__}: {exc}"[:300]))
+                with _dataset_stream(item) as (stream, length):
+                    answer = assoc.store(context_id, item.sop_class_uid, item.sop_instance_uid, stream, length)
+            except AssociationLost:
+                settle(item, _result(item, None, _NO_ANSWER))
                 continue
-            if "Status" in status:
-                comment = status.get("ErrorComment")
-                results.append(_result(item, int(status.Status), str(comment) if comment else None))
-            else:
-                results.append(_result(item, None, _NO_ANSWER))
+            except (ValueError, AttributeError, OSError) as exc:  # the item itself could not be read or encoded
+                settle(item, _result(item, None, f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            settle(item, _result(item, answer.status, answer.comment))
     finally:
-        if assoc.is_established:
-            assoc.release()
-    return results
+        assoc.release()

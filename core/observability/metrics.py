@@ -29,6 +29,11 @@ INSTANCES_RECEIVED = Counter(
 )
 BYTES_RECEIVED = Counter("btd_bytes_received_total", "Bytes of DICOM instances stored in the spool")
 ASSOCIATIONS = Counter("btd_associations_total", "DICOM associations, by outcome", ["outcome"])
+STORE_BATCH_SIZE = Histogram(
+    "btd_store_batch_size",
+    "Instances committed per listener transaction (concurrent associations share one: group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 SCORING_SECONDS_PER_SLICE = Histogram(
     "btd_scoring_seconds_per_slice",
     "Wall time to score one slice",

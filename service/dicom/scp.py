@@ -7,10 +7,11 @@ primitives and events on the way. Measured on the ingest benchmark (docs/bench/i
 association's own thread reads each PDU as it arrives, hands a complete C-STORE to the handler and writes
 the answer at once: nothing polls.
 
-What still comes from pynetdicom is the protocol knowledge: A-ASSOCIATE-RQ/AC encoding and decoding
-(`pynetdicom.pdu`), presentation-context negotiation (`negotiate_as_acceptor`, SCP/SCU role selection
-included) and the implementation UID. The few fixed-layout PDUs (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT),
-P-DATA-TF and the command sets (Implicit VR Little Endian, PS3.7 section 9.3 and annex E) are packed here.
+What still comes from pynetdicom is the acceptor's protocol knowledge: A-ASSOCIATE-RQ/AC decoding and
+encoding (`pynetdicom.pdu`), presentation-context negotiation (`negotiate_as_acceptor`, SCP/SCU role
+selection included) and the implementation UID. The fixed-layout PDUs (A-ASSOCIATE-RJ, A-RELEASE-RP,
+A-ABORT), P-DATA-TF and the command sets (Implicit VR Little Endian, PS3.7 section 9.3 and annex E) are
+btd's own codecs in `core.dicom.wire`, shared with the sender (`core.dicom.scu`), the requestor side.
 
 Scope, as an acceptor (PS3.8 section 9): one outstanding operation at a time (no asynchronous operations
 window is granted, so peers wait for each answer, as they do with Orthanc and storescp), the command set of
@@ -44,19 +45,40 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from core.dicom.wire import (
+    A_ABORT_TYPE,
+    A_ASSOCIATE_RQ_TYPE,
+    A_RELEASE_RQ_TYPE,
+    ABORT_INVALID_PARAMETER,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNISED_PDU,
+    APPLICATION_CONTEXT,
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    NO_DATASET,
+    P_DATA_TF_TYPE,
+    RELEASE_RP,
+    UNRECOGNISED_OPERATION,
+    ProtocolError,
+    abort_pdu,
+    command_ui,
+    command_us,
+    p_data_pdus,
+    parse_command,
+    read_pdu,
+    recv_exactly,  # noqa: F401 - part of this module's interface, as before the codecs moved
+    reject_pdu,
+    response_command,
+    uid_bytes,  # noqa: F401 - part of this module's interface, as before the codecs moved
+)
 from core.observability.logs import log_event
 
 log = logging.getLogger("btd.listener")
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
-
-# PDU types (PS3.8 section 9.3.1)
-A_ASSOCIATE_RQ_TYPE, P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_ABORT_TYPE = 0x01, 0x04, 0x05, 0x07
-# DIMSE command fields (PS3.7 annex E)
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
-NO_DATASET = 0x0101
-UNRECOGNISED_OPERATION = 0x0211
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 section 9.3.4
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
@@ -65,22 +87,11 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user: "called AE title not recognized" (PS3.8 9.3.4)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_TOO_MANY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
-# A-ABORT (source 2: service provider) reasons, PS3.8 section 9.3.8
-ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
 
 _ARTIM_SECONDS = 2.0  # how long a rejected or aborted peer is given to close (PS3.8 9.1.5, state Sta13)
 _DRAIN_LIMIT = 16 << 20  # bytes discarded at most meanwhile
 _MAX_ASSOCIATE_RQ = 1 << 20  # an A-ASSOCIATE-RQ of 128 contexts is ~10 kB; more is not a real peer
-_RECV_START_BYTES = 256 * 1024  # first buffer of a PDU read; grown only as bytes arrive
 _COMMAND_SLACK_BYTES = 64 * 1024  # the largest command set taken; room for it beside a dataset fragment in a PDU
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper-layer protocol: the association ends with A-ABORT (reason given)."""
-
-    def __init__(self, reason: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -125,54 +136,7 @@ class AcceptorSettings:
     max_dataset_bytes: int = 2 * 1024**3
 
 
-# ------------------------------------------------------------------------------------------ wire format
-
-
-def recv_exactly(sock: socket.socket, nr_bytes: int) -> bytearray:
-    """Block until `nr_bytes` are read; fewer only if the peer closed. Reads as much as the kernel holds
-    per call into one buffer, which grows only as bytes arrive: a PDU header announcing 4 GiB cannot make
-    us allocate it."""
-    buffer = bytearray(min(nr_bytes, _RECV_START_BYTES))
-    got = 0
-    while got < nr_bytes:
-        if got == len(buffer):
-            buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
-        with memoryview(buffer) as view:
-            n = sock.recv_into(view[got:])
-        if not n:
-            break
-        got += n
-    if got < len(buffer):
-        del buffer[got:]
-    return buffer
-
-
-def read_pdu(sock: socket.socket, max_length: int | None = None) -> tuple[int, bytearray] | None:
-    """(PDU type, body) or None if the peer closed between PDUs; a PDU cut short raises ProtocolError, as
-    does one longer than `max_length` (it would have to be held in memory whole)."""
-    header = recv_exactly(sock, 6)
-    if not header:
-        return None
-    if len(header) < 6:
-        raise ProtocolError(ABORT_INVALID_PARAMETER, "connection closed inside a PDU header")
-    pdu_type, _, length = struct.unpack(">BBI", header)
-    if max_length is not None and length > max_length:
-        raise ProtocolError(ABORT_INVALID_PARAMETER, f"PDU of {length} bytes, over the {max_length} accepted")
-    body = recv_exactly(sock, length)
-    if len(body) < length:
-        raise ProtocolError(ABORT_INVALID_PARAMETER, "connection closed inside a PDU")
-    return pdu_type, body
-
-
-def reject_pdu(result: int, source: int, reason: int) -> bytes:
-    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
-
-
-def abort_pdu(reason: int, source: int = 0x02) -> bytes:
-    return struct.pack(">BBIBBBB", A_ABORT_TYPE, 0, 4, 0, 0, source, reason)
-
-
-RELEASE_RP = struct.pack(">BBII", 0x06, 0, 4, 0)
+# ------------------------------------------------------------------------------------------ acceptor
 
 
 def await_peer_close(sock: socket.socket, seconds: float = _ARTIM_SECONDS) -> None:
@@ -192,77 +156,6 @@ def await_peer_close(sock: socket.socket, seconds: float = _ARTIM_SECONDS) -> No
             if not chunk:
                 return
             drained += len(chunk)
-
-
-def _command_element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
-
-
-def uid_bytes(uid: str) -> bytes:
-    """A UID as a DICOM value: its characters, padded with one NUL to an even length (PS3.5 9.1)."""
-    raw = str(uid).encode("latin-1")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def response_command(
-    command_field: int,
-    message_id: int,
-    status: int,
-    sop_class_uid: str | None,
-    sop_instance_uid: str | None = None,
-    comment: str | None = None,
-) -> bytes:
-    """A DIMSE response command set, Implicit VR Little Endian, elements in tag order (PS3.7 9.3)."""
-    body = b""
-    if sop_class_uid:
-        body += _command_element(0x0002, uid_bytes(sop_class_uid))
-    body += _command_element(0x0100, struct.pack("<H", command_field))
-    body += _command_element(0x0120, struct.pack("<H", message_id))
-    body += _command_element(0x0800, struct.pack("<H", NO_DATASET))
-    body += _command_element(0x0900, struct.pack("<H", status))
-    if comment:
-        text = comment[:64].encode("ascii", "replace")
-        body += _command_element(0x0902, text + b" " if len(text) % 2 else text)
-    if sop_instance_uid:
-        body += _command_element(0x1000, uid_bytes(sop_instance_uid))
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """The command set's elements by element number (group 0000, Implicit VR Little Endian)."""
-    elements: dict[int, bytes] = {}
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < 8:
-            raise ProtocolError(ABORT_INVALID_PARAMETER, "command set ends inside an element header")
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        offset += 8
-        if group != 0x0000 or offset + length > end:
-            raise ProtocolError(ABORT_INVALID_PARAMETER, "command set element outside group 0000 or too long")
-        elements[element] = bytes(data[offset : offset + length])
-        offset += length
-    return elements
-
-
-def _us(elements: dict[int, bytes], element: int) -> int | None:
-    value = elements.get(element)
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
-
-
-def _ui(elements: dict[int, bytes], element: int) -> str:
-    return elements.get(element, b"").decode("ascii", "replace").rstrip("\0 ").strip()
-
-
-def p_data_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
-    """A command set as P-DATA-TF PDUs, fragmented to the peer's maximum PDU length (0: no limit)."""
-    step = max(max_pdu - 6, 1) if max_pdu else len(command) or 1
-    out = []
-    for start in range(0, max(len(command), 1), step):
-        chunk = command[start : start + step]
-        last = start + step >= len(command)
-        pdv = struct.pack(">IBB", len(chunk) + 2, context_id, 0x03 if last else 0x01) + chunk
-        out.append(struct.pack(">BBI", P_DATA_TF_TYPE, 0, len(pdv)) + pdv)
-    return b"".join(out)
 
 
 # ------------------------------------------------------------------------------------------ association
@@ -432,7 +325,7 @@ class Association:
                     raise ProtocolError(ABORT_INVALID_PARAMETER, f"command set over {_COMMAND_SLACK_BYTES} bytes")
                 if is_last:
                     message.elements = parse_command(message.command)
-                    if _us(message.elements, 0x0800) == NO_DATASET:
+                    if command_us(message.elements, 0x0800) == NO_DATASET:
                         self._dispatch(message)
                         message = None
             else:
@@ -451,14 +344,14 @@ class Association:
     def _dispatch(self, message: _Message) -> None:
         assert message.elements is not None
         elements = message.elements
-        command = _us(elements, 0x0100)
-        message_id = _us(elements, 0x0110) or 0
+        command = command_us(elements, 0x0100)
+        message_id = command_us(elements, 0x0110) or 0
         context = self.contexts[message.context_id]
-        sop_class = _ui(elements, 0x0002)
+        sop_class = command_ui(elements, 0x0002)
         self.busy = True
         try:
             if command == C_STORE_RQ:
-                sop_instance = _ui(elements, 0x1000)
+                sop_instance = command_ui(elements, 0x1000)
                 request = StoreRequest(
                     sop_class_uid=sop_class,
                     sop_instance_uid=sop_instance,
