@@ -20,6 +20,8 @@ def test_every_family_is_reported_leave_one_family_out_and_undetected_ones_are_n
         assert new in families and f"{new}-3d" in families
     for name, block in families.items():
         assert block["n"] > 0 and len(block["lofo_auc_ci95"]) == 2
+        # what the SR says of it: the AUC and how much the shipped thresholds really catch
+        assert f"{name} AUC {block['lofo_auc']:.2f}, caught {block['tpr_at_review']:.0%}" in performance["summary"]
         if block["lofo_auc"] < 0.6 or block["lofo_auc_ci95"][0] <= 0.5:
             assert not block["detected"]
             assert name in performance["summary"].split("NOT detected:")[1]
