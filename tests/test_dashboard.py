@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from helpers_gateway import REPO_ROOT, free_port, gateway_env, wait_for_port, wa
 from PIL import Image
 from sqlalchemy import inspect, select, text
 
+from core.contracts import DEFAULT_MODEL_PATH
 from core.db.migrate import upgrade
 from core.db.schema import AuditEntry, Instance, InstanceResult, Region, SeriesResult, Study, StudyEvent
 from core.db.session import session_scope
@@ -163,7 +165,8 @@ def test_overview_counts_today(client: TestClient) -> None:
     assert "btd-test" in html  # the model of the latest result
     # The configured (default) model's thresholds and its measured operating point, from its metadata.
     assert "<dt>thresholds</dt><dd>slice " in html and ", series " in html
-    assert 'id="operating-point">Measured on held-out patients' in html
+    summary = json.loads(DEFAULT_MODEL_PATH.with_suffix(".json").read_text())["performance"]["summary"]
+    assert f'id="operating-point">{escape(summary[:60])}' in html
     assert "PACS@127.0.0.1:4242" in html
     _assert_no_patient(html)
     numbers = client.get("/ui/overview.json").json()
