@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from core.dicom.scu import Association, AssociationLost, AssociationRejected
-from core.dicom.wire import ProtocolError
+from core.dicom.wire import ProtocolError, unpadded_text
 
 if TYPE_CHECKING:
     import ssl
@@ -136,7 +136,7 @@ def read_file_meta(path: Path) -> tuple[dict[int, str], int]:
                 raise ValueError("File Meta ends inside an element")
             if vr in (b"UI", b"AE", b"SH", b"LO", b"CS"):
                 value = data[position + header : position + header + length]
-                values[(group << 16) | element] = value.decode("ascii", "replace").rstrip("\0 ").strip()
+                values[(group << 16) | element] = unpadded_text(value)
             position += header + length
     return values, position
 

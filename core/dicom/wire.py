@@ -148,9 +148,16 @@ def command_us(elements: dict[int, bytes], element: int) -> int | None:
     return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
 
 
+def unpadded_text(raw: bytes) -> str:
+    """The text of a UI, AE, CS, SH or LO value from its raw bytes: the NUL or space that pads it to even
+    length and surrounding spaces removed. One reading for the command set, the File Meta and the listener's
+    identifying elements (these VRs hold only the default repertoire, so no character set applies)."""
+    return raw.decode("ascii", "replace").strip("\0 \t\r\n")
+
+
 def command_ui(elements: dict[int, bytes], element: int) -> str:
     """A UI value of a parsed command set, padding removed ("" if absent)."""
-    return elements.get(element, b"").decode("ascii", "replace").rstrip("\0 ").strip()
+    return unpadded_text(elements.get(element, b""))
 
 
 def p_data_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
@@ -259,7 +266,7 @@ def parse_associate_ac(body: bytes | bytearray) -> AssociateAccept:
     for item_type, value in _items(body, 68):
         if item_type == 0x21 and len(value) >= 4:
             context_id, _, result, _ = struct.unpack_from(">BBBB", value)
-            syntaxes = [bytes(v).decode("ascii", "replace").rstrip("\0 ") for t, v in _items(value, 4) if t == 0x40]
+            syntaxes = [unpadded_text(bytes(v)) for t, v in _items(value, 4) if t == 0x40]
             if result == 0 and syntaxes:
                 contexts[context_id] = syntaxes[0]
         elif item_type == 0x50:

@@ -60,7 +60,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import repository
 from core.db.session import session_factory
-from core.dicom.wire import uid_bytes
+from core.dicom.wire import uid_bytes, unpadded_text
 from core.observability.logs import log_event
 from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_BATCH_SIZE
 from core.settings import Settings
@@ -121,7 +121,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
         return None
-    text = str(value).strip().strip("\x00")
+    text = str(value).strip("\0 \t\r\n")
     return text or None
 
 
@@ -136,8 +136,8 @@ def _ascii_text(ds: Dataset, keyword: str) -> str | None:
     value = element.value
     if value is None:
         return None
-    text = value.decode("ascii", "replace") if isinstance(value, bytes | bytearray) else str(value)
-    return text.strip().strip("\x00").strip() or None
+    text = unpadded_text(bytes(value)) if isinstance(value, bytes | bytearray) else str(value).strip("\0 \t\r\n")
+    return text or None
 
 
 class InvalidDataset(Exception):
