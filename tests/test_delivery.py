@@ -272,6 +272,10 @@ def test_build_report_writes_valid_sr_and_kos_and_moves_to_reported(settings: Se
     images = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
     kos_refs = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images]
     assert kos_refs == [flagged]
+    # every scored instance is cited, though only the first and the flagged one were read (worker/reports/evidence.py)
+    cited = [ref.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+             for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+    assert sorted(cited) == sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in CT_FILES)
     if shutil.which("dciodvfy") and shutil.which("dsrdump"):
         assert validation_errors(sr_path) == [] and validation_errors(kos_path) == []
 

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from worker.reports.evidence import evidence_reference
 from worker.reports.findings import RegionFinding, ReplacedInstance, SeriesFinding, StudyFindings
 from worker.reports.sr import build_sr, is_btd_document, predecessor_reference
 from worker.reports.validate import dciodvfy_errors, dsrdump_errors, validation_errors
@@ -123,7 +124,8 @@ def test_flagged_ct_sr_carries_regions_verdict_and_provenance(ct: list[Dataset])
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "77477000"
     observer_type = [i for i in items if concept(i) == ("121005", "DCM")]
     assert observer_type[0].ConceptCodeSequence[0].CodeValue == "121007"  # Device
-    assert len(children(children(root, "111028")[0], "126200")[0].ContentSequence) == 20  # Image Library
+    library = children(children(root, "111028")[0], "126200")[0].ContentSequence  # Image Library
+    assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in library] == [ct[10].SOPInstanceUID]
 
     groups = children(children(root, "126010")[0], "125007")
     assert len(groups) == 1
@@ -159,6 +161,35 @@ def test_clean_sr_has_no_measurement_group_and_says_absent(ct: list[Dataset]) ->
     study_eval = children(sr, "C0034375")[0]
     assert children(study_eval, "BTD0001")[0].ConceptCodeSequence[0].CodeValue == "272519000"  # Absent
     assert "no evidence" in sr.SeriesDescription
+
+
+def test_clean_sr_image_library_holds_the_first_image(ct: list[Dataset]) -> None:
+    """OHIF reads the Image Library without checking it exists: a report without regions still has one."""
+    sr = build_sr(ct, findings_for(ct, "CT", flagged=False))
+    library = children(children(sr, "111028")[0], "126200")[0].ContentSequence
+    assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in library] == [ct[0].SOPInstanceUID]
+
+
+def test_stand_ins_for_unread_images_are_cited_like_headers(ct: list[Dataset]) -> None:
+    """The worker reads only the first header and the region images' (worker/reports/evidence.py): the SR
+    built from stand-ins for the rest cites the same evidence and says the same as one built from headers."""
+    findings = findings_for(ct, "CT", flagged=True)
+    region_uid = findings.regions[0].sop_instance_uid
+    mixed = [
+        ds
+        if i == 0 or str(ds.SOPInstanceUID) == region_uid
+        else evidence_reference(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID), "CT"
+        )
+        for i, ds in enumerate(ct)
+    ]
+    from_headers, from_stand_ins = build_sr(ct, findings), build_sr(mixed, findings)
+    assert (
+        from_stand_ins.CurrentRequestedProcedureEvidenceSequence
+        == from_headers.CurrentRequestedProcedureEvidenceSequence
+    )
+    assert from_stand_ins.ContentSequence == from_headers.ContentSequence
+    assert from_stand_ins.PatientID == ct[0].PatientID and from_stand_ins.StudyDate == ct[0].StudyDate
 
 
 def test_regions_below_the_study_threshold_ask_for_review_not_absent(ct: list[Dataset]) -> None:

@@ -39,8 +39,9 @@ from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
 from worker.lease import Claim, LeaseKeeper, lease_seconds, worker_id
 from worker.reports.delivery import send_report
+from worker.reports.evidence import evidence_reference
 from worker.reports.findings import load_findings
-from worker.reports.kos import build_kos
+from worker.reports.kos import build_kos, flagged_uids
 from worker.reports.sr import build_sr, predecessor_reference
 from worker.reports.store import read_document, write_document
 
@@ -75,12 +76,22 @@ class TaskOutcome:
 # build_report
 
 
-def read_sources(settings: Settings, rows: list[Instance]) -> list[Dataset]:
-    """Headers of the scored instances from the spool; SourcesMissing names how many files are gone."""
-    missing = [r for r in rows if not (Path(settings.spool_dir) / r.path).is_file()]
+def read_sources(settings: Settings, rows: list[Instance], read_in_full: set[str]) -> list[Dataset]:
+    """The scored instances as the SR and KOS cite them, in receipt order: the header (without pixels) of the
+    first instance and of those in `read_in_full`, a database-made stand-in for every other one (why:
+    worker/reports/evidence.py). Every file must still be in the spool (SourcesMissing names how many are
+    gone): an SR must not cite bytes we cannot show."""
+    spool = Path(settings.spool_dir)
+    missing = [r for r in rows if not (spool / r.path).is_file()]
     if missing or not rows:
         raise SourcesMissing(f"{len(missing)} of {len(rows)} source instance(s) missing from the spool")
-    return [pydicom.dcmread(Path(settings.spool_dir) / r.path, stop_before_pixels=True) for r in rows]
+    wanted = read_in_full | {rows[0].sop_instance_uid}
+    return [
+        pydicom.dcmread(spool / r.path, stop_before_pixels=True)
+        if r.sop_instance_uid in wanted
+        else evidence_reference(r.study_uid, r.series_uid, r.sop_class_uid, r.sop_instance_uid, r.modality)
+        for r in rows
+    ]
 
 
 def _previous_sr(session: Session, settings: Settings, study_uid: str, version: int) -> Dataset | None:
@@ -130,7 +141,8 @@ def _write_report(session: Session, settings: Settings, study: Study) -> Report:
     meta = scoring_model_metadata(settings, findings.model_sha256)
     findings.model_version = model_version(meta, findings.model_name)
     findings.operating_point = operating_point(meta)
-    sources = read_sources(settings, latest_instances(session, study.study_uid))
+    read_in_full = set(flagged_uids(findings))  # regions, flagged and replaced images: the SR and KOS read these
+    sources = read_sources(settings, latest_instances(session, study.study_uid), read_in_full)
     previous = _previous_sr(session, settings, study.study_uid, study.version)
     sr = build_sr(sources, findings, previous_sr=previous)
     report = Report(
