@@ -20,11 +20,46 @@ from models.cues import CueMap, masked_max
 MAX_SPACING_MM = 2.5
 SMOOTH_SIGMA_PX = 1.2
 REGION_PX = 5
+SMALL_DISK_PX = 3  # up to this radius scipy's footprint filter beats the row decomposition (512 px, 2026-12-02)
 
 
 def reach_px(spacing_mm: float, pixel_mm: float) -> int:
     """How far (px) a structure may move between adjacent slices: about the slice spacing, at least 2 px."""
     return int(np.clip(round(1.2 * spacing_mm / max(pixel_mm, 0.2)), 2, 8))
+
+
+def disk_footprint(radius: int) -> np.ndarray:
+    """The pixels within `radius` of the centre: how far anatomy may move in any direction."""
+    return np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+
+
+def disk_filter(image: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
+    """Grey dilation (`np.maximum`) or erosion (`np.minimum`) over `disk_footprint(radius)`, exactly as
+    `ndimage.maximum_filter(image, footprint=...)` / `minimum_filter` compute it (mode "reflect").
+
+    Why not those: with a disk footprint scipy visits every footprint pixel for every image pixel (81 for
+    radius 5), about 0.1 s of every slice's scoring. A disk is the union of its rows: for each row offset
+    dy, a 1-D filter along the row of half-width sqrt(r^2 - dy^2) (van Herk, constant cost per pixel),
+    taken from the row dy away. Both reflect each axis independently at the border (numpy's "symmetric" pad
+    is scipy's "reflect"), so the result is the same, value for value (tests/test_exact_shortcuts.py).
+    """
+    footprint = disk_footprint(radius)
+    if radius <= SMALL_DISK_PX:  # few footprint pixels: scipy's direct filter is the faster one
+        direct = ndimage.maximum_filter if reduce is np.maximum else ndimage.minimum_filter
+        return direct(image, footprint=footprint)
+    one_d = ndimage.maximum_filter1d if reduce is np.maximum else ndimage.minimum_filter1d
+    n = image.shape[0]
+    by_width: dict[int, np.ndarray] = {}  # row-filtered image, padded above and below as "reflect" does
+    result: np.ndarray | None = None
+    for dy in range(-radius, radius + 1):
+        half_width = int(footprint[dy + radius].sum()) // 2
+        if half_width not in by_width:
+            filtered = one_d(image, 2 * half_width + 1, axis=1) if half_width else image
+            by_width[half_width] = np.pad(filtered, ((radius, radius), (0, 0)), mode="symmetric")
+        shifted = by_width[half_width][radius + dy : radius + dy + n]
+        result = shifted.copy() if result is None else reduce(result, shifted, out=result)
+    assert result is not None
+    return result
 
 
 def continuity_map(
@@ -48,14 +83,9 @@ def continuity_map(
     smooth = [
         ndimage.gaussian_filter(np.clip(a, -1024, 400).astype(np.float32), SMOOTH_SIGMA_PX) for a in (before, hu, after)
     ]
-    size = 2 * reach_px(spacing_mm, pixel_mm) + 1
-    footprint = np.hypot(*np.mgrid[-(size // 2) : size // 2 + 1, -(size // 2) : size // 2 + 1]) <= size // 2
-    upper = np.maximum(
-        ndimage.maximum_filter(smooth[0], footprint=footprint), ndimage.maximum_filter(smooth[2], footprint=footprint)
-    )
-    lower = np.minimum(
-        ndimage.minimum_filter(smooth[0], footprint=footprint), ndimage.minimum_filter(smooth[2], footprint=footprint)
-    )
+    reach = reach_px(spacing_mm, pixel_mm)
+    upper = np.maximum(disk_filter(smooth[0], reach, np.maximum), disk_filter(smooth[2], reach, np.maximum))
+    lower = np.minimum(disk_filter(smooth[0], reach, np.minimum), disk_filter(smooth[2], reach, np.minimum))
     outside = np.maximum(smooth[1] - upper, 0.0) + np.maximum(lower - smooth[1], 0.0)
     difference = smooth[1] - 0.5 * (smooth[0] + smooth[2])
     inner = search & (smooth[1] > -1000)

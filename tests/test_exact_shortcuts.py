@@ -1,0 +1,46 @@
+"""Shortcuts taken for speed in the scoring path must compute exactly what they replace.
+
+The detector's calibration (thresholds, genuine tails, the leave-one-family-out figures) was measured with
+scipy's disk-footprint filters and the hull of every boundary corner; a faster route that changed a single
+value would silently move every verdict. So each is compared value for value with the computation it
+replaces, on a real CT slice and on random input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from models.corpus import dicom_to_hu
+from models.cues.continuity import disk_filter, disk_footprint
+from models.regions import convex_hull, outline_of, row_extremes
+
+CT = sorted((Path(__file__).parent / "fixtures" / "ct_series_20").glob("CT.*"))[10]
+
+
+@pytest.mark.parametrize("radius", range(2, 9))
+def test_disk_filter_equals_scipys_footprint_filter(radius: int) -> None:
+    hu = ndimage.gaussian_filter(np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 400).astype(np.float32), 1.2)
+    noise = np.random.default_rng(radius).normal(size=(37, 301)).astype(np.float32)
+    disk = disk_footprint(radius)
+    for image in (hu, noise):
+        assert np.array_equal(disk_filter(image, radius, np.maximum), ndimage.maximum_filter(image, footprint=disk))
+        assert np.array_equal(disk_filter(image, radius, np.minimum), ndimage.minimum_filter(image, footprint=disk))
+
+
+def test_hull_of_row_extremes_is_the_hull_of_all_corners() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        component = ndimage.binary_opening(rng.random((30, 40)) < rng.uniform(0.2, 0.9))
+        if not component.any():
+            continue
+        rows, cols = np.nonzero(component)
+        corners = np.concatenate([np.stack([cols + dx, rows + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(float)
+        assert np.array_equal(convex_hull(row_extremes(corners)), convex_hull(corners))
+    square = np.zeros((8, 8), dtype=bool)
+    square[2:5, 3:7] = True
+    assert outline_of(square[2:5, 3:7], 3, 2) == [[3.0, 2.0], [7.0, 2.0], [7.0, 5.0], [3.0, 5.0], [3.0, 2.0]]
