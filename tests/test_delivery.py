@@ -31,6 +31,7 @@ from sqlalchemy import select
 from core.contracts import State, Task
 from core.db import migrate
 from core.db.base import Base
+from core.db.repository import latest_instances
 from core.db.schema import DeliveryAttempt, Instance, InstanceResult, Region, Report, SeriesResult, Study
 from core.db.session import dispose_engines, get_engine, session_scope
 from core.observability.metrics import DELIVERY_ATTEMPTS
@@ -278,6 +279,22 @@ def test_build_report_writes_valid_sr_and_kos_and_moves_to_reported(settings: Se
     assert sorted(cited) == sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in CT_FILES)
     if shutil.which("dciodvfy") and shutil.which("dsrdump"):
         assert validation_errors(sr_path) == [] and validation_errors(kos_path) == []
+
+
+def test_the_report_reads_only_the_headers_it_describes(settings: Settings) -> None:
+    """Headers are read for the first instance and the first CT/MR image (here the first received is a
+    dose report, say), and for flagged images; every other instance is cited through a stand-in."""
+    study_uid = seed_scored_study(settings, flagged=False)
+    with session_scope(settings) as session:
+        rows = latest_instances(session, study_uid)
+        session.expunge_all()
+    rows[0].modality = "SR"  # detached: the database keeps "CT"
+    flagged = rows[3].sop_instance_uid
+    sources = report_tasks.read_sources(settings, rows, {flagged})
+    assert [str(ds.SOPInstanceUID) for ds in sources] == [r.sop_instance_uid for r in rows]
+    read = [i for i, ds in enumerate(sources) if "PatientID" in ds]
+    assert read == [0, 1, 3]
+    assert all(len(sources[i]) <= 5 for i in (2,))  # the stand-in: four UIDs and the modality
 
 
 def test_sr_names_the_model_version_and_its_measured_operating_point(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from collections.abc import Iterator
@@ -166,6 +167,21 @@ def test_clean_sr_has_no_measurement_group_and_says_absent(ct: list[Dataset]) ->
 def test_clean_sr_image_library_holds_the_first_image(ct: list[Dataset]) -> None:
     """OHIF reads the Image Library without checking it exists: a report without regions still has one."""
     sr = build_sr(ct, findings_for(ct, "CT", flagged=False))
+    library = children(children(sr, "111028")[0], "126200")[0].ContentSequence
+    assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in library] == [ct[0].SOPInstanceUID]
+
+
+def test_clean_sr_image_library_skips_a_first_instance_without_geometry(ct: list[Dataset]) -> None:
+    """The first instance received may be a non-image (a dose report): the library describes the first image."""
+    dose = copy.deepcopy(ct[0])  # a header read in full, as the worker reads the first instance received
+    for keyword in ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient"):
+        delattr(dose, keyword)
+    dose.SOPClassUID, dose.SOPInstanceUID, dose.Modality = "1.2.840.10008.5.1.4.1.1.88.67", "1.2.3.4.5", "SR"
+    dose.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+    sr = build_sr([ct[0], dose, *ct[1:]], findings_for(ct, "CT", flagged=False))
+    library = children(children(sr, "111028")[0], "126200")[0].ContentSequence
+    assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in library] == [ct[0].SOPInstanceUID]
+    sr = build_sr([dose, *ct], findings_for(ct, "CT", flagged=False))
     library = children(children(sr, "111028")[0], "126200")[0].ContentSequence
     assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in library] == [ct[0].SOPInstanceUID]
 

@@ -38,6 +38,7 @@ from core.settings import Settings
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
 from worker.lease import Claim, LeaseKeeper, lease_seconds, worker_id
+from worker.reports.codes import PROCEDURE_BY_MODALITY
 from worker.reports.delivery import send_report
 from worker.reports.evidence import evidence_reference
 from worker.reports.findings import load_findings
@@ -78,14 +79,16 @@ class TaskOutcome:
 
 def read_sources(settings: Settings, rows: list[Instance], read_in_full: set[str]) -> list[Dataset]:
     """The scored instances as the SR and KOS cite them, in receipt order: the header (without pixels) of the
-    first instance and of those in `read_in_full`, a database-made stand-in for every other one (why:
-    worker/reports/evidence.py). Every file must still be in the spool (SourcesMissing names how many are
-    gone): an SR must not cite bytes we cannot show."""
+    first instance, of the first CT or MR image (a report without regions describes it in its Image Library:
+    the first instance received may be a dose report or another non-image) and of those in `read_in_full`; a
+    database-made stand-in for every other one (why: worker/reports/evidence.py). Every file must still be in
+    the spool (SourcesMissing names how many are gone): an SR must not cite bytes we cannot show."""
     spool = Path(settings.spool_dir)
     missing = [r for r in rows if not (spool / r.path).is_file()]
     if missing or not rows:
         raise SourcesMissing(f"{len(missing)} of {len(rows)} source instance(s) missing from the spool")
-    wanted = read_in_full | {rows[0].sop_instance_uid}
+    first_image = next((r for r in rows if r.modality in PROCEDURE_BY_MODALITY), rows[0])
+    wanted = read_in_full | {rows[0].sop_instance_uid, first_image.sop_instance_uid}
     return [
         pydicom.dcmread(spool / r.path, stop_before_pixels=True)
         if r.sop_instance_uid in wanted

@@ -234,7 +234,7 @@ def _study_evaluations(findings: StudyFindings) -> hd.sr.ContainerContentItem:
 
 def _image_library_images(datasets: Sequence[Dataset], findings: StudyFindings) -> list[Dataset]:
     """The Image Library (TID 1600): the images the regions are drawn on, or, for a report without regions,
-    the first image, because OHIF reads the library without checking that it exists.
+    the first image with plane geometry, because OHIF reads the library without checking that it exists.
 
     Why not every source image: each entry costs highdicom about 0.1 MB and 20 ms to build (1.3 GB and 40 s
     for a 2,000-slice study) and describes geometry no content item uses; every instance is still cited in
@@ -243,11 +243,9 @@ def _image_library_images(datasets: Sequence[Dataset], findings: StudyFindings) 
     evidence and their regions still reference them).
     """
     by_uid = _images_by_uid(datasets)
-    wanted = dict.fromkeys(region.sop_instance_uid for region in findings.regions) or {
-        str(datasets[0].SOPInstanceUID): None
-    }
-    images = [by_uid[uid] for uid in wanted if uid in by_uid]
-    return [ds for ds in images if "PixelSpacing" in ds and "ImagePositionPatient" in ds]
+    drawn_on = [by_uid[uid] for uid in dict.fromkeys(r.sop_instance_uid for r in findings.regions) if uid in by_uid]
+    with_geometry = [ds for ds in drawn_on or datasets if "PixelSpacing" in ds and "ImagePositionPatient" in ds]
+    return with_geometry if drawn_on else with_geometry[:1]
 
 
 def _measurement_report(
