@@ -148,11 +148,13 @@ def command_us(elements: dict[int, bytes], element: int) -> int | None:
     return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
 
 
-def unpadded_text(raw: bytes) -> str:
-    """The text of a UI, AE, CS, SH or LO value from its raw bytes: the NUL or space that pads it to even
-    length and surrounding spaces removed. One reading for the command set, the File Meta and the listener's
-    identifying elements (these VRs hold only the default repertoire, so no character set applies)."""
-    return raw.decode("ascii", "replace").strip("\0 \t\r\n")
+def unpadded_text(raw: bytes | str) -> str:
+    """The text of a UI, AE, CS, SH or LO value (raw bytes, or text already decoded): the NUL or space that
+    pads it to even length and surrounding whitespace removed. One reading for the command set, the File Meta
+    and the listener's identifying elements (raw bytes of these VRs hold only the default repertoire, so no
+    character set applies)."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    return text.strip("\0 \t\r\n")
 
 
 def command_ui(elements: dict[int, bytes], element: int) -> str:

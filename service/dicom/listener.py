@@ -121,8 +121,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
         return None
-    text = str(value).strip("\0 \t\r\n")
-    return text or None
+    return unpadded_text(str(value)) or None
 
 
 def _ascii_text(ds: Dataset, keyword: str) -> str | None:
@@ -136,8 +135,7 @@ def _ascii_text(ds: Dataset, keyword: str) -> str | None:
     value = element.value
     if value is None:
         return None
-    text = unpadded_text(bytes(value)) if isinstance(value, bytes | bytearray) else str(value).strip("\0 \t\r\n")
-    return text or None
+    return unpadded_text(bytes(value) if isinstance(value, bytes | bytearray) else str(value)) or None
 
 
 class InvalidDataset(Exception):

@@ -242,8 +242,8 @@ def _image_library_images(datasets: Sequence[Dataset], findings: StudyFindings) 
     images keep it in functional groups, which highdicom's Image Library does not read; they stay in the
     evidence and their regions still reference them).
     """
-    by_uid = _images_by_uid(datasets)
-    drawn_on = [by_uid[uid] for uid in dict.fromkeys(r.sop_instance_uid for r in findings.regions) if uid in by_uid]
+    regions_on = {region.sop_instance_uid for region in findings.regions}
+    drawn_on = [ds for ds in datasets if str(ds.SOPInstanceUID) in regions_on]
     with_geometry = [ds for ds in drawn_on or datasets if "PixelSpacing" in ds and "ImagePositionPatient" in ds]
     return with_geometry if drawn_on else with_geometry[:1]
 
