@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from models.allocator import keep_freed_memory
 from models.anomaly import AnomalyModel, SliceMap
 from models.cues.header import signature
 from models.diffusion import GaussianDiffusion
@@ -139,6 +140,7 @@ class Detector:
         if self.options.run_region is None:
             self.options.run_region = "search" if self.options.mode == "tiles" else "body"
         self.device = resolve_device(device)
+        keep_freed_memory()  # a scoring process reuses its freed slice buffers (models/allocator.py)
         if self.options.batch_size is None:
             self.options.batch_size = 16 if self.device.type == "cuda" else 2
         self.diffusion = diffusion.to(self.device).eval()

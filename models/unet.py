@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fastconv import PointwiseConv2d, SpatialConv2d, spatial_conv
+
 LAYOUTS = ("1.6.4", "1.8.3")
 
 
@@ -55,7 +57,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
         mean = weight.mean(dim=(1, 2, 3), keepdim=True)
         var = weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
         normalized = (weight - mean) * (var + eps).rsqrt()
-        return F.conv2d(x, normalized, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return spatial_conv(x, normalized, self.bias, int(self.padding[0]))  # type: ignore[index]
 
 
 class LayerNorm(nn.Module):
@@ -111,7 +113,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, groups: int = 8, weight_standardized: bool = True) -> None:
         super().__init__()
-        conv = WeightStandardizedConv2d if weight_standardized else nn.Conv2d
+        conv = WeightStandardizedConv2d if weight_standardized else SpatialConv2d
         self.proj = conv(dim, dim_out, 3, padding=1)
         self.norm = nn.GroupNorm(groups, dim_out)
         self.act = nn.SiLU()
@@ -132,7 +134,7 @@ class ResnetBlock(nn.Module):
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
         self.block1 = Block(dim, dim_out, groups=groups, weight_standardized=weight_standardized)
         self.block2 = Block(dim_out, dim_out, groups=groups, weight_standardized=weight_standardized)
-        self.res_conv: nn.Module = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.res_conv: nn.Module = PointwiseConv2d(dim, dim_out) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         emb = self.mlp(time_emb)[:, :, None, None]
@@ -163,9 +165,9 @@ class LinearAttention(nn.Module):
         if inner_norm:
             self.norm = RMSNorm(dim)
         self.inner_norm = inner_norm
-        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_qkv = PointwiseConv2d(dim, hidden * 3, bias=False)
         out_norm: nn.Module = RMSNorm(dim) if inner_norm else LayerNorm(dim)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), out_norm)
+        self.to_out = nn.Sequential(PointwiseConv2d(hidden, dim), out_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -192,16 +194,19 @@ class Attention(nn.Module):
         if inner_norm:
             self.norm = RMSNorm(dim)
         self.inner_norm = inner_norm
-        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(hidden, dim, 1)
+        self.to_qkv = PointwiseConv2d(dim, hidden * 3, bias=False)
+        self.to_out = PointwiseConv2d(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         if self.inner_norm:
             x = self.norm(x)
-        q, k, v = (_split_heads(t, self.heads).transpose(-1, -2) for t in self.to_qkv(x).chunk(3, dim=1))
-        # Same maths as softmax(q k^T / sqrt(d)) v, without materialising the n x n matrix where a fused
-        # kernel exists: a whole 512 x 512 slice has 4096 positions in the middle stage.
+        # Contiguous (b, heads, n, d): with strided views the CPU fell back to the unfused kernel, which
+        # materialises the n x n matrix (4096 positions for a whole 512 x 512 slice in the middle stage);
+        # the fused one ran 5x faster with the same maths (float32 rounding, ~1e-6). docs/bench/scoring.md.
+        q, k, v = (
+            _split_heads(t, self.heads).transpose(-1, -2).contiguous() for t in self.to_qkv(x).chunk(3, dim=1)
+        )
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (b, heads, n, d)
         return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
 
@@ -210,12 +215,12 @@ class Downsample(nn.Sequential):
     """Space-to-depth (2x2 -> channels) then a 1x1 conv; index 0 has no parameters (keys ``.1.*``)."""
 
     def __init__(self, dim: int, dim_out: int) -> None:
-        super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(dim * 4, dim_out, 1))
+        super().__init__(nn.PixelUnshuffle(2), PointwiseConv2d(dim * 4, dim_out))
 
 
 class Upsample(nn.Sequential):
     def __init__(self, dim: int, dim_out: int) -> None:
-        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), SpatialConv2d(dim, dim_out, 3))
 
 
 class Unet(nn.Module):
@@ -280,7 +285,7 @@ class Unet(nn.Module):
                         resnet(d_in, d_in),
                         resnet(d_in, d_in),
                         attention(d_in, full),
-                        nn.Conv2d(d_in, d_out, 3, padding=1) if last else Downsample(d_in, d_out),
+                        SpatialConv2d(d_in, d_out, 3) if last else Downsample(d_in, d_out),
                     ]
                 )
             )
@@ -301,12 +306,12 @@ class Unet(nn.Module):
                         resnet(d_out + d_in, d_out),
                         resnet(d_out + d_in, d_out),
                         attention(d_out, full),
-                        nn.Conv2d(d_out, d_in, 3, padding=1) if last else Upsample(d_out, d_in),
+                        SpatialConv2d(d_out, d_in, 3) if last else Upsample(d_out, d_in),
                     ]
                 )
             )
         self.final_res_block = resnet(dim * 2, dim)
-        self.final_conv = nn.Conv2d(dim, channels, 1)
+        self.final_conv = PointwiseConv2d(dim, channels)
 
     @property
     def downsample_factor(self) -> int:

@@ -1,0 +1,147 @@
+"""The CPU routes of the U-Net's convolutions (models/fastconv.py) and the allocator setting
+(models/allocator.py) change speed only.
+
+Each route is compared with the plain ``conv2d`` it replaces: on random tensors (forward and gradients,
+since training runs the same modules) and through the default model on a real CT slice, where the noise
+prediction must stay within the golden-vector tolerance (tests/test_unet_golden.py) of the plain route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.corpus import dicom_to_hu
+from models.fastconv import PointwiseConv2d, SpatialConv2d, pointwise_conv, spatial_conv
+from models.unet import WeightStandardizedConv2d
+
+REPO = Path(__file__).resolve().parents[1]
+CT = sorted((Path(__file__).parent / "fixtures" / "ct_series_20").glob("CT.*"))[10]
+TOL = 1e-5  # the golden vectors' tolerance
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("cin", "cout", "bias"), [(8, 48, False), (16, 8, True), (64, 32, True)])
+def test_pointwise_conv_equals_conv2d_forward_and_backward(batch: int, cin: int, cout: int, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(cin * cout + batch)
+    x = torch.randn(batch, cin, 37, 53, generator=generator, requires_grad=True)
+    weight = torch.randn(cout, cin, 1, 1, generator=generator, requires_grad=True)
+    b = torch.randn(cout, generator=generator, requires_grad=True) if bias else None
+    fast, plain = pointwise_conv(x, weight, b), F.conv2d(x, weight, b)
+    assert fast.shape == plain.shape
+    assert (fast - plain).abs().max().item() <= TOL * plain.abs().max().item()
+    grads_fast = torch.autograd.grad(fast.square().sum(), [x, weight])
+    grads_plain = torch.autograd.grad(plain.square().sum(), [x, weight])
+    for g_fast, g_plain in zip(grads_fast, grads_plain, strict=True):
+        assert (g_fast - g_plain).abs().max().item() <= TOL * g_plain.abs().max().item()
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel"), [(8, 8, 3), (24, 16, 3), (1, 8, 7)])
+def test_spatial_conv_equals_conv2d_and_keeps_the_layout(cin: int, cout: int, kernel: int) -> None:
+    generator = torch.Generator().manual_seed(cin + kernel)
+    x = torch.randn(2, cin, 41, 30, generator=generator, requires_grad=True)
+    weight = torch.randn(cout, cin, kernel, kernel, generator=generator)
+    bias = torch.randn(cout, generator=generator)
+    fast = spatial_conv(x, weight, bias, kernel // 2)
+    plain = F.conv2d(x, weight, bias, padding=kernel // 2)
+    assert fast.is_contiguous()  # the next operation sees the usual layout
+    assert (fast - plain).abs().max().item() <= TOL * plain.abs().max().item()
+    (grad_fast,) = torch.autograd.grad(fast.sum(), [x])
+    (grad_plain,) = torch.autograd.grad(plain.sum(), [x])
+    assert (grad_fast - grad_plain).abs().max().item() <= TOL * grad_plain.abs().max().item()
+
+
+def test_modules_keep_the_state_dict_of_conv2d() -> None:
+    """A published checkpoint loads by key and shape: the routes must not rename or reshape anything."""
+    for fast, plain in (
+        (PointwiseConv2d(8, 48, bias=False), nn.Conv2d(8, 48, 1, bias=False)),
+        (SpatialConv2d(16, 8, 3), nn.Conv2d(16, 8, 3, padding=1)),
+    ):
+        assert {k: v.shape for k, v in fast.state_dict().items()} == {
+            k: v.shape for k, v in plain.state_dict().items()
+        }
+
+
+def test_default_model_predicts_the_same_noise_on_a_real_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.detector import Detector
+
+    detector = Detector.load(None, device="cpu")
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 3071).astype(np.float32)
+    x = torch.from_numpy(detector.model_input(hu))[None]
+    with torch.inference_mode():
+        fast = detector.diffusion.predict_noise(x, 0)
+        for klass in (PointwiseConv2d, SpatialConv2d):
+            monkeypatch.setattr(klass, "forward", nn.Conv2d.forward)
+        monkeypatch.setattr(
+            WeightStandardizedConv2d,
+            "forward",
+            lambda self, x: F.conv2d(x, _standardized(self.weight), self.bias, padding=self.padding),
+        )
+        plain = detector.diffusion.predict_noise(x, 0)
+    assert fast.shape == plain.shape == (1, 1, 512, 512)
+    assert (fast - plain).abs().max().item() <= TOL
+    assert plain.abs().max().item() > 0.1  # a real prediction, not zeros
+
+
+def _standardized(weight: torch.Tensor) -> torch.Tensor:
+    mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+    var = weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (weight - mean) * (var + 1e-5).rsqrt()
+
+
+ALLOCATION_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from models.allocator import keep_freed_memory
+    from models.checkpoint import load_model
+    from models.metadata import DEFAULT_MODEL_PATH
+
+    applied = keep_freed_memory() if sys.argv[1] == "tuned" else None
+    torch.set_num_threads(1)
+    diffusion = load_model(DEFAULT_MODEL_PATH).diffusion.eval()
+    x = torch.zeros(2, 1, 512, 512)
+    with torch.inference_mode():
+        diffusion.predict_noise(x, 0)  # the first pass grows the heap
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        diffusion.predict_noise(x, 0)
+    print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+    """
+)
+
+
+def _probe(mode: str, **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    done = subprocess.run(
+        [sys.executable, "-c", ALLOCATION_PROBE, mode],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def test_allocator_keeps_freed_buffers_for_the_next_pass() -> None:
+    default, tuned = _probe("default"), _probe("tuned")
+    assert tuned["applied"] is True
+    # glibc's defaults: every large buffer of the second pass comes fresh (and zeroed) from the kernel
+    assert default["faults"] > 50_000
+    assert tuned["faults"] < default["faults"] / 20
+
+
+def test_allocator_leaves_an_operators_setting_alone() -> None:
+    assert _probe("tuned", MALLOC_TRIM_THRESHOLD_="131072")["applied"] is False
