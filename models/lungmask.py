@@ -7,6 +7,11 @@ connected to the air around the patient, is lung (or airway/bowel gas, which a s
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -24,6 +29,30 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
 
 
+# Scoring one slice asks for the same masks several times (where to run the model, its search region, the
+# tissue features, the cues): each is computed once per slice content and handed out as a copy.
+_CACHE_SLOTS = 8
+_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _remembered(kind: str, hu: np.ndarray, extra: int, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """compute(), or the copy of its earlier result for an image of the same bytes, shape and type."""
+    digest = hashlib.blake2b(np.ascontiguousarray(hu).data, digest_size=16).digest()
+    key = (kind, extra, hu.shape, hu.dtype.str, digest)
+    with _cache_lock:
+        found = _cache.get(key)
+        if found is not None:
+            _cache.move_to_end(key)
+            return found.copy()
+    mask = compute()
+    with _cache_lock:
+        _cache[key] = mask.copy()
+        while len(_cache) > _CACHE_SLOTS:
+            _cache.popitem(last=False)
+    return mask
+
+
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """The patient's body: the largest connected region above -500 HU, holes filled."""
     if _half(hu):
@@ -32,6 +61,11 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
 
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body at the resolution given (the lung mask starts from it too)."""
+    return _remembered("body", hu, 0, lambda: _segment_body(hu))
+
+
+def _segment_body(hu: np.ndarray) -> np.ndarray:
     mask = ndimage.binary_opening(hu > BODY_HU, iterations=2)
     labels, count = ndimage.label(mask)
     if count == 0:
@@ -44,6 +78,10 @@ def _body_mask(hu: np.ndarray) -> np.ndarray:
 
 def lung_mask(hu: np.ndarray, dilate_px: int = 0) -> np.ndarray:
     """Boolean (H, W) mask of lung tissue (vessels and nodules inside it included), optionally dilated."""
+    return _remembered("lungs", hu, dilate_px, lambda: _compute_lung_mask(hu, dilate_px))
+
+
+def _compute_lung_mask(hu: np.ndarray, dilate_px: int) -> np.ndarray:
     if _half(hu):
         return _upsample(_lung_mask(hu[::2, ::2], (dilate_px + 1) // 2, scale=2), hu.shape)
     return _lung_mask(hu, dilate_px, scale=1)
