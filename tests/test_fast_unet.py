@@ -145,3 +145,18 @@ def test_allocator_keeps_freed_buffers_for_the_next_pass() -> None:
 
 def test_allocator_leaves_an_operators_setting_alone() -> None:
     assert _probe("tuned", MALLOC_TRIM_THRESHOLD_="131072")["applied"] is False
+
+
+def test_scoring_in_place_gives_the_values_of_the_autograd_path() -> None:
+    """Without autograd the U-Net writes element-wise results into buffers it owns (models/unet.py
+    `_reusing`); with autograd it computes out of place. Same operations in the same order: equal bits."""
+    from models.checkpoint import load_model
+    from models.metadata import DEFAULT_MODEL_PATH
+
+    diffusion = load_model(DEFAULT_MODEL_PATH).diffusion.eval()
+    x = torch.randn(2, 1, 96, 128, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    with torch.inference_mode():
+        scoring = diffusion.predict_noise(x, 0)
+    training = diffusion.predict_noise(x.clone().requires_grad_(True), 0)
+    assert training.requires_grad
+    assert torch.equal(scoring, training.detach())
