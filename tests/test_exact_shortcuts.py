@@ -44,3 +44,22 @@ def test_hull_of_row_extremes_is_the_hull_of_all_corners() -> None:
     square = np.zeros((8, 8), dtype=bool)
     square[2:5, 3:7] = True
     assert outline_of(square[2:5, 3:7], 3, 2) == [[3.0, 2.0], [7.0, 2.0], [7.0, 5.0], [3.0, 5.0], [3.0, 2.0]]
+
+
+def test_continuity_reuses_each_images_envelopes_without_changing_a_value() -> None:
+    """Along a series each image's smoothing and envelopes are kept for its neighbours (models/cues/continuity);
+    the map and score of every slice must equal a computation from scratch."""
+    from models.cues import continuity
+
+    files = sorted((Path(__file__).parent / "fixtures" / "ct_series_20").glob("CT.*"))[:7]
+    slices = [np.clip(dicom_to_hu(pydicom.dcmread(f)), -1024, 3071).astype(np.float32) for f in files]
+    search = np.ones(slices[0].shape, dtype=bool)
+    for i in range(1, len(slices) - 1):
+        kept = continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
+        with continuity._prepared_lock:
+            continuity._prepared.clear()
+        fresh = continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
+        assert kept.score == fresh.score and kept.score is not None
+        assert np.array_equal(kept.amap, fresh.amap)
+        # the next slice finds this one's work kept again (what makes it faster)
+        continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
