@@ -3,12 +3,14 @@
 Every U-Net pass allocates and frees tens of full-resolution tensors of 5 to 70 MB. glibc's defaults hand
 blocks that large to the kernel (mmap) and give freed heap tops back (trim), so each pass faulted in about
 100,000 fresh zeroed pages per 512 x 512 slice: a third of the scoring time was spent in the kernel
-(docs/bench/scoring.md, "The allocator"). Raising the mmap and trim thresholds keeps freed blocks in the
-heap for reuse; the process's peak memory is unchanged (it is the same working set), only not returned
-between slices.
+(docs/bench/scoring.md). Taking every block from the heap (no mmap: glibc caps the mmap threshold at 32 MB,
+and larger blocks were still mapped afresh on some runs) and raising the trim threshold keeps freed blocks
+for reuse; the process's peak memory is unchanged (it is the same working set), only not returned between
+slices (up to 1 GB of free heap top is kept).
 
-glibc reads the same settings from MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_: an
-operator who sets any of them keeps their own choice. Elsewhere (musl, macOS) this does nothing.
+glibc reads the same settings from MALLOC_MMAP_MAX_, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
+MALLOC_TOP_PAD_: an operator who sets any of them keeps their own choice. Elsewhere (musl, macOS) this does
+nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ log = logging.getLogger("btd.models.allocator")
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest accepted value on 64-bit
 TRIM_THRESHOLD_BYTES = 1 << 30
 TOP_PAD_BYTES = 256 << 20  # address space reserved per heap growth; pages are only touched when used
-OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _lock = threading.Lock()
 _applied: bool | None = None
@@ -58,6 +61,7 @@ def _apply() -> bool:
     except (OSError, AttributeError):
         return False  # not glibc
     settings = (
+        (M_MMAP_MAX, 0),  # blocks over the largest threshold (32 MB) would still be mapped afresh each time
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         (M_TOP_PAD, TOP_PAD_BYTES),
