@@ -140,9 +140,9 @@ def test_allocator_keeps_freed_buffers_for_the_next_pass() -> None:
     assert tuned["applied"] is True
     # glibc's defaults: every large buffer of the second pass comes fresh (and zeroed) from the kernel
     assert default["faults"] > 50_000
-    # Tuned: 0 in most runs; now and then one 16 or 64 MB block is faulted in again (seen: 4,096 and 16,385
-    # pages in 6 of 16 runs here and once in CI, with and without one malloc arena: not malloc.s heap), so the bound
-    # is a fifth, where the defaults gave 180,000-213,000 in every run.
+    # Tuned: 0 in most runs; now and then one 16 or 64 MB block is faulted in again (4,096 or 16,385 pages in
+    # 6 of 16 runs here and once in CI, with one malloc arena too), so the bound is a fifth of the defaults,
+    # which gave 180,000-213,000 in every run.
     assert tuned["faults"] < default["faults"] / 5
 
 
