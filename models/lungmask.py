@@ -7,13 +7,12 @@ connected to the air around the patient, is lung (or airway/bowel gas, which a s
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
+
+from models.content_cache import ContentCache, image_key
 
 BODY_HU = -500.0
 LUNG_HU = -400.0
@@ -31,26 +30,12 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 # Scoring one slice asks for the same masks several times (where to run the model, its search region, the
 # tissue features, the cues): each is computed once per slice content and handed out as a copy.
-_CACHE_SLOTS = 8
-_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-_cache_lock = threading.Lock()
+_masks = ContentCache(slots=8)
 
 
 def _remembered(kind: str, hu: np.ndarray, extra: int, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """compute(), or the copy of its earlier result for an image of the same bytes, shape and type."""
-    digest = hashlib.blake2b(np.ascontiguousarray(hu).data, digest_size=16).digest()
-    key = (kind, extra, hu.shape, hu.dtype.str, digest)
-    with _cache_lock:
-        found = _cache.get(key)
-        if found is not None:
-            _cache.move_to_end(key)
-            return found.copy()
-    mask = compute()
-    with _cache_lock:
-        _cache[key] = mask.copy()
-        while len(_cache) > _CACHE_SLOTS:
-            _cache.popitem(last=False)
-    return mask
+    """compute(), or a copy of its earlier result for an image of the same bytes, shape and type."""
+    return _masks.get(image_key(hu), (kind, extra), compute).copy()
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:

@@ -56,10 +56,26 @@ def test_continuity_reuses_each_images_envelopes_without_changing_a_value() -> N
     search = np.ones(slices[0].shape, dtype=bool)
     for i in range(1, len(slices) - 1):
         kept = continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
-        with continuity._prepared_lock:
-            continuity._prepared.clear()
+        continuity._prepared.clear()
         fresh = continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
         assert kept.score == fresh.score and kept.score is not None
         assert np.array_equal(kept.amap, fresh.amap)
         # the next slice finds this one's work kept again (what makes it faster)
         continuity.continuity_map(slices[i], slices[i - 1], slices[i + 1], search, 1.25, 0.7)
+
+
+def test_masks_kept_by_content_equal_fresh_ones_and_cannot_be_spoilt() -> None:
+    """Body and lung masks are kept per image content (models/content_cache.py): a second request gives the
+    same mask as a computation from scratch, and a caller that writes into its copy changes nothing kept."""
+    from models import lungmask
+
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 3071).astype(np.float32)
+    first = lungmask.body_mask(hu)
+    first[:] = ~first  # the caller's own copy
+    kept_body, kept_lungs = lungmask.body_mask(hu), lungmask.lung_mask(hu, dilate_px=3)
+    kept_lungs_again = lungmask.lung_mask(hu, dilate_px=3)
+    lungmask._masks.clear()
+    fresh_body, fresh_lungs = lungmask.body_mask(hu), lungmask.lung_mask(hu, dilate_px=3)
+    assert np.array_equal(kept_body, fresh_body) and fresh_body.any()
+    assert np.array_equal(kept_lungs, fresh_lungs) and np.array_equal(kept_lungs_again, fresh_lungs)
+    assert kept_body.flags.writeable

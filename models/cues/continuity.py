@@ -12,13 +12,10 @@ Coarser series (or a slice without both neighbours) get no map and a reason: "to
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
-
 import numpy as np
 from scipy import ndimage
 
+from models.content_cache import ContentCache, ImageKey, image_key
 from models.cues import CueMap, masked_max
 
 MAX_SPACING_MM = 2.5
@@ -68,37 +65,21 @@ def disk_filter(image: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
 
 # Along a series every slice is smoothed and enveloped three times: as the slice judged and as each of its
 # neighbours' neighbour. Those are pure functions of the image, so they are kept for the last few images
-# (by content digest) and each is computed once: about half of the cue's time per slice.
-_KEPT_IMAGES = 6
-_prepared: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-_prepared_lock = threading.Lock()
+# (by content) and each is computed once: about half of the cue's time per slice.
+_prepared = ContentCache(slots=6)
 
 
-def _image_key(image: np.ndarray) -> tuple:
-    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
-    return (image.shape, image.dtype.str, digest)
-
-
-def _derived(image: np.ndarray, key: tuple, what: str, reach: int = 0) -> np.ndarray:
+def _derived(image: np.ndarray, key: ImageKey, what: str, reach: int = 0) -> np.ndarray:
     """The image smoothed ("smooth"), or its envelope ("max" / "min" over a disk of `reach`), computed once
-    per image content; the arrays handed out are shared: callers only read them."""
-    name = what if what == "smooth" else f"{what}{reach}"
-    with _prepared_lock:
-        entry = _prepared.setdefault(key, {})
-        _prepared.move_to_end(key)
-        while len(_prepared) > _KEPT_IMAGES:
-            _prepared.popitem(last=False)
-        found = entry.get(name)
-    if found is not None:
-        return found
+    per image content; the arrays handed out are shared and read-only."""
     if what == "smooth":
-        value = ndimage.gaussian_filter(np.clip(image, -1024, 400).astype(np.float32), SMOOTH_SIGMA_PX)
-    else:
-        value = disk_filter(_derived(image, key, "smooth"), reach, np.maximum if what == "max" else np.minimum)
-    value.setflags(write=False)
-    with _prepared_lock:
-        entry[name] = value
-    return value
+        return _prepared.get(
+            key,
+            "smooth",
+            lambda: ndimage.gaussian_filter(np.clip(image, -1024, 400).astype(np.float32), SMOOTH_SIGMA_PX),
+        )
+    reduce = np.maximum if what == "max" else np.minimum
+    return _prepared.get(key, (what, reach), lambda: disk_filter(_derived(image, key, "smooth"), reach, reduce))
 
 
 def continuity_map(
@@ -119,7 +100,7 @@ def continuity_map(
         return CueMap("continuity", None, None, "no adjacent slice on both sides")
     if not search.any():
         return CueMap("continuity", None, None, "no lungs")
-    keys = [_image_key(a) for a in (before, hu, after)]
+    keys = [image_key(a) for a in (before, hu, after)]
     smooth = [_derived(a, key, "smooth") for a, key in zip((before, hu, after), keys, strict=True)]
     reach = reach_px(spacing_mm, pixel_mm)
     envelopes = [(before, keys[0]), (after, keys[2])]
