@@ -97,11 +97,11 @@ def run_in_batches(
     held: Future[Path] = Future()
     leader = Caller(committer, first[0], held)
     leader.start()
-    wait_until(lambda: committer._leading, what="the first caller leads")
+    wait_until(lambda: committer.handoff.leading, what="the first caller leads")
     callers = [Caller(committer, instance, staging) for instance, staging in later]
     for caller in callers:
         caller.start()
-    wait_until(lambda: len(committer._queue) == len(later), what="the later callers queue behind the leader")
+    wait_until(lambda: committer.handoff.queued == len(later), what="the later callers queue behind the leader")
     held.set_result(spool.stage(INCOMING_FOLDER, first[1]))
     for thread in (leader, *callers):
         thread.join(30)

@@ -7,14 +7,12 @@ in docs/bench/ingest.md: 4 associations were slower than 1). Here the handlers t
 share one transaction, one folder fsync per folder and one commit; each is answered once the commit that
 holds its row has returned, so an answer still means "bytes, name and row are on disk".
 
-How: a handler queues its instance and, if no commit is running, becomes the leader: it takes every
-queued instance (its own first), records them in one transaction and commits; handlers that queued
-meanwhile sleep, each on its own event. The leader wakes the handlers of its batch once their outcome is
-known, and hands the lead to the first handler still queued, which commits the next batch. With one
-association there is nothing to wait for: the handler commits its own instance on its own thread, as
-before, with no hand-over to another thread. Why one event per handler rather than one condition for
-all: waking every waiter after each commit (notify_all) cost 9 % of the listener's GIL time with four
-associations (py-spy), most of it for threads that only went back to sleep.
+How (models/handoff.py): a handler queues its instance and, if no commit is running, becomes the leader:
+it takes every queued instance (its own first, up to MAX_BATCH), records them in one transaction and
+commits; handlers that queued meanwhile sleep, each on its own event. The leader wakes the handlers of its
+batch once their outcome is known, and hands the lead to the first handler still queued, which commits the
+next batch. With one association there is nothing to wait for: the handler commits its own instance on its
+own thread, as before, with no hand-over to another thread.
 
 A batch that fails (a row refused, a racing receiver, a disk error, a dropped connection) is rolled back,
 the names it published are removed, and each of its instances is tried again alone, so one bad instance
@@ -24,7 +22,6 @@ never fails the answers of the others; an instance that fails alone raises to it
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,23 +32,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import repository
 from core.observability.logs import log_event
 from core.spool import Spool, relative_path
+from models.handoff import Handoff, Waiter
 
 log = logging.getLogger("btd.listener")
 
 MAX_BATCH = 64  # instances per transaction at most (the listener allows 64 associations, one C-STORE each)
 
 
-@dataclass
-class Pending:
+@dataclass(eq=False)
+class Pending(Waiter):
     """One instance waiting for its commit: what to record, its staged bytes, and the outcome once known."""
 
     received: repository.ReceivedInstance
     staging: Future[Path]
-    done: bool = False
     outcome: repository.RecordOutcome | None = None
-    error: BaseException | None = None
     created: list[str] = field(default_factory=list)  # spool names published for it in the running batch
-    wake: threading.Event = field(default_factory=threading.Event)  # set when done, or when handed the lead
 
 
 class GroupCommit:
@@ -68,10 +63,7 @@ class GroupCommit:
         self.sessions = sessions
         self.stable_seconds = stable_seconds
         self.on_batch = on_batch  # told each committed batch's size (metrics, tests)
-        # Invariant: while no handler leads, the queue is empty (a leader steps down only then).
-        self._queue: list[Pending] = []
-        self._leading = False
-        self._lock = threading.Lock()
+        self.handoff: Handoff[Pending] = Handoff(lambda queue: (queue[:MAX_BATCH], queue[MAX_BATCH:]), self._commit)
 
     def record(self, received: repository.ReceivedInstance, staging: Future[Path]) -> repository.RecordOutcome:
         """Publish the staged bytes, record the row and commit (with whichever instances are ready too).
@@ -79,58 +71,27 @@ class GroupCommit:
         Raises what recording this instance alone raised (IntegrityError, DBAPIError, OSError, SpoolFull,
         SpoolConflict, ...): the caller decides the answer and whether to try again."""
         mine = Pending(received, staging)
-        with self._lock:
-            self._queue.append(mine)
-            leads = not self._leading
-            self._leading = True
-        if not leads:
-            mine.wake.wait()  # done, or handed the lead: then `mine` is first in the queue
-        if not mine.done:
-            self._lead()
-        if mine.error is not None:
-            raise mine.error
+        self.handoff.wait_turn(mine)
         assert mine.outcome is not None
         return mine.outcome
 
-    def _lead(self) -> None:
-        """Commit the queued instances (the caller's first), then wake them and pass the lead on."""
-        with self._lock:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        successor: Pending | None = None
-        try:
-            self._commit(batch)
-        finally:
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                else:
-                    self._leading = False
-            if successor is not None:
-                successor.wake.set()
-            for item in batch:
-                item.wake.set()
-
     def _commit(self, batch: list[Pending]) -> None:
-        """Commit `batch` in one transaction; if that fails, each instance alone. Every item ends done."""
+        """Commit `batch` in one transaction; if that fails, each instance alone (errors go to the items)."""
         try:
-            try:
-                self._transaction(batch)
-                self.on_batch(len(batch))
+            self._transaction(batch)
+            self.on_batch(len(batch))
+            return
+        except BaseException as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
                 return
-            except BaseException as exc:
-                if len(batch) == 1:
-                    batch[0].error = exc
-                    return
-                log_event(log, "store.batch_failed", logging.WARNING, size=len(batch), error=type(exc).__name__)
-            for item in batch:
-                try:
-                    self._transaction([item])
-                    self.on_batch(1)
-                except BaseException as exc:  # noqa: BLE001 - handed to the item's own handler
-                    item.error = exc
-        finally:
-            for item in batch:
-                item.done = True
+            log_event(log, "store.batch_failed", logging.WARNING, size=len(batch), error=type(exc).__name__)
+        for item in batch:
+            try:
+                self._transaction([item])
+                self.on_batch(1)
+            except BaseException as exc:  # noqa: BLE001 - handed to the item's own handler
+                item.error = exc
 
     def _transaction(self, batch: list[Pending]) -> None:
         """Inside one transaction publish each staged file under its final name and insert its row; fsync
