@@ -10,7 +10,10 @@ a residual taken as the difference of two bf16 images is destroyed); this script
   verdict), for each batch size asked for, after a warm-up pass;
 - memory: peak GPU memory allocated (torch.cuda.max_memory_allocated), or the process's peak RSS on CPU;
 - accuracy: each slice's score under bf16 against fp32 (largest absolute and relative difference, and
-  whether any verdict changed).
+  whether any verdict changed);
+- cross-series batching: the study cut into `--series` series and scored as the worker does
+  (`worker.pipeline.score_study_files`), one series at a time and all at once on threads sharing the
+  model's passes (models/merged_passes.py): slices/s and the mean rows per model pass of each.
 
 Without a CUDA device the same script runs on the CPU (fp32 and bf16 autocast) with a small study, and
 says so in its output: the figures are then the CPU's, not a GPU's.
@@ -106,6 +109,36 @@ def end_to_end(detector: Detector, paths: list[Path]) -> tuple[float, Any]:
     return len(paths) / (time.perf_counter() - started), result
 
 
+def study_throughput(detector: Detector, paths: list[Path], n_series: int, workdir: Path) -> list[dict[str, Any]]:
+    """The worker's scoring of a study of `n_series` series, one series at a time and all at once."""
+    from worker import pipeline
+
+    cut = max(1, -(-len(paths) // n_series))
+    series = [
+        pipeline.SeriesInput(f"series-{k}", "CT", [pipeline.SpoolFile(p.name, p, None) for p in paths[k : k + cut]])
+        for k in range(0, len(paths), cut)
+    ]
+    rows = []
+    for threads in sorted({1, len(series)}):
+        passes, rows_before = detector.model_passes.passes, detector.model_passes.rows
+        synchronize(detector.device)
+        started = time.perf_counter()
+        pipeline.score_study_files(detector, "2.25.1", series, workdir / f"maps-{threads}", series_in_parallel=threads)
+        synchronize(detector.device)
+        elapsed = time.perf_counter() - started
+        n_passes = max(1, detector.model_passes.passes - passes)
+        rows.append(
+            {
+                "series": len(series),
+                "series_in_parallel": threads,
+                "study_slices_per_s": round(len(paths) / elapsed, 2),
+                "rows_per_model_pass": round((detector.model_passes.rows - rows_before) / n_passes, 2),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def compare(fp32: Any, bf16: Any) -> dict[str, Any]:
     """How far bf16 moves each slice's score from fp32's, and whether a verdict changes."""
     diffs, relative, changed = [], [], 0
@@ -129,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=None, help="slices in the study (default 512 GPU, 8 CPU)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 16,32,64 GPU; 2 CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the study for the model throughput")
+    parser.add_argument("--series", type=int, default=None, help="series the study is cut into (default 4 GPU, 2 CPU)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -168,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model_slices_per_s": round(model_rate, 2),
                         "end_to_end_slices_per_s": round(e2e_rate, 2),
                         "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
+                        "study": study_throughput(detector, paths, args.series or (4 if cuda else 2), workdir),
                     }
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr)

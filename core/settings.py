@@ -107,6 +107,15 @@ class Settings(BaseSettings):
     # per worker on a 2-core machine: on a shared CPU, torch's spin-waiting threads slowed model passes
     # tenfold (measured: models/forensics/cli.py). On a GPU worker the threads only feed the device.
     torch_threads: int | None = Field(default=None, ge=1)
+    # Series of one study scored at once, on threads sharing the model's passes (same-shape crops of
+    # different series run as one batch: models/merged_passes.py). None: 4 on a GPU, where a lone series
+    # leaves the device idle between small passes; 1 on the CPU, where torch already uses every core.
+    series_in_parallel: int | None = Field(default=None, ge=1)
+    # Studies one `btd worker` takes at once. 1 (default): Celery's prefork pool, one study per process, as
+    # every fault test runs it. More: a pool of threads in one process sharing one model, whose passes merge
+    # across the studies (models/merged_passes.py), so a GPU stays busy while a study decodes, waits on the
+    # database or builds its cues; each thread holds its own lease (worker/lease.py).
+    studies_in_parallel: int = Field(default=1, ge=1)
     score_retries: int = 3  # scoring attempts after the first before the study is FAILED
     score_backoff_seconds: float = 10.0  # first retry delay; each later one doubles
     # How long a study must stay quiet (verdict no_evidence, not rescored or reopened) before its series teach

@@ -34,6 +34,7 @@ from models.anomaly import AnomalyModel, SliceMap
 from models.cues.header import signature
 from models.diffusion import GaussianDiffusion
 from models.fused import FusionConfig, SliceCues, fuse_series, slice_cues
+from models.merged_passes import MergedPasses
 from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
 from models.preprocess import PathOrDataset, open_dataset, to_unit
 from models.readahead import read_ahead
@@ -154,6 +155,10 @@ class Detector:
             self.options.read_ahead = self.options.batch_size if self.device.type == "cuda" else 0
         self.diffusion = diffusion.to(self.device).eval()
         self.metadata = metadata
+        # Series scored on threads of their own (a study's, or several studies') share the model's passes:
+        # same-shape inputs waiting together run as one batch (models/merged_passes.py).
+        rows = self.options.batch_size * (8 if self.options.mode == "tiles" else 1)
+        self.model_passes = MergedPasses(self._residual_batch_alone, rows)
         self.anomaly = AnomalyModel.from_metadata(metadata.anomaly)
         # Fused cues (issue 12): None for a model whose metadata has no fusion block (the BTD-only scoring).
         self.fusion = FusionConfig.from_metadata(metadata.fusion)
@@ -261,7 +266,11 @@ class Detector:
         return contextlib.nullcontext()
 
     def residual_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [-1, 1] -> float32 residual; only the U-Net runs under autocast."""
+        """(B, C, H, W) in [-1, 1] -> float32 residual; merged with other threads' same-shape inputs."""
+        return self.model_passes(x)
+
+    def _residual_batch_alone(self, x: torch.Tensor) -> torch.Tensor:
+        """One model pass: only the U-Net runs under autocast (autocast is per thread: set here)."""
         with torch.inference_mode():
             with self._autocast():
                 eps = self.diffusion.predict_noise(x, 0)

@@ -216,3 +216,61 @@ def test_celery_worker_scores_a_new_study_the_ordinary_way(stack: SimpleNamespac
     assert stats["queue_mode"] == "celery" and stats["by_verdict"]["suspicious"] == 2
     ready = httpx.get(f"http://127.0.0.1:{stack.gateway.http_port}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["checks"]["broker"]["ok"] is True
+
+
+def test_a_worker_with_studies_in_parallel_scores_two_studies_at_once_each_exactly_once(
+    stack: SimpleNamespace, tmp_path: Path
+) -> None:
+    """BTD_STUDIES_IN_PARALLEL=2: one `btd worker` process runs Celery's thread pool and two studies are
+    scoring at the same time, each under its own thread's lease, each scored once, and the worker's heartbeat
+    (published from its own process, where the tasks run) keeps /readyz green.
+
+    Why the overlap is certain: both studies go quiet within a second of each other, and each takes seconds to
+    score 20 slices; the worker holds both messages at once (two threads, prefetch 1 each)."""
+    from test_e2e_embedded import series_files
+
+    for worker in stack.workers:  # only the threaded worker may take these studies
+        worker.stop()
+    env = dict(stack.worker_env, BTD_STUDIES_IN_PARALLEL="2")
+    worker = Worker(env, stack.root / "worker-threads.log")
+    stack.workers.append(worker)
+    studies, paths = [], []
+    for k in range(2):
+        study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        studies.append(study_uid)
+        for n, source in enumerate(series_files()):
+            ds = pydicom.dcmread(source)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            paths.append(tmp_path / f"{k}-{n:02d}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+    done = subprocess.run(
+        ["storescu", "-aec", "BTD", "-xv", "127.0.0.1", str(stack.gateway.dicom_port), *map(str, paths)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    bodies = [
+        wait_for_verdict(stack.gateway.http_port, uid, timeout=480, gateway=stack.gateway) for uid in studies
+    ]
+    assert worker.proc.poll() is None, worker.log_text()[-3000:]
+    claimed, scored, owners = [], [], set()
+    for body in bodies:
+        assert body["attempts"] == 1 and body["verdict"] == "suspicious"
+        states = [e["to_state"] for e in body["history"]]
+        assert states.count("SCORING") == 1 and states.count("SCORED") == 1
+        (claim,) = [e for e in body["history"] if e["to_state"] == "SCORING"]
+        (finish,) = [e for e in body["history"] if e["to_state"] == "SCORED"]
+        claimed.append(datetime.fromisoformat(claim["at"]))
+        scored.append(datetime.fromisoformat(finish["at"]))
+        owners.add(claim["detail"].removeprefix("claimed by "))
+        (series,) = body["series"]
+        assert series["n_instances"] == 20 and series["n_assessed"] == 20
+    assert max(claimed) < min(scored), (claimed, scored)  # both were scoring at the same time
+    assert len(owners) == 2 and all("/" in owner for owner in owners)  # one lease holder per thread
+    assert len({owner.split("/")[0] for owner in owners}) == 1  # of one process
+    ready = httpx.get(f"http://127.0.0.1:{stack.gateway.http_port}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text

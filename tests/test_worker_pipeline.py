@@ -456,3 +456,44 @@ def test_a_scoring_process_uses_the_threads_it_is_given(env: SimpleNamespace, tm
         torch.set_num_threads(1)
     with pytest.raises(ValidationError):
         Settings(torch_threads=0)
+
+
+def test_a_worker_scoring_studies_on_threads_gives_each_thread_its_own_lease(env: SimpleNamespace) -> None:
+    """BTD_STUDIES_IN_PARALLEL > 1: a lease's holder may take its own lease again, so a duplicate message on a
+    sibling thread of the same process must find the study busy, not score it a second time."""
+    import threading
+
+    from worker.lease import worker_id
+
+    settings = env.settings.model_copy(update={"studies_in_parallel": 2})
+    study_uid = uid()
+    receive(settings, study_uid)
+    queue(settings, study_uid)
+    owners: list[str] = []
+    sibling = threading.Thread(target=lambda: owners.append(worker_id(per_thread=True)))
+    sibling.start()
+    sibling.join()
+    with session_scope(settings) as session:
+        claim = tasks.claim_study(session, study_uid, owners[0], settings)
+    assert isinstance(claim, tasks.Claim)
+    assert worker_id(per_thread=True) != owners[0] and worker_id(per_thread=True).startswith(worker_id() + "/")
+    busy = tasks.run_score_study(study_uid, settings, dispatch_next=False)  # this thread: the process's other one
+    assert busy.kind == tasks.BUSY
+    assert study_row(settings, study_uid).lease_owner == owners[0]
+    assert scored_events(settings, study_uid) == 0
+
+
+def test_the_worker_command_line_follows_studies_in_parallel(env: SimpleNamespace) -> None:
+    from pydantic import ValidationError
+
+    from core.contracts import QueueRole
+    from worker.main import worker_argv
+
+    roles = [QueueRole.SCORING]
+    one = worker_argv(env.settings, roles)
+    assert one[one.index("--concurrency") + 1] == "1" and "--pool" not in one
+    two = worker_argv(env.settings.model_copy(update={"studies_in_parallel": 2}), roles, ["-n", "w@host"])
+    assert two[two.index("--pool") + 1] == "threads" and two[two.index("--concurrency") + 1] == "2"
+    assert two[two.index("--prefetch-multiplier") + 1] == "1" and two[-2:] == ["-n", "w@host"]
+    with pytest.raises(ValidationError):
+        Settings(studies_in_parallel=0)

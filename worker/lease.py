@@ -29,9 +29,19 @@ from core.settings import Settings
 log = logging.getLogger("btd.worker.lease")
 
 
-def worker_id() -> str:
-    """Who holds a lease: host and process (computed per call: a pool child is a fork with its own pid)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(per_thread: bool = False) -> str:
+    """Who holds a lease: host and process (computed per call: a pool child is a fork with its own pid).
+
+    `per_thread`: also the thread, for a worker that runs several studies on threads of one process
+    (BTD_STUDIES_IN_PARALLEL > 1); a lease's holder may take its own lease again, so two threads of one
+    process must not share a name, or a duplicate message could score a study its sibling is scoring."""
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base}/{threading.get_native_id()}" if per_thread else base
+
+
+def lease_holder(settings: Settings) -> str:
+    """The name a task's lease is held under: the process, or its thread where studies share a process."""
+    return worker_id(per_thread=settings.studies_in_parallel > 1)
 
 
 def lease_seconds(settings: Settings) -> float:

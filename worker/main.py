@@ -1,8 +1,10 @@
 """`btd worker`: one Celery worker process that scores studies and builds and delivers their reports.
 
-One task at a time (`--concurrency 1`, prefetch 1): the model holds the GPU (or the CPU's cores), and a
+One task at a time by default (`--concurrency 1`, prefetch 1): on the CPU the model holds every core, and a
 worker that took a second message would only make it wait. Start one process per GPU, or several CPU
-workers; they coordinate through the database, never with each other.
+workers; they coordinate through the database, never with each other. On a GPU, BTD_STUDIES_IN_PARALLEL=N
+runs N studies on a pool of threads in one process sharing one model, whose passes merge across the
+studies (models/merged_passes.py): the device keeps working while one study decodes or waits.
 
 Which queues: both by default (BTD_WORKER_QUEUES=scoring,reports); `btd worker --queues reports` makes a
 worker that only builds and delivers reports (no model is ever loaded by it), so a site can keep reports
@@ -38,21 +40,29 @@ def run_worker(settings: Settings, extra_args: list[str] | None = None) -> int:
     from worker import report_tasks, tasks  # noqa: F401 - importing registers the tasks on the app
 
     roles = [QueueRole(role) for role in settings.worker_queues]
-    start_heartbeat_in_pool_processes(settings, roles)
-    argv = [
+    if settings.studies_in_parallel > 1:  # the tasks run on threads of this process: its heartbeat has their metrics
+        HeartbeatPublisher(settings, worker_id(), [role.value for role in roles]).start()
+    else:
+        start_heartbeat_in_pool_processes(settings, roles)
+    app.worker_main(argv=worker_argv(settings, roles, extra_args))
+    return 0
+
+
+def worker_argv(settings: Settings, roles: list[QueueRole], extra_args: list[str] | None = None) -> list[str]:
+    """Celery's command line: one study per pool process, or BTD_STUDIES_IN_PARALLEL on threads of this one."""
+    studies = settings.studies_in_parallel
+    pool = ["--pool", "threads", "--concurrency", str(studies)] if studies > 1 else ["--concurrency", "1"]
+    return [
         "worker",
         "-Q",
         ",".join(broker_queues(settings, roles)),
-        "--concurrency",
-        "1",
+        *pool,
         "--prefetch-multiplier",
         "1",
         "--loglevel",
         settings.log_level,
         *(extra_args or []),
     ]
-    app.worker_main(argv=argv)
-    return 0
 
 
 def start_heartbeat_in_pool_processes(settings: Settings, roles: list[QueueRole]) -> None:

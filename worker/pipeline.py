@@ -11,6 +11,7 @@ gets a study never pays for it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,6 +177,14 @@ def study_verdict(series_results: Sequence[Any]) -> tuple[str, float | None]:
 ProgressCallback = Callable[[int, int], None]
 
 
+def series_threads(detector: Any, wanted: int | None) -> int:
+    """How many series of a study to score at once: `wanted`, or 4 on a GPU and 1 on the CPU."""
+    if wanted:
+        return wanted
+    device = getattr(detector, "device", None)
+    return 4 if getattr(device, "type", "cpu") == "cuda" else 1
+
+
 def score_study_files(
     detector: Any,
     study_uid: str,
@@ -182,56 +192,88 @@ def score_study_files(
     data_dir: Path,
     on_progress: ProgressCallback | None = None,
     references: Any = None,
+    series_in_parallel: int | None = None,
 ) -> StudyScore:
     """Score every series of a study, saving the residual maps of suspicious instances as they stream.
 
     `references`: the site's own scanner references (models.reference.ReferenceSet), looked up before the
-    model's shipped ones for a series too short to be judged against itself."""
+    model's shipped ones for a series too short to be judged against itself.
+    `series_in_parallel`: series scored at once on threads of their own (`series_threads`); their model
+    passes merge into shared batches in the detector. Results keep the study's series order either way."""
     total = sum(len(s.files) for s in series)
-    done_before = 0
-    scored: list[ScoredSeries] = []
-    if on_progress:
-        on_progress(0, total)
-    for item in series:
-        map_paths: dict[tuple[str, int | None], str] = {}
+    counted = _StudyProgress(total, on_progress)
+    counted.report()
+    threads = min(series_threads(detector, series_in_parallel), max(1, len(series)))
+    score = functools.partial(_score_one_series, detector, study_uid, data_dir, counted, references)
+    if threads == 1:
+        scored = [score(item) for item in series]
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="btd-series") as pool:
+            scored = list(pool.map(score, series))  # the first error is raised here, after the others end
+    counted.report()
+    verdict, score_value = study_verdict([s.result for s in scored])
+    return StudyScore(verdict, score_value, scored, _model_name(detector), model_sha256(detector))
 
-        def on_flagged(instance_result: Any, residual_map: np.ndarray, _paths: dict = map_paths) -> None:
-            # models calls this only for slices whose final verdict is suspicious
-            key = (instance_result.sop_instance_uid, instance_result.frame)
-            relpath = map_relpath(study_uid, *key)
-            save_map(data_dir, relpath, residual_map)
-            _paths[key] = relpath
 
-        done_in_series = 0
+class _StudyProgress:
+    """Study-wide slice counts from the series' own progress calls, whichever thread they come from; the
+    callback runs under a lock, so counts reach it in order (and an exception it raises, e.g. a lost
+    lease, stops the series that reported)."""
 
-        def progress(n_done: int, _offset: int = done_before, _n: int = len(item.files)) -> None:
-            # models reports slices finished since its last call; turn that into study-wide counts.
-            nonlocal done_in_series
-            done_in_series += int(n_done)
-            if on_progress:
-                on_progress(_offset + min(done_in_series, _n), total)
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total, self.callback, self.done = total, callback, 0
+        self._lock = threading.Lock()
 
-        started = time.perf_counter()
-        result = detector.score_series(
-            [str(f.path) for f in item.files], progress=progress, on_flagged=on_flagged, reference=references
-        )
-        elapsed = time.perf_counter() - started
-        n_slices = max(1, len(getattr(result, "instances", []) or []))
-        for _ in range(n_slices):
-            SCORING_SECONDS_PER_SLICE.observe(elapsed / n_slices)
-        done_before += len(item.files)
-        if on_progress:
-            on_progress(done_before, total)
-        scored.append(ScoredSeries(item.series_uid, item.modality, result, map_paths))
-        log_event(
-            log,
-            "series.scored",
-            study_uid=study_uid,
-            series_uid=item.series_uid,
-            verdict=result.verdict,
-            score=result.score,
-            n_instances=len(item.files),
-            seconds=round(elapsed, 3),
-        )
-    verdict, score = study_verdict([s.result for s in scored])
-    return StudyScore(verdict, score, scored, _model_name(detector), model_sha256(detector))
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done = min(self.total, self.done + int(n))
+            if self.callback:
+                self.callback(self.done, self.total)
+
+    def report(self) -> None:
+        with self._lock:
+            if self.callback:
+                self.callback(self.done, self.total)
+
+
+def _score_one_series(
+    detector: Any, study_uid: str, data_dir: Path, counted: _StudyProgress, references: Any, item: SeriesInput
+) -> ScoredSeries:
+    map_paths: dict[tuple[str, int | None], str] = {}
+
+    def on_flagged(instance_result: Any, residual_map: np.ndarray) -> None:
+        # models calls this only for slices whose final verdict is suspicious
+        key = (instance_result.sop_instance_uid, instance_result.frame)
+        relpath = map_relpath(study_uid, *key)
+        save_map(data_dir, relpath, residual_map)
+        map_paths[key] = relpath
+
+    reported = 0
+
+    def progress(n_done: int) -> None:
+        # models reports slices finished since its last call (never more than the series has)
+        nonlocal reported
+        n = min(int(n_done), len(item.files) - reported)
+        reported += n
+        counted.add(n)
+
+    started = time.perf_counter()
+    result = detector.score_series(
+        [str(f.path) for f in item.files], progress=progress, on_flagged=on_flagged, reference=references
+    )
+    elapsed = time.perf_counter() - started
+    counted.add(len(item.files) - reported)  # the series is done: count what it did not report
+    n_slices = max(1, len(getattr(result, "instances", []) or []))
+    for _ in range(n_slices):
+        SCORING_SECONDS_PER_SLICE.observe(elapsed / n_slices)
+    log_event(
+        log,
+        "series.scored",
+        study_uid=study_uid,
+        series_uid=item.series_uid,
+        verdict=result.verdict,
+        score=result.score,
+        n_instances=len(item.files),
+        seconds=round(elapsed, 3),
+    )
+    return ScoredSeries(item.series_uid, item.modality, result, map_paths)

@@ -37,7 +37,7 @@ from core.queue import MAX_BACKOFF_SECONDS, backoff_seconds, dispatch
 from core.settings import Settings
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
-from worker.lease import Claim, LeaseKeeper, lease_seconds, worker_id
+from worker.lease import Claim, LeaseKeeper, lease_holder, lease_seconds
 from worker.reports.codes import PROCEDURE_BY_MODALITY
 from worker.reports.delivery import send_report
 from worker.reports.evidence import evidence_reference
@@ -279,7 +279,7 @@ def run_deliver_report(
     message finds it leased and does nothing (two deliveries at once could each send before either
     recorded its success), and a worker killed mid-delivery is replaced once its lease runs out.
     `retry_in`: the countdown the caller gives its retry after a failed round, recorded as `retry_at`."""
-    owner = owner or worker_id()
+    owner = owner or lease_holder(settings)
     with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             study = session.scalar(select(Study).where(Study.study_uid == study_uid))

@@ -40,7 +40,7 @@ from core.settings import Settings
 from worker import pipeline
 from worker.celery_app import app, configured_settings
 from worker.correlation import study_correlation
-from worker.lease import Claim, LeaseKeeper, LeaseLostError, lease_seconds, renew_lease, worker_id
+from worker.lease import Claim, LeaseKeeper, LeaseLostError, lease_holder, lease_seconds, renew_lease, worker_id
 from worker.references import fold_samples, record_samples, site_references
 
 __all__ = ["Claim", "LeaseKeeper", "LeaseLostError", "lease_seconds", "renew_lease", "worker_id"]
@@ -272,7 +272,7 @@ def run_score_study(
 
     Database errors while claiming propagate (the caller retries the message: nothing was done yet).
     """
-    owner = owner or worker_id()
+    owner = owner or lease_holder(settings)
     with study_correlation(settings, study_uid):
         with session_scope(settings) as session:
             claimed = claim_study(session, study_uid, owner, settings)
@@ -327,7 +327,13 @@ def _score_claimed(settings: Settings, claim: Claim) -> ScoreOutcome:
     keeper = LeaseKeeper(settings, claim).start()
     try:
         result = pipeline.score_study_files(
-            detector, claim.study_uid, series, settings.data_dir, on_progress, references=references
+            detector,
+            claim.study_uid,
+            series,
+            settings.data_dir,
+            on_progress,
+            references=references,
+            series_in_parallel=settings.series_in_parallel,
         )
     except LeaseLostError as exc:
         log_event(log, "score.discarded", logging.WARNING, study_uid=claim.study_uid, version=claim.version)
