@@ -60,6 +60,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import repository
 from core.db.session import session_factory
+from core.dicom.element_scan import dataset_of, scan_elements
 from core.dicom.wire import uid_bytes, unpadded_text
 from core.observability.logs import log_event
 from core.observability.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_BATCH_SIZE
@@ -169,6 +170,7 @@ _IDENTIFYING_TAGS: list[BaseTag | int] = [
         "SeriesInstanceUID",
     )
 ]
+_WANTED_TAGS = frozenset(int(tag) for tag in _IDENTIFYING_TAGS)
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -199,14 +201,16 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-def _identifying_dataset(stream: BytesIO, transfer_syntax: UID) -> Dataset:
-    """Decode the identifying elements of the dataset as sent (deflated ones are inflated first)."""
+def _identifying_dataset(dataset: bytes, transfer_syntax: UID) -> Dataset:
+    """Decode the identifying elements of the dataset as sent (deflated ones are inflated first): by the
+    plain element walk of core.dicom.element_scan where the structure is regular, else by pydicom."""
     if transfer_syntax.is_deflated:
-        stream = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
-    stream.seek(0)
-    return read_dataset(
-        stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, specific_tags=_IDENTIFYING_TAGS
-    )
+        dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
+    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    found = scan_elements(dataset, implicit, little, _WANTED_TAGS)
+    if found is not None:
+        return dataset_of(found, implicit, little)
+    return read_dataset(BytesIO(dataset), implicit, little, specific_tags=_IDENTIFYING_TAGS)
 
 
 def encoded_instance(request: StoreRequest) -> bytes:
@@ -223,7 +227,7 @@ def parse_request(request: StoreRequest, data: bytes | None = None) -> ParsedIns
     if data is None:
         data = encoded_instance(request)
     try:
-        ds = _identifying_dataset(BytesIO(request.dataset), transfer_syntax)
+        ds = _identifying_dataset(request.dataset, transfer_syntax)
         ts = str(transfer_syntax)
         sop_uid = _ascii_text(ds, "SOPInstanceUID")
         sop_class = _ascii_text(ds, "SOPClassUID")
