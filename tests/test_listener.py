@@ -286,7 +286,9 @@ def test_a_called_ae_title_other_than_ours_is_rejected_as_not_recognised(tmp_pat
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title="OTHER")
-        assert assoc.is_rejected
+        # Once (CI, 2026-12-03) pynetdicom's requestor reported neither state although the listener had
+        # logged the rejection: say which state it was in, should it happen again.
+        assert assoc.is_rejected, f"established={assoc.is_established} aborted={assoc.is_aborted}"
         rejection = assoc.acceptor.primitive
         assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x07)
 
