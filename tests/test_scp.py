@@ -266,6 +266,36 @@ def test_after_an_abort_the_listener_waits_for_the_peer_to_close() -> None:
         assert server.active_associations == []
 
 
+def test_an_association_silent_past_the_network_timeout_is_aborted() -> None:
+    """An established association that sends nothing for the network timeout ends with A-ABORT (a PACS
+    that died mid-study must not hold a thread and an association slot forever); the listener goes on."""
+    verification = [(1, Verification, [ImplicitVRLittleEndian])]
+    with running_server(network_timeout=1.0) as (server, _):
+        with raw_association(server, verification) as sock:
+            accepted(sock)
+            started = time.monotonic()
+            assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x00]))  # A-ABORT from the provider
+            assert 0.8 < time.monotonic() - started < 8
+        ae = AE(ae_title="AFTER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_a_connection_silent_before_its_association_request_is_ended_after_the_acse_timeout() -> None:
+    with running_server(acse_timeout=1.0) as (server, _):
+        sock = socket.create_connection(server.server_address[:2], timeout=10)
+        with sock:
+            started = time.monotonic()
+            assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x00]))
+            assert 0.8 < time.monotonic() - started < 8
+        deadline = time.monotonic() + 5
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.active_associations == []
+
+
 def test_associations_beyond_the_limit_are_rejected_transiently() -> None:
     verification = [(1, Verification, [ImplicitVRLittleEndian])]
     with running_server(max_associations=1) as (server, _), raw_association(server, verification) as first:
