@@ -110,6 +110,22 @@ def accepted(sock: socket.socket) -> A_ASSOCIATE:
     return answer.to_primitive()
 
 
+def assert_still_serving(server: DicomServer) -> None:
+    """After whatever ended an association, a new peer is accepted and answered."""
+    ae = AE(ae_title="AFTER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def assert_no_associations_left(server: DicomServer, within: float) -> None:
+    deadline = time.monotonic() + within
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.active_associations == []
+
+
 def request_command(command_field: int, message_id: int, sop_class: str) -> bytes:
     """A request command set without a dataset (Implicit VR Little Endian), built like a peer would."""
     raw = sop_class.encode() + (b"\0" if len(sop_class) % 2 else b"")
@@ -231,11 +247,7 @@ def test_protocol_violations_abort_and_the_listener_goes_on(payload: bytes, reas
             sock.sendall(payload)
             assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, reason]))  # A-ABORT from the provider
             assert read_pdu(sock) is None
-        ae = AE(ae_title="AFTER")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
-        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
-        assoc.release()
+        assert_still_serving(server)
 
 
 def test_after_an_abort_the_listener_waits_for_the_peer_to_close() -> None:
@@ -260,10 +272,7 @@ def test_after_an_abort_the_listener_waits_for_the_peer_to_close() -> None:
             sock.recv(1)
         assert len(server.active_associations) == 1
         sock.close()
-        deadline = time.monotonic() + 1.0
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.active_associations == []
+        assert_no_associations_left(server, within=1.0)
 
 
 def test_an_association_silent_past_the_network_timeout_is_aborted() -> None:
@@ -276,11 +285,7 @@ def test_an_association_silent_past_the_network_timeout_is_aborted() -> None:
             started = time.monotonic()
             assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x00]))  # A-ABORT from the provider
             assert 0.8 < time.monotonic() - started < 8
-        ae = AE(ae_title="AFTER")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="BTD")
-        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
-        assoc.release()
+        assert_still_serving(server)
 
 
 def test_a_connection_silent_before_its_association_request_is_ended_after_the_acse_timeout() -> None:
@@ -290,10 +295,7 @@ def test_a_connection_silent_before_its_association_request_is_ended_after_the_a
             started = time.monotonic()
             assert read_pdu(sock) == (0x07, bytearray([0, 0, 0x02, 0x00]))
             assert 0.8 < time.monotonic() - started < 8
-        deadline = time.monotonic() + 5
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.active_associations == []
+        assert_no_associations_left(server, within=5.0)
 
 
 def test_associations_beyond_the_limit_are_rejected_transiently() -> None:
