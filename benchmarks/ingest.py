@@ -137,6 +137,21 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(idle + iowait, all) CPU ticks of the whole machine so far, from /proc/stat.
+
+    Why: a receiver limited by a serial stage (a lock, one transaction at a time) leaves cores idle while
+    its rate stalls; one limited by CPU does not. The idle share during a send tells the two apart."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share (0-1) of the machine's CPU time that was idle or waiting for I/O between two `machine_ticks`."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
 def files_under(root: Path, min_size: int) -> int:
     return sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size >= min_size)
 
@@ -480,6 +495,7 @@ class Result:
     seconds: list[float] = field(default_factory=list)
     receiver_cpu_s: list[float] = field(default_factory=list)  # CPU time the receiver spent on the send
     load: list[float] = field(default_factory=list)  # 1-minute load average when the send started
+    idle: list[float] = field(default_factory=list)  # share of the machine idle or in iowait during the send
     stored: list[int] = field(default_factory=list)
     error: str | None = None
 
@@ -522,9 +538,11 @@ def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[
             before = receiver.count()
             result.load.append(load_average())
             cpu_before = cpu_seconds(receiver.process.pid)
+            ticks_before = machine_ticks()
             start = time.perf_counter()
             done = SENDERS[result.sender](files, receiver.port, nodelay=result.tcp_nodelay)
             elapsed = time.perf_counter() - start
+            idle = idle_share(ticks_before, machine_ticks())
             cpu = cpu_seconds(receiver.process.pid) - cpu_before
             if done.returncode != 0:
                 failures = [
@@ -539,6 +557,7 @@ def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[
             result.stored.append(wait_for_count(receiver, before + len(files)) - before)
             result.seconds.append(elapsed)
             result.receiver_cpu_s.append(cpu)
+            result.idle.append(idle)
     except Exception as exc:  # a receiver that cannot run is reported, the others still are measured
         result.error = f"{type(exc).__name__}: {exc}"
         result.receiver = result.receiver or receiver_key
@@ -602,20 +621,21 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"{meta['megabytes']:.1f} MB, {meta['repeats']} repeats (median shown), storage under {meta['base']}.",
         "",
         "| receiver | sender | TCP_NODELAY | median s | instances/s | MB/s | receiver CPU ms/instance | "
-        "all runs (s) | load avg | stored |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "all runs (s) | load avg | machine idle % | stored |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         nodelay = "1" if r.tcp_nodelay else "unset"
         if r.error:
             error = " ".join(r.error.split()).replace("|", "/")[:160]
-            lines.append(f"| {r.receiver} | {r.sender} | {nodelay} | — | — | — | — | error: {error} | — | — |")
+            lines.append(f"| {r.receiver} | {r.sender} | {nodelay} | — | — | — | — | error: {error} | — | — | — |")
             continue
         runs = ", ".join(f"{s:.2f}" for s in r.seconds)
         loads = ", ".join(f"{x:.1f}" for x in r.load)
+        idle = ", ".join(f"{100 * x:.0f}" for x in r.idle)
         lines.append(
             f"| {r.receiver} | {r.sender} | {nodelay} | {r.median_s:.2f} | {r.instances_per_s:.0f} | "
-            f"{r.mb_per_s:.0f} | {r.cpu_ms_per_instance:.1f} | {runs} | {loads} | {min(r.stored)}/{r.n} |"
+            f"{r.mb_per_s:.0f} | {r.cpu_ms_per_instance:.1f} | {runs} | {loads} | {idle} | {min(r.stored)}/{r.n} |"
         )
     return "\n".join(lines)
 
