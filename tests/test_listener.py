@@ -249,12 +249,11 @@ def test_malformed_datasets_fail_and_the_association_goes_on(gateway: Settings, 
 
 def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
     with running_listener(tmp_path, allowed_aets=["PACS"]) as settings:
-        ae = AE(ae_title="INTRUDER")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
-        assert assoc.is_rejected
-        rejection = assoc.acceptor.primitive
-        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x03)
+        # Read by btd's own requestor, for the reason given in the called-AE test below.
+        with pytest.raises(scu.AssociationRejected) as rejected:
+            verification = [(Verification, "1.2.840.10008.1.2")]
+            scu.Association.request("127.0.0.1", settings.dicom_port, settings.ae_title, "INTRUDER", verification)
+        assert (rejected.value.result, rejected.value.source, rejected.value.reason) == (0x01, 0x01, 0x03)
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
