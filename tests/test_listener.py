@@ -247,13 +247,20 @@ def test_malformed_datasets_fail_and_the_association_goes_on(gateway: Settings, 
     assert Spool(gateway.spool_dir).incoming_leftovers() == []
 
 
+def rejection(port: int, called: str, calling: str) -> tuple[int, int, int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ the listener answers, read by btd's own requestor.
+
+    Why not pynetdicom's: once (CI, 2026-12-03) its AE.associate came back neither rejected nor established
+    although the listener had sent the rejection (its ACSE leaves both flags unset when no A-ASSOCIATE answer
+    reaches it in time, or the connection goes first). storescu is the real peer in the tests that need one."""
+    with pytest.raises(scu.AssociationRejected) as rejected:
+        scu.Association.request("127.0.0.1", port, called, calling, [(Verification, "1.2.840.10008.1.2")])
+    return rejected.value.result, rejected.value.source, rejected.value.reason
+
+
 def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
     with running_listener(tmp_path, allowed_aets=["PACS"]) as settings:
-        # Read by btd's own requestor, for the reason given in the called-AE test below.
-        with pytest.raises(scu.AssociationRejected) as rejected:
-            verification = [(Verification, "1.2.840.10008.1.2")]
-            scu.Association.request("127.0.0.1", settings.dicom_port, settings.ae_title, "INTRUDER", verification)
-        assert (rejected.value.result, rejected.value.source, rejected.value.reason) == (0x01, 0x01, 0x03)
+        assert rejection(settings.dicom_port, called=settings.ae_title, calling="INTRUDER") == (0x01, 0x01, 0x03)
         ae = AE(ae_title="PACS")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
@@ -282,14 +289,7 @@ def test_a_called_ae_title_other_than_ours_is_rejected_as_not_recognised(tmp_pat
             assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=title)
             assert assoc.is_established, title
             assoc.release()
-        # The A-ASSOCIATE-RJ itself, read by btd's own requestor. Why not pynetdicom's here: once (CI,
-        # 2026-12-03) its AE.associate came back neither rejected nor established although the listener had
-        # sent the rejection (its ACSE leaves both flags unset when it gets no A-ASSOCIATE answer in time, or
-        # loses the connection first); storescu above is the real peer that must be told.
-        with pytest.raises(scu.AssociationRejected) as rejected:
-            verification = [(Verification, "1.2.840.10008.1.2")]
-            scu.Association.request("127.0.0.1", settings.dicom_port, "OTHER", "PACS", verification)
-        assert (rejected.value.result, rejected.value.source, rejected.value.reason) == (0x01, 0x01, 0x07)
+        assert rejection(settings.dicom_port, called="OTHER", calling="PACS") == (0x01, 0x01, 0x07)
 
 
 def test_peer_address_outside_the_allow_list_is_rejected(tmp_path: Path) -> None:

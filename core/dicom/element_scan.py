@@ -33,6 +33,19 @@ _VALID_VRS = frozenset(str(vr).encode("ascii") for vr in VR)
 _LONG_VRS = frozenset(str(vr).encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
 
 
+class _Layout:
+    """The struct formats of one byte order, built once: the walk runs for every received instance."""
+
+    def __init__(self, order: str) -> None:
+        self.implicit_header = struct.Struct(f"{order}HHL")  # also items and delimiters: tag + 4-byte length
+        self.explicit_header = struct.Struct(f"{order}HH2sH")
+        self.delimiter_group = struct.pack(f"{order}H", 0xFFFE)
+        self.long_length = struct.Struct(f"{order}L")
+
+
+_LAYOUTS = {True: _Layout("<"), False: _Layout(">")}  # by little endian
+
+
 def _looks_explicit(data: bytes, pos: int) -> bool:
     """pydicom's test of an element's encoding: the two bytes after its tag are upper-case letters."""
     return len(data) - pos >= 6 and 0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B
@@ -46,16 +59,16 @@ class _Walk:
     """One pass over `data`: positions are offsets into it; `found` gathers the wanted top-level elements."""
 
     def __init__(self, data: bytes, implicit: bool, little: bool, wanted: frozenset[int]) -> None:
-        order = "<" if little else ">"
+        layout = _LAYOUTS[little]
         self.data = data
         self.end = len(data)
         self.implicit = implicit
         self.little = little
         self.wanted = wanted
-        self.implicit_header = struct.Struct(f"{order}HHL")  # also items and delimiters: tag + 4-byte length
-        self.explicit_header = struct.Struct(f"{order}HH2sH")
-        self.delimiter_group = struct.pack(f"{order}H", 0xFFFE)
-        self.long_length = struct.Struct(f"{order}L")
+        self.implicit_header = layout.implicit_header
+        self.explicit_header = layout.explicit_header
+        self.delimiter_group = layout.delimiter_group
+        self.long_length = layout.long_length
         self.found: dict[BaseTag, RawDataElement] = {}
 
     def elements(self, pos: int, nested: bool, implicit: bool) -> int:
