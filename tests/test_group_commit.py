@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from helpers_gateway import postgres_database, wait_until
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 import core.spool
 from core.db import migrate
 from core.db.repository import ReceivedInstance, RecordOutcome
 from core.db.schema import Instance, Study
-from core.db.session import dispose_engines, session_factory, session_scope
+from core.db.session import dispose_engines, get_engine, session_factory, session_scope
 from core.settings import Settings
 from core.spool import INCOMING_FOLDER, Spool, sha256_hex
 from service.dicom.group_commit import GroupCommit
@@ -170,3 +170,30 @@ def test_a_resend_in_the_same_batch_is_a_duplicate(settings: Settings) -> None:
     [row] = [r for r in rows(settings) if r.sop_instance_uid == "2.25.7"]
     assert (row.version, row.duplicates) == (1, 1)
     assert len(list(settings.spool_dir.rglob("2.25.7*"))) == 1
+
+
+def test_batches_share_one_connection_replaced_after_a_failure_and_returned_on_close(settings: Settings) -> None:
+    """The batches run on one connection of their own (a checkout per batch was CPU under the interpreter
+    lock); a failed batch gives it up so the next one starts on a fresh connection, and close() returns it."""
+    spool = Spool(settings.spool_dir)
+    engine = get_engine(settings, pre_ping=False)
+    checkouts: list[object] = []
+    event.listen(engine, "checkout", lambda dbapi_connection, _record, _proxy: checkouts.append(dbapi_connection))
+    committer = GroupCommit(spool, session_factory(settings, pre_ping=False), 3600)
+    try:
+        for k in (1, 2):
+            assert committer.record(received(f"2.25.{k}", b"%d" % k), staged(spool, b"%d" % k)).kind == "stored"
+        assert len(checkouts) == 1 and engine.pool.checkedout() == 1  # kept between batches, not returned
+
+        broken: Future[Path] = Future()
+        broken.set_exception(OSError(5, "Input/output error"))
+        with pytest.raises(OSError):
+            committer.record(received("2.25.3", b"3"), broken)
+        assert engine.pool.checkedout() == 0  # given up with the failed batch
+
+        assert committer.record(received("2.25.4", b"4"), staged(spool, b"4")).kind == "stored"
+        assert len(checkouts) == 2 and engine.pool.checkedout() == 1
+    finally:
+        committer.close()
+    assert engine.pool.checkedout() == 0
+    assert [row.sop_instance_uid for row in rows(settings)] == ["2.25.1", "2.25.2", "2.25.4"]

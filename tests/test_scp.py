@@ -55,11 +55,15 @@ class Recorder:
         self.requests: list[StoreRequest] = []
         self.release = threading.Event()
         self.release.set()
+        self.closed_after: int | None = None  # requests answered when the server closed the handler
 
     def __call__(self, request: StoreRequest) -> tuple[int, str | None]:
         self.release.wait(10)
         self.requests.append(request)
         return 0x0000, None
+
+    def close(self) -> None:
+        self.closed_after = len(self.requests)
 
 
 @contextlib.contextmanager
@@ -408,6 +412,7 @@ def test_shutdown_lets_the_store_in_flight_answer_then_ends_the_association(
         sending.join(10)
         assert not stopping.is_alive() and statuses == [0x0000]
         assert len(recorder.requests) == 1
+        assert recorder.closed_after == 1, "the handler is closed after the store in flight answered"
         deadline = time.monotonic() + 10
         while not assoc.is_aborted and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -341,6 +341,10 @@ class StoreHandler:
             # overtook the unlink. On the success path this unlinks a second name of a published file.
             _discard_staged(staging)
 
+    def close(self) -> None:
+        """The server stopped (every association has ended): return the group commit's connection."""
+        self.committer.close()
+
     def _discard_later(self, staging: Future[Path]) -> None:
         """Remove the staged name of a refused instance on a staging thread, once its write ends: an
         instance refused while its bytes were still being written is not held up by the write."""

@@ -467,3 +467,6 @@ class DicomServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         deadline = time.monotonic() + timeout
         for association in associations:
             association.thread.join(max(0.0, deadline - time.monotonic()))
+        close = getattr(self.store, "close", None)
+        if callable(close):  # a handler holding resources (the listener's database connection) lets them go
+            close()
