@@ -10,11 +10,17 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from core.dicom.element_scan import dataset_of, scan_elements
-from service.dicom.listener import _IDENTIFYING_TAGS, _WANTED_TAGS
+from core.dicom.wire import unpadded_text
+from service.dicom.listener import _IDENTIFYING_TAGS, _WANTED_TAGS, _text
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATASETS = sorted(
@@ -104,3 +110,54 @@ def test_the_listeners_malformed_sequence_is_declined() -> None:
     """An unterminated sequence (tests/test_listener.py's malformed file) is left to pydicom, which refuses it."""
     junk = b"\x08\x00\x18\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff\x08\x00\x18\x00UI\xff\x00"
     assert scan_elements(junk, False, True, _WANTED_TAGS) is None
+
+
+def reference_text(data: bytes, syntax: UID, keyword: str) -> str | None:
+    """What the listener read for a PN or LO element before its ASCII shortcut: pydicom's conversion."""
+    value = read_dataset(
+        BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, specific_tags=_IDENTIFYING_TAGS
+    ).get(keyword)
+    return None if value is None else unpadded_text(str(value)) or None
+
+
+def listener_text(data: bytes, syntax: UID, keyword: str) -> str | None:
+    found = scan_elements(data, syntax.is_implicit_VR, syntax.is_little_endian, _WANTED_TAGS)
+    assert found is not None
+    return _text(dataset_of(found, syntax.is_implicit_VR, syntax.is_little_endian), keyword)
+
+
+def test_patient_and_study_text_reads_as_pydicom_reads_it_on_every_fixture() -> None:
+    for path in DATASETS:
+        data, syntax = dataset_bytes(path)
+        for keyword in TEXT_KEYWORDS:
+            assert listener_text(data, syntax, keyword) == reference_text(data, syntax, keyword), (path, keyword)
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192", "ISO_IR 13", ["", "ISO 2022 IR 87"]])
+@pytest.mark.parametrize(
+    "raw",
+    [b"Doe^John", b"  Doe^John ", b"Doe^John^^^", b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B", b"A\\B",
+     b"M\xfcller", b"M\xc3\xbcller", b"", b"~tilde\r\n", b"\x00"],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns of bytes its character set cannot decode
+def test_patient_and_study_text_reads_as_pydicom_reads_it_in_every_character_set(
+    charset: str | list[str] | None, raw: bytes
+) -> None:
+    """The shortcut for plain ASCII must agree with pydicom wherever it applies, and step aside elsewhere
+    (ESC sequences of ISO 2022, several values, bytes over 0x7F, other character sets)."""
+    ds = Dataset()
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.StudyDescription = "x"
+    ds.PatientName = "x"
+    ds.PatientID = "x"
+    for keyword, vr in (("StudyDescription", "LO"), ("PatientName", "PN"), ("PatientID", "LO")):
+        ds[keyword] = DataElement(Tag(keyword), vr, raw + (b" " if len(raw) % 2 else b""))
+    ds.SOPInstanceUID = "2.25.1"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    data = buffer.getvalue()
+    syntax = UID("1.2.840.10008.1.2.1")
+    for keyword in TEXT_KEYWORDS:
+        assert listener_text(data, syntax, keyword) == reference_text(data, syntax, keyword), keyword
