@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers_gateway import postgres_database
 
 from core.contracts import State
 from core.db import migrate, repository
@@ -433,3 +434,40 @@ def test_versions_duplicates_and_replacements_are_on_the_api(tmp_path: Path) -> 
         assert "btd_duplicate_resends 2.0" in metrics
     finally:
         dispose_engines()
+
+
+
+@pytest.mark.postgres
+def test_a_study_read_while_its_scoring_commits_shows_one_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state and verdict shown belong to the same read as the history: the worker's commit of SCORED lands
+    while the request is still reading (here: between the history and the instances), and the page must not
+    then show the new state with the old history (a rollback expires the study row; reading it afterwards
+    loaded the newer one: CI saw state SCORED with a history that ended at SCORING). PostgreSQL: there each
+    statement of a read sees what is committed when it starts; SQLite's read transaction holds the write lock."""
+    import service.api.studies as studies_module
+
+    with postgres_database() as url:
+        settings = Settings(data_dir=tmp_path, database_url=url)
+        migrate.upgrade(settings)
+        client = TestClient(create_app(settings))
+        study_uid = uid()
+        with session_scope(settings) as session:
+            _record(session, settings, study_uid, study_uid + ".1")
+        _to_scoring(settings, study_uid)
+        real_instance_history = studies_module.instance_history
+
+        def scoring_commits_meanwhile(session, uid_):  # noqa: ANN001, ANN202 - same signature as the real one
+            with session_scope(settings) as other:
+                assert repository.transition(other, study_uid, State.SCORING, State.SCORED, "done", verdict="clean")
+            return real_instance_history(session, uid_)
+
+        monkeypatch.setattr(studies_module, "instance_history", scoring_commits_meanwhile)
+        body = client.get(f"/api/studies/{study_uid}").json()
+        states = [event["to_state"] for event in body["history"]]
+        assert (body["state"], body["verdict"], states[-1]) == ("SCORING", None, "SCORING"), (body["state"], states)
+        monkeypatch.setattr(studies_module, "instance_history", real_instance_history)
+        body = client.get(f"/api/studies/{study_uid}").json()
+        states = [event["to_state"] for event in body["history"]]
+        assert (body["state"], body["verdict"], states[-1]) == ("SCORED", "clean", "SCORED")

@@ -229,16 +229,21 @@ def get_study(
     counts = study_counts(session, [study_uid])[study_uid]
     instances = instance_history(session, study_uid)
     reports = _reports(session, study_uid)
+    # Everything shown of the study is taken from the rows read above, before the rollback: a rollback expires
+    # the ORM objects, and reading `study` after it loads the row again, possibly newer than the history read
+    # with it (seen in CI: state SCORED with its verdict, and a history that ended at SCORING).
+    summary = _summary_fields(study, settings)
+    lease_owner, lease_until, queued_at = study.lease_owner, study.lease_until, study.queued_at
     session.rollback()  # end the read transaction before the audit row is written (SQLite: one writer)
     audit.record(settings, request, audit.Action.VIEW_STUDY, study_uid, detail="api")
     return StudyDetail(
-        **_summary_fields(study, settings),
+        **summary,
         **counts.summary(),
         forensics=counts.forensics(),
         instances=instances,
-        lease_owner=study.lease_owner,
-        lease_until=study.lease_until,
-        queued_at=study.queued_at,
+        lease_owner=lease_owner,
+        lease_until=lease_until,
+        queued_at=queued_at,
         progress=Progress(**progress) if progress else None,
         results_version=results_version,
         history=history,
