@@ -55,12 +55,12 @@ class _Compiled:
         self.positional = dialect.positional
 
     def parameters(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        converted = {}
+        converted = []
         for name in self.names:
             value = values[name] if name in values else self.fixed[name]
             processor = self.processors[name]
-            converted[name] = processor(value) if processor is not None and value is not None else value
-        return [converted[name] for name in self.names] if self.positional else converted
+            converted.append(processor(value) if processor is not None and value is not None else value)
+        return converted if self.positional else dict(zip(self.names, converted, strict=True))
 
 
 class PreparedStatement:

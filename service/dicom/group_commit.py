@@ -135,11 +135,7 @@ class GroupCommit:
     def _open_session(self) -> Session:
         """The session of the batches, opened on a connection of its own on first use or after a failure."""
         if self._session is None:
-            probe = self.sessions()
-            try:
-                engine = probe.get_bind()
-            finally:
-                probe.close()
+            engine = self.sessions.kw["bind"]  # the engine the listener's sessions are made for
             self._session = self.sessions(bind=engine.connect())
         return self._session
 
