@@ -294,8 +294,10 @@ def record_instance(
     - a new instance for a study past STABLE reopens it (RECEIVING, version + 1, event "reopened ..."),
       unless it is not a scoreable image (e.g. btd's own SR routed back): that one is only stored.
 
-    `store` runs inside the transaction, before the row is inserted, so the row never points at bytes
-    that are not on disk; if the caller's commit then fails it must remove the file it stored.
+    `store` runs inside the transaction, before the study row is updated and the row inserted, so the row
+    never points at bytes that are not on disk, and a waiting write never holds the study's row lock (on
+    PostgreSQL another process recording the same study waits on it); if the caller's commit then fails
+    it must remove the file it stored.
     """
     now = now or utcnow()
     deadline = now + timedelta(seconds=stable_seconds)
@@ -313,6 +315,9 @@ def record_instance(
 
     version = max((row[1] for row in known), default=0) + 1
     inc = 1 if version == 1 else 0
+    # The bytes get their final name before the study row is touched: on PostgreSQL the update holds the
+    # study's row lock until the commit, and another receiving process recording the same study waits for it.
+    path = store(version)
     touched = _TOUCH_RECEIVING.first(
         connection, {"b_uid": study_uid, "b_deadline": deadline, "b_now": now, "b_inc": inc}
     )
@@ -341,7 +346,6 @@ def record_instance(
             )
         else:
             reopened = _touch_study(session, study_uid, state, deadline, **counters)
-    path = store(version)
     _INSERT_INSTANCE.run(
         connection,
         {

@@ -111,6 +111,11 @@ class GroupCommit:
             folders: dict[str, str] = {}  # folder -> one name in it
             try:
                 for item in batch:
+                    # Every write on disk before the first study row is updated: on PostgreSQL that update
+                    # locks the row until the commit, and a receiving process beside this one (the same
+                    # study over another association) waits for it (service/dicom/receivers.py).
+                    item.staging.result()
+                for item in batch:
                     item.created = []
                     item.outcome = repository.record_instance(
                         session, item.received, stable_seconds=self.stable_seconds, store=self._publisher(item, folders)
@@ -161,7 +166,7 @@ class GroupCommit:
 
     def _publisher(self, item: Pending, folders: dict[str, str]) -> Callable[[int], str]:
         """The `store` callback of record_instance: link the staged bytes once they are on disk (the
-        staging thread may still be writing them while the transaction reads), the folder synced later."""
+        caller waited for the batch's writes; a failed one raises here), the folder synced later."""
         received = item.received
 
         def store(version: int) -> str:
