@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Processes serving DICOM associations on the port (service/dicom/receivers.py). 1: the gateway's own
+    # listener, as every durability test runs it. More (PostgreSQL only): the gateway starts that many
+    # minus one receiving processes sharing the port, so several associations at once are not limited by
+    # one interpreter lock; measured in docs/bench/ingest.md. At most one per core is useful.
+    dicom_processes: int = Field(default=1, ge=1, le=32)
 
     # REST API and dashboard (access control: README "Security", docs/deploy.md)
     http_host: str = "127.0.0.1"
@@ -135,6 +140,15 @@ class Settings(BaseSettings):
     def _default_database_url(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'btd.sqlite3').resolve()}"
+        return self
+
+    @model_validator(mode="after")
+    def _processes_need_a_server_database(self) -> Settings:
+        if self.dicom_processes > 1 and self.resolved_database_url.startswith("sqlite"):
+            raise ValueError(
+                "BTD_DICOM_PROCESSES > 1 needs a database server (BTD_DATABASE_URL, PostgreSQL): SQLite takes "
+                "one writer at a time, so receiving processes would queue for its lock"
+            )
         return self
 
     @model_validator(mode="after")

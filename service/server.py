@@ -1,15 +1,16 @@
-"""`btd serve`: the whole gateway in one process.
+"""`btd serve`: the whole gateway in one process (with receiving processes beside it if asked).
 
 Before anything starts, the settings are checked for an HTTP API that would show patient images beyond
 this machine without authentication (service/api/auth.py `exposure_problem`): `btd serve` exits with the
 reason instead. Then, in order: migrate the database (so a fresh install works with one command), the in-process task
 executor (only without a broker: it runs the task table the composition root hands over, so the gateway
-never imports worker code), the REST API application (built, not yet serving), the DICOM listener,
+never imports worker code), the REST API application (built, not yet serving), the DICOM listener (with
+BTD_DICOM_PROCESSES > 1 also the receiving processes that share its port: service/dicom/receivers.py),
 the stability monitor (which may dispatch at once), then the REST API in the foreground (uvicorn).
-SIGTERM or SIGINT stops uvicorn gracefully; then the listener stops accepting (an instance in flight
-finishes its handler and is answered first), the monitor and the executor stop (a task still running
-after the timeout is abandoned: its study stays SCORING under a lease that the next start picks up), and
-the database pools close.
+SIGTERM or SIGINT stops uvicorn gracefully; then the listener and every receiving process stop accepting
+(an instance in flight finishes its handler and is answered first), the monitor and the executor stop (a
+task still running after the timeout is abandoned: its study stays SCORING under a lease that the next
+start picks up), and the database pools close.
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ def serve(settings: Settings, in_process_tasks: Mapping[str, TaskFunction] | Non
     )
 
     from service.dicom.listener import start_listener
+    from service.dicom.receivers import ReceiverProcesses
     from service.stability import StabilityMonitor
 
     tasks = dict(in_process_tasks or {})
     executor = queue.start_executor(tasks.get) if not settings.broker_url else None
     listener: Any = None
+    receivers: ReceiverProcesses | None = None
     monitor: StabilityMonitor | None = None
     try:
         # The API is imported and built before the listener starts: importing it (FastAPI, the dashboard's
@@ -104,14 +107,21 @@ def serve(settings: Settings, in_process_tasks: Mapping[str, TaskFunction] | Non
             ssl_keyfile=str(settings.http_tls_key) if settings.http_tls_key else None,
         )
         listener = start_listener(settings)
+        if settings.dicom_processes > 1:
+            receivers = ReceiverProcesses(settings, settings.dicom_processes - 1, listener.association_count).start()
+            listener.dispatch = receivers.dispatch
         monitor = StabilityMonitor(settings).start()
         stop.server = uvicorn.Server(config)
         if not stop.requested.is_set():
             stop.server.run()
     finally:
         log_event(log, "gateway.stopping")
+        if receivers is not None:
+            receivers.stop_accepting()  # all processes stop together, not one after the other's 30 s
         if listener is not None:
             listener.shutdown()
+        if receivers is not None:
+            receivers.shutdown()
         if monitor is not None:
             monitor.stop()
         abandoned = executor is not None and not queue.stop_executor(timeout=5.0)

@@ -37,6 +37,7 @@ from service.api.auth import require_view, require_view_page
 from service.api.deps import get_session, get_settings, queue_depth, read_progress
 from service.api.pages import PACKAGE_DIR, render
 from service.api.params import MAX_FRAME, MAX_PAGE, DicomUID, clip
+from service.dicom.receivers import receiver_metrics
 from service.heatmap import CT_WINDOWS, RegionBox, load_residual_map, render_overlay_png
 
 log = logging.getLogger(__name__)
@@ -265,11 +266,15 @@ def _count_forensics(settings: Settings) -> dict[str, int]:
 @router.get("/metrics", include_in_schema=False, dependencies=data_guard)
 def metrics(settings: Settings = Depends(get_settings)) -> Response:
     """Prometheus exposition: the process's counters and histograms, studies by state and stuck studies from
-    the db, and in Celery mode every live worker's own metrics (from its heartbeat) with a `worker` label."""
+    the db, and in Celery mode every live worker's own metrics (from its heartbeat) with a `worker` label, as
+    are those of the receiving processes (`worker="receiver-<n>"`)."""
     install_study_state_collector(lambda: _count_states(settings))
     install_forensic_collector(lambda: _count_forensics(settings))
     install_stuck_collector(lambda: alarms.stuck_report(settings).counts)
     payload, content_type = metrics_payload()
+    others = receiver_metrics()  # receiving processes beside this gateway (BTD_DICOM_PROCESSES > 1)
     if settings.broker_url:
-        payload = merged_payload(read_heartbeats(settings) or [])  # the same registry, workers merged in
+        others += read_heartbeats(settings) or []
+    if others:
+        payload = merged_payload(others)  # the same registry, the other processes merged in
     return Response(payload, media_type=content_type)

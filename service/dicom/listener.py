@@ -413,10 +413,11 @@ class StoreHandler:
         """Publish the staged bytes under their final name and commit the row, in a transaction shared with
         the instances other associations have ready at the same moment (service.dicom.group_commit).
 
-        The transaction's reads and study update run while the staging thread may still be syncing the
-        bytes; they are waited for before the name is published and the row inserted, so the row never
-        points at bytes that are not on disk. On failure the names published for this instance are removed
-        again; the caller removes the staged file."""
+        The batch's bytes are waited for before its transaction starts, and each is published under its
+        final name before its study row is updated and its row inserted, so the row never points at bytes
+        that are not on disk, and the study's row lock (PostgreSQL: another receiving process recording
+        the same study waits on it) is held from the first update to the commit only. On failure the
+        names published for this instance are removed again; the caller removes the staged file."""
         outcome = self.committer.record(parsed.received, staging)
         if outcome.reopened:
             log_event(log, "study.reopened", study_uid=parsed.received.study_uid)
@@ -482,10 +483,14 @@ def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = None) -> DicomServer:
+def start_listener(
+    settings: Settings, sessions: sessionmaker[Session] | None = None, *, listen: bool = True
+) -> DicomServer:
     """Start listening on DICOM_HOST:DICOM_PORT in background threads; call `.shutdown()` to stop.
 
     The database must already be migrated (`core.db.migrate.upgrade(settings)`; `btd serve` does it).
+    `listen=False`: bind and accept nothing; serve only the connections handed to `server.serve_connection`
+    (a receiving process: service.dicom.receivers).
     """
     spool = Spool(settings.spool_dir, settings.min_free_bytes)
     # No pre-ping: StoreHandler retries once on a connection found dead instead of a round trip per instance.
@@ -503,7 +508,9 @@ def start_listener(settings: Settings, sessions: sessionmaker[Session] | None = 
         on_association=_on_association,
         max_dataset_bytes=settings.max_instance_bytes,
     )
-    server = DicomServer((settings.dicom_host, settings.dicom_port), acceptor, handler)
+    server = DicomServer((settings.dicom_host, settings.dicom_port), acceptor, handler, listen)
+    if not listen:
+        return server
     server.start()
     log_event(
         log,

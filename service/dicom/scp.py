@@ -394,20 +394,32 @@ class _AssociationRequestHandler(socketserver.BaseRequestHandler):
 
 
 class DicomServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Accepts TCP connections and serves each as an association on its own daemon thread."""
+    """Accepts TCP connections and serves each as an association on its own daemon thread.
+
+    `listen=False`: a server that binds nothing and accepts nothing itself; it serves the connections
+    handed to its `serve_connection` (a receiving process, service/dicom/receivers.py). `dispatch`, when set, is
+    offered each accepted connection first and returns True when it took it (handed it to another process)."""
 
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], acceptor: AcceptorSettings, store: StoreHandlerType) -> None:
+    def __init__(
+        self, address: tuple[str, int], acceptor: AcceptorSettings, store: StoreHandlerType, listen: bool = True
+    ) -> None:
         self.acceptor = acceptor
         self.store = store
         self._associations: set[Association] = set()
         self._lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _AssociationRequestHandler)
+        super().__init__(address, _AssociationRequestHandler, bind_and_activate=listen)
         self._thread: threading.Thread | None = None
+        self.dispatch: Callable[[socket.socket, Any], bool] | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.dispatch is not None and self.dispatch(request, client_address):
+            return  # another process serves it
+        super().process_request(request, client_address)
 
     @property
     def active_associations(self) -> list[Association]:
@@ -462,7 +474,8 @@ class DicomServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, then end every association; one storing an instance answers it first (waited
         for up to `timeout` seconds, so the database is not closed under a handler)."""
-        super().shutdown()
+        if self._thread is not None:  # a server that never accepted has no loop to stop
+            super().shutdown()
         self.server_close()
         associations = self.active_associations
         for association in associations:
