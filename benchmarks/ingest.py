@@ -127,10 +127,24 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far, from /proc: a measure that a busy
-    shared machine distorts far less than wall time."""
+    """User + system CPU time of a process (all its threads) and of its live child processes (btd's
+    receiving processes) so far, from /proc: a measure that a busy shared machine distorts far less than
+    wall time."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in child_pids(pid):
+        with contextlib.suppress(OSError):
+            own += cpu_seconds(child)
+    return own
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid` (each thread lists those it started)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
 
 
 def load_average() -> float:
@@ -261,8 +275,38 @@ def btd_serve_postgres(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
 
 
 @contextlib.contextmanager
-def btd_serve(root: Path, nodelay: bool = True, database_url: str | None = None) -> Iterator[Receiver]:
-    """`btd serve` as a site runs it, with its own data dir and SQLite (or `database_url`); no broker."""
+def btd_serve_postgres_processes(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
+    """`btd serve` on PostgreSQL with BTD_DICOM_PROCESSES=2: the gateway's listener and one receiving
+    process accept on the same port (service/dicom/receivers.py)."""
+    with scratch_postgres_database() as url, btd_serve(root, nodelay, database_url=url, processes=2) as receiver:
+        yield receiver
+
+
+def wait_for_processes(parent: int, count: int, timeout: float) -> None:
+    """Wait until `count` receiving processes of `parent` say they serve (their start-up takes seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        serving = 0
+        for child in child_pids(parent):
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"BTD_RECEIVER_NAME=" in environ:
+                serving += 1
+        if serving >= count:
+            time.sleep(5.0)  # imports and the first database connection, after the process exists
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{count} receiving processes not started after {timeout} s")
+
+
+@contextlib.contextmanager
+def btd_serve(
+    root: Path, nodelay: bool = True, database_url: str | None = None, processes: int = 1
+) -> Iterator[Receiver]:
+    """`btd serve` as a site runs it, with its own data dir and SQLite (or `database_url`); no broker.
+    `processes`: BTD_DICOM_PROCESSES (receiving processes sharing the port; PostgreSQL only)."""
     data_dir = root / "btd-data"
     data_dir.mkdir()
     port = free_port()
@@ -282,11 +326,16 @@ def btd_serve(root: Path, nodelay: bool = True, database_url: str | None = None)
     )
     if database_url:
         env["BTD_DATABASE_URL"] = database_url
+    if processes > 1:
+        env["BTD_DICOM_PROCESSES"] = str(processes)
     log = open(root / "btd.log", "wb")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen([str(VENV_BIN / "btd"), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_echo(port, timeout=180, process=proc)
         name = "btd serve (PostgreSQL)" if database_url else "btd serve"
+        if processes > 1:
+            name += f", {processes} receiving processes"
+            wait_for_processes(proc.pid, processes - 1, timeout=120)
         yield Receiver(name, port, proc, lambda: files_under(data_dir / "spool", 100_000))
     finally:
         stop(proc)
@@ -361,6 +410,7 @@ RECEIVERS: dict[str, Callable[[Path, bool], contextlib.AbstractContextManager[Re
     "btd-listener-baseline": btd_listener_baseline,
     "btd": btd_serve,
     "btd-pg": btd_serve_postgres,
+    "btd-pg-2": btd_serve_postgres_processes,
     "storescp": storescp,
     "orthanc": orthanc,
 }
@@ -582,11 +632,12 @@ CASES: list[tuple[str, str, bool]] = [
     ("btd-listener", "storescu", True),
     ("btd", "storescu", True),
     ("btd-pg", "storescu", True),  # only with --postgres
+    ("btd-pg-2", "storescu", True),  # only with --postgres
     # A study over 4 and 8 concurrent associations (PACS with parallel sends).
     *(
         (receiver, f"storescu x{k}", True)
         for k in PARALLEL_ASSOCIATIONS
-        for receiver in ("orthanc", "btd-listener-baseline", "btd-listener", "btd", "btd-pg")
+        for receiver in ("orthanc", "btd-listener-baseline", "btd-listener", "btd", "btd-pg", "btd-pg-2")
     ),
     ("btd", "btd send, baseline", True),  # only with --baseline (a tree with btd/ as well)
     ("btd", "btd send", True),
@@ -648,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="receiver keys to run: btd btd-listener btd-listener-baseline btd-pg storescp orthanc",
+        help="receiver keys to run: btd btd-listener btd-listener-baseline btd-pg btd-pg-2 storescp orthanc",
     )
     parser.add_argument("--senders", nargs="*", help="sender names to run (e.g. storescu 'storescu x4' 'btd send')")
     parser.add_argument("--skip-unset", action="store_true", help="leave out the rows without TCP_NODELAY (slow)")
@@ -678,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             c
             for c in CASES
             if (not args.only or c[0] in args.only or (c[0] == "btd-listener-baseline" and "btd-listener" in args.only))
-            and (c[0] != "btd-pg" or POSTGRES_SERVER)
+            and (c[0] not in ("btd-pg", "btd-pg-2") or POSTGRES_SERVER)
             and (c[0] != "btd-listener-baseline" or BASELINE_TREE)
             and (not c[1].endswith(", baseline") or BASELINE_TREE)
             and (not args.senders or c[1] in args.senders or c[1].removesuffix(", baseline") in args.senders)
