@@ -9,10 +9,12 @@ stops every receiving process; the counters of every process reach `/metrics`; S
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -110,9 +112,22 @@ def test_two_processes_on_one_port_store_everything_once_and_survive_a_dead_rece
                 assert all(p.returncode == 0 for p in procs), [err[-500:] for _out, err in outputs]
             assert _stored(settings) == 20
 
+            # Killed again soon after its start: a crash loop, so the next start waits twice as long (2 s).
+            os.kill(replacement, signal.SIGKILL)
+            [third] = wait_until(
+                lambda: [p for p in _receiving_processes(gateway) if p not in (receiver, replacement)],
+                timeout=60,
+                what="a second replacement",
+            )
+            wait_until(lambda: _serving(gateway, third), timeout=60, what="the second replacement serving")
+            exited = [_log_time(line) for line in gateway.log_text().splitlines() if '"receiver.exited"' in line]
+            started = [_log_time(line) for line in gateway.log_text().splitlines() if '"receiver.started"' in line]
+            assert len(exited) == 2 and len(started) == 3
+            assert started[1] - exited[0] >= 1.0 and started[2] - exited[1] >= 2.0
+
             assert gateway.stop(timeout=60) == 0, gateway.log_text()[-2000:]
-            assert _receiving_processes_alive(replacement) is False
-            assert '"event": "receivers.stopped", "count": 1, "restarts": 1, "handed_over": ' in gateway.log_text()
+            assert _receiving_processes_alive(third) is False
+            assert '"event": "receivers.stopped", "count": 1, "restarts": 2, "handed_over": ' in gateway.log_text()
             spool_files = [p for p in (data_dir / "spool").rglob("*.dcm") if "incoming" not in p.parts]
             assert len(spool_files) == 20
         finally:
@@ -155,6 +170,10 @@ def test_associations_open_together_are_spread_over_the_processes(tmp_path: Path
                 association.release()
             gateway.stop(timeout=60)
             dispose_engines()
+
+
+def _log_time(line: str) -> float:
+    return datetime.fromisoformat(json.loads(line)["ts"]).timestamp()
 
 
 def _receiving_processes_alive(pid: int) -> bool:

@@ -17,7 +17,8 @@ process committed), and the metrics: each receiving process sends its btd_ count
 its stdout, and `/metrics` shows them with a `worker="receiver-<n>"` label, as it shows Celery workers'
 (core/observability/fleet.py).
 
-Lifecycle: a receiving process that dies (a crash, the OOM killer) is started again after a second; its
+Lifecycle: a receiving process that dies (a crash, the OOM killer) is started again after a second (the
+wait doubles, up to a minute, while it keeps dying soon after its start); its
 associations are aborted, and an instance it had not answered is resent by the peer (nothing acknowledged
 is not durable); meanwhile, and whenever a hand-over fails, the gateway serves the connection itself. The
 gateway's shutdown stops every process the way it stops its own listener: no new association, the
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from core.observability.fleet import Heartbeat, own_metrics
@@ -51,6 +52,10 @@ log = logging.getLogger("btd.listener")
 
 METRICS_SECONDS = 5.0  # how often a receiving process sends its counters to the gateway
 RESTART_DELAY_SECONDS = 1.0  # wait before starting a receiving process that died again
+# A process that dies again within STEADY_SECONDS of its start doubles the wait, up to MAX_RESTART_DELAY_SECONDS:
+# one that cannot start (a broken setting, a missing library) must not cost the machine a start-up a second.
+MAX_RESTART_DELAY_SECONDS = 60.0
+STEADY_SECONDS = 60.0
 _CHANNEL_FD_ENV = "BTD_RECEIVER_CHANNEL_FD"
 _NAME_ENV = "BTD_RECEIVER_NAME"
 _ENDED = b"ended"  # a receiving process tells the gateway that one of its associations ended
@@ -76,6 +81,8 @@ class _Receiver:
     active: int = 0  # associations handed over and not yet ended
     metrics: Heartbeat | None = None
     alive: bool = True
+    started: float = field(default_factory=time.monotonic)
+    restart_delay: float = RESTART_DELAY_SECONDS  # the wait after this one dies
 
 
 class ReceiverProcesses:
@@ -143,7 +150,7 @@ class ReceiverProcesses:
 
     # -------------------------------------------------------------------------------- processes
 
-    def _spawn(self, name: str) -> None:
+    def _spawn(self, name: str, restart_delay: float = RESTART_DELAY_SECONDS) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             env = dict(os.environ, **{_CHANNEL_FD_ENV: str(theirs.fileno()), _NAME_ENV: name})
@@ -160,7 +167,7 @@ class ReceiverProcesses:
         # The settings travel whole, on stdin (a gateway built from code has settings the environment lacks).
         process.stdin.write(self.settings.model_dump_json().encode() + b"\n")
         process.stdin.close()
-        receiver = _Receiver(name, process, ours)
+        receiver = _Receiver(name, process, ours, restart_delay=restart_delay)
         with self._lock:
             self._receivers[name] = receiver
         for target, what in ((self._read_metrics, "metrics"), (self._read_ended, "ended")):
@@ -214,10 +221,13 @@ class ReceiverProcesses:
                     receiver.alive = False
                     self._receivers.pop(receiver.name, None)
                 self._close(receiver)
-                if self._stopping.wait(RESTART_DELAY_SECONDS):
+                delay = receiver.restart_delay
+                if time.monotonic() - receiver.started >= STEADY_SECONDS:
+                    delay = RESTART_DELAY_SECONDS  # it ran steadily: a fresh failure, not a crash loop
+                if self._stopping.wait(delay):
                     return
                 self.restarts += 1
-                self._spawn(receiver.name)
+                self._spawn(receiver.name, restart_delay=min(MAX_RESTART_DELAY_SECONDS, 2 * delay))
 
     def stop_accepting(self) -> None:
         """Tell every receiving process to stop (SIGTERM: no new association, the instances in flight
