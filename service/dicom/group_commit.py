@@ -110,10 +110,12 @@ class GroupCommit:
             session = self._open_session()
             folders: dict[str, str] = {}  # folder -> one name in it
             try:
-                for item in batch:
+                for item in batch[1:]:
                     # Every write on disk before the first study row is updated: on PostgreSQL that update
                     # locks the row until the commit, and a receiving process beside this one (the same
-                    # study over another association) waits for it (service/dicom/receivers.py).
+                    # study over another association) waits for it (service/dicom/receivers.py). The first
+                    # instance's write is awaited inside record_instance, after its read and before its
+                    # update, so with one association the read still overlaps the write (measured: 4 %).
                     item.staging.result()
                 for item in batch:
                     item.created = []
