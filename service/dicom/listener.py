@@ -413,7 +413,7 @@ class StoreHandler:
         """Publish the staged bytes under their final name and commit the row, in a transaction shared with
         the instances other associations have ready at the same moment (service.dicom.group_commit).
 
-        The batch's bytes are waited for before its transaction starts, and each is published under its
+        The batch's bytes are on disk before its first study row update, and each is published under its
         final name before its study row is updated and its row inserted, so the row never points at bytes
         that are not on disk, and the study's row lock (PostgreSQL: another receiving process recording
         the same study waits on it) is held from the first update to the commit only. On failure the
