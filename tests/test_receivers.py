@@ -185,7 +185,8 @@ def _receiving_processes_alive(pid: int) -> bool:
 
 
 def test_a_receiving_process_stops_when_its_gateway_disappears(tmp_path: Path) -> None:
-    """SIGKILL of the gateway leaves no receiving process serving a port nobody watches (its stdin closes)."""
+    """SIGKILL of the gateway leaves no receiving process serving a port nobody watches (the socket pair
+    closes)."""
     with postgres_database() as url:
         gateway = GatewayProcess(tmp_path / "gw", database_url=url, dicom_processes=2, stable_seconds=3600)
         try:

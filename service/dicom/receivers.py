@@ -170,6 +170,7 @@ class ReceiverProcesses:
         receiver = _Receiver(name, process, ours, restart_delay=restart_delay)
         with self._lock:
             self._receivers[name] = receiver
+        self._threads = [thread for thread in self._threads if thread.is_alive()]  # a dead process's readers
         for target, what in ((self._read_metrics, "metrics"), (self._read_ended, "ended")):
             thread = threading.Thread(target=target, args=(receiver,), name=f"btd-{name}-{what}", daemon=True)
             thread.start()
@@ -277,10 +278,10 @@ class ReceiverProcesses:
 # ------------------------------------------------------------------------------- the receiving process
 
 
-def _send_metrics(out: IO[bytes], lock: threading.Lock) -> None:
-    with lock:
-        out.write(json.dumps({"metrics": own_metrics()}).encode() + b"\n")
-        out.flush()
+def _send_metrics(out: IO[bytes]) -> None:
+    """One JSON line of this process's btd_ counters to the gateway (only the main thread writes stdout)."""
+    out.write(json.dumps({"metrics": own_metrics()}).encode() + b"\n")
+    out.flush()
 
 
 def _serve_handed_over(channel: socket.socket, server: Any, stop: threading.Event) -> None:
@@ -327,21 +328,21 @@ def main() -> int:
     from core.db.session import dispose_engines
     from service.dicom.listener import start_listener
 
-    out, out_lock = sys.stdout.buffer, threading.Lock()
+    out = sys.stdout.buffer
     server = start_listener(settings, listen=False)
     threading.Thread(target=_serve_handed_over, args=(channel, server, stop), name="btd-handover", daemon=True).start()
     log_event(log, "receiver.serving", receiver=name, pid=os.getpid())
     try:
         while not stop.wait(METRICS_SECONDS):
             try:
-                _send_metrics(out, out_lock)
+                _send_metrics(out)
             except (ValueError, OSError):  # the gateway is gone
                 break
     finally:
         server.shutdown()
         dispose_engines()
         with contextlib.suppress(ValueError, OSError):  # the gateway may be gone
-            _send_metrics(out, out_lock)  # the last counts, instances answered during the shutdown included
+            _send_metrics(out)  # the last counts, instances answered during the shutdown included
         log_event(log, "receiver.stopped", receiver=name, pid=os.getpid())
     return 0
 
