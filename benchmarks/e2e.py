@@ -206,11 +206,15 @@ class Run:
     associations: int = 1
     sender: str = "storescu"
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # role -> peak resident MB over the run
+    verdict: str | None = None  # the study's verdict as recorded: a latency figure says what it delivered
     error: str | None = None
 
 
-def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | None, dict[str, datetime]]:
-    """The study's state, its last instance's receipt time and the first time it entered each phase after."""
+def study_timeline(
+    database_url: str, study_uid: str
+) -> tuple[str, str | None, datetime | None, dict[str, datetime]]:
+    """The study's state, its verdict, its last instance's receipt time and the first time it entered each
+    phase after."""
     from sqlalchemy import func, select
 
     from core.db.schema import Instance, Study, StudyEvent
@@ -219,7 +223,8 @@ def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | N
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
-            state = conn.execute(select(Study.state).where(Study.study_uid == study_uid)).scalar_one_or_none() or ""
+            row = conn.execute(select(Study.state, Study.verdict).where(Study.study_uid == study_uid)).first()
+            state, verdict = (row.state, row.verdict) if row is not None else ("", None)
             last = conn.execute(
                 select(func.max(Instance.received_at)).where(Instance.study_uid == study_uid)
             ).scalar_one_or_none()
@@ -237,7 +242,7 @@ def study_timeline(database_url: str, study_uid: str) -> tuple[str, datetime | N
         at = at if at.tzinfo else at.replace(tzinfo=UTC)
         if last is not None and at >= last and to_state not in first:
             first[to_state] = at
-    return state, last, first
+    return state, verdict, last, first
 
 
 def _children(pid: int) -> list[int]:
@@ -414,7 +419,7 @@ def run_once(
             deadline = time.monotonic() + timeout
             shown, last_shown = "", 0.0
             while time.monotonic() < deadline:
-                state, _, _ = study_timeline(database_url, study_uid)
+                state, _, _, _ = study_timeline(database_url, study_uid)
                 if state != shown or time.monotonic() - last_shown > 15:
                     report_progress(data_dir, study_uid, state, started)
                     shown, last_shown = state, time.monotonic()
@@ -423,8 +428,8 @@ def run_once(
                 if any(p.poll() is not None for p in procs[1:]):
                     raise RuntimeError("a btd process exited during the run")
                 time.sleep(1.0)
-            state, last, first = study_timeline(database_url, study_uid)
-            result.state = state
+            state, verdict, last, first = study_timeline(database_url, study_uid)
+            result.state, result.verdict = state, verdict
             if last is not None:
                 result.phases = {s: round((first[s] - last).total_seconds(), 2) for s in PHASES if s in first}
                 result.to_scored = result.phases.get("SCORED")
@@ -480,8 +485,8 @@ def markdown(runs: list[Run], info: dict[str, str], model_text: str, stable_seco
         "point asked for: the SR stored into a dcmtk storescp standing in for the PACS.",
         "",
         "| mode | slices | sent with | send (s) | stable | queued | scoring starts | scored | reported | delivered "
-        "| scoring s/slice | end state |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scoring s/slice | end state | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         cells = [run.phases.get(s) for s in PHASES]
@@ -491,7 +496,8 @@ def markdown(runs: list[Run], info: dict[str, str], model_text: str, stable_seco
         lines.append(
             f"| {run.mode} | {run.slices} | {sent_with} | {run.send_seconds:.1f} | "
             + " | ".join(shown)
-            + f" | {per_slice} | {run.state or '—'}{' (' + run.error + ')' if run.error else ''} |"
+            + f" | {per_slice} | {run.state or '—'}{' (' + run.error + ')' if run.error else ''}"
+            + f" | {run.verdict or '—'} |"
         )
     lines += ["", "Peak resident memory per process (MB, sampled every 0.5 s from /proc):", ""]
     for run in runs:
