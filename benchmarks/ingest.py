@@ -269,7 +269,8 @@ def scratch_postgres_database() -> Iterator[str]:
 
 @contextlib.contextmanager
 def btd_serve_postgres(root: Path, nodelay: bool = True) -> Iterator[Receiver]:
-    """`btd serve` on PostgreSQL, as the compose stack runs it (the broker is not needed for ingest)."""
+    """`btd serve` on PostgreSQL with one process serving DICOM (BTD_DICOM_PROCESSES=1; the shipped default on
+    PostgreSQL is two, row btd-pg-2); the broker is not needed for ingest."""
     with scratch_postgres_database() as url, btd_serve(root, nodelay, database_url=url) as receiver:
         yield receiver
 
@@ -326,8 +327,7 @@ def btd_serve(
     )
     if database_url:
         env["BTD_DATABASE_URL"] = database_url
-    if processes > 1:
-        env["BTD_DICOM_PROCESSES"] = str(processes)
+    env["BTD_DICOM_PROCESSES"] = str(processes)  # always: unset, PostgreSQL would get its automatic 2
     log = open(root / "btd.log", "wb")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen([str(VENV_BIN / "btd"), "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -575,16 +575,19 @@ class Result:
 
 
 def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[Path], base: Path) -> None:
-    """One timed send into a fresh receiver (fresh storage), warmed first with one instance; adds to `result`."""
+    """One timed send into a fresh receiver (fresh storage), warmed first with one instance over each of two
+    associations in turn (a gateway with a receiving process hands them one each, so the timed send never meets
+    a process that has not served yet); adds to `result`."""
     if result.error:
         return
     root = Path(tempfile.mkdtemp(prefix=f"ingest-{receiver_key}-", dir=base))
     try:
         with RECEIVERS[receiver_key](root, result.tcp_nodelay) as receiver:
             result.receiver = receiver.name
-            warm = send_storescu(warmup, receiver.port)
-            if warm.returncode != 0:
-                raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
+            for _ in range(2):
+                warm = send_storescu(warmup, receiver.port)
+                if warm.returncode != 0:
+                    raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
             before = receiver.count()
             result.load.append(load_average())
             cpu_before = cpu_seconds(receiver.process.pid)

@@ -5,7 +5,7 @@ processes (BTD_DICOM_PROCESSES, service/dicom/receivers.py).
 Why beside benchmarks/ingest.py: there every association carries the same study, and a study's row is one
 lock in the database, so extra receiving processes cannot commit that study's instances side by side;
 different studies they can. The receivers, instances and timing are those of benchmarks/ingest.py
-(uncompressed 512x512 CT, storescu with TCP_NODELAY, a fresh receiver per run, warmed with one instance,
+(uncompressed 512x512 CT, storescu with TCP_NODELAY, a fresh receiver per run, warmed with one instance twice,
 round-robin repeats).
 
     .venv/bin/python benchmarks/ingest_studies.py --postgres postgresql+psycopg2://postgres@127.0.0.1:5432
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             for key in RECEIVER_KEYS:
                 base = Path(tempfile.mkdtemp(dir=root))
                 with ingest.RECEIVERS[key](base, True) as receiver:
-                    ingest.send_storescu(sets[k][0][:1], receiver.port)  # warm-up, as ingest.py does
+                    for _ in range(2):  # warm-up as ingest.py does: one association for each process
+                        ingest.send_storescu(sets[k][0][:1], receiver.port)
                     seconds = send_studies(sets[k], receiver.port)
                     total = k * (args.n // k)  # the warm-up instance is resent with its study: a duplicate
                     stored = ingest.wait_for_count(receiver, total)

@@ -8,6 +8,7 @@ because that is what a compose file or a systemd unit can write without quoting 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +27,14 @@ def _split_csv(value: Any) -> Any:
 
 
 CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's cpuset counts, not the host's cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -49,10 +58,12 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     # Processes serving DICOM associations on the port (service/dicom/receivers.py). 1: the gateway's own
-    # listener, as every durability test runs it. More (PostgreSQL only): the gateway starts that many
-    # minus one receiving processes sharing the port, so several associations at once are not limited by
-    # one interpreter lock; measured in docs/bench/ingest.md. At most one per core is useful.
-    dicom_processes: int = Field(default=1, ge=1, le=32)
+    # listener alone. More (PostgreSQL only): the gateway starts that many minus one receiving processes
+    # sharing the port, so several associations at once are not limited by one interpreter lock; measured in
+    # docs/bench/ingest.md. At most one per core is useful. 0 (the default): 2 on PostgreSQL when the process
+    # may use two cores or more, else 1 (SQLite takes one writer; a single core gains nothing) — see
+    # `_automatic_dicom_processes`.
+    dicom_processes: int = Field(default=0, ge=0, le=32)
 
     # REST API and dashboard (access control: README "Security", docs/deploy.md)
     http_host: str = "127.0.0.1"
@@ -140,6 +151,16 @@ class Settings(BaseSettings):
     def _default_database_url(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'btd.sqlite3').resolve()}"
+        return self
+
+    @model_validator(mode="after")
+    def _automatic_dicom_processes(self) -> Settings:
+        """0 means "as measured": two processes serving DICOM on PostgreSQL with two cores or more. Why not more
+        by default: two is what docs/bench/ingest.md measured (one study over 4 and 8 associations, 1.04-1.29x
+        one process on quiet 2-core VMs, one association unchanged); beyond it a site sets the number."""
+        if self.dicom_processes == 0:
+            server = not self.resolved_database_url.startswith("sqlite")
+            self.dicom_processes = 2 if server and _usable_cores() >= 2 else 1
         return self
 
     @model_validator(mode="after")

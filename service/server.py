@@ -1,4 +1,4 @@
-"""`btd serve`: the whole gateway in one process (with receiving processes beside it if asked).
+"""`btd serve`: the whole gateway in one process (receiving processes beside it on PostgreSQL: BTD_DICOM_PROCESSES).
 
 Before anything starts, the settings are checked for an HTTP API that would show patient images beyond
 this machine without authentication (service/api/auth.py `exposure_problem`): `btd serve` exits with the

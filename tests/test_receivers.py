@@ -207,3 +207,16 @@ def test_sqlite_refuses_several_receiving_processes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BTD_DICOM_PROCESSES > 1 needs a database server"):
         Settings(data_dir=tmp_path, dicom_processes=2)
     assert Settings(data_dir=tmp_path, dicom_processes=1).dicom_processes == 1
+
+
+def test_default_two_processes_on_postgresql_one_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset (0), the number follows the database and the cores the process may use: SQLite takes one writer,
+    and a single core gains nothing from a second interpreter."""
+    server_url = "postgresql+psycopg2://btd@127.0.0.1:5432/btd"
+    monkeypatch.setattr("core.settings._usable_cores", lambda: 2)
+    assert Settings(data_dir=tmp_path).dicom_processes == 1
+    assert Settings(data_dir=tmp_path, database_url=server_url).dicom_processes == 2
+    assert Settings(data_dir=tmp_path, database_url=server_url, dicom_processes=1).dicom_processes == 1
+    assert Settings(data_dir=tmp_path, database_url=server_url, dicom_processes=3).dicom_processes == 3
+    monkeypatch.setattr("core.settings._usable_cores", lambda: 1)
+    assert Settings(data_dir=tmp_path, database_url=server_url).dicom_processes == 1
