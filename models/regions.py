@@ -69,6 +69,22 @@ def outline_of(component: np.ndarray, offset_x: int, offset_y: int) -> list[list
     return points + points[:1]
 
 
+def label_maxima(amap: np.ndarray, labels: np.ndarray, above: np.ndarray, count: int) -> np.ndarray:
+    """The maximum of `amap` over each label 1..count of `labels` (every label present, as ndimage.label makes
+    them; `above` = labels > 0), in the map's type: what `ndimage.maximum(amap, labels, 1..count)` returns.
+
+    Why not that call: it sorts every pixel of the map by value (8-9 % of a whole B70f series' scoring time,
+    2026-12-04), where only the labelled pixels, usually a small part of the slice, can matter. Here they are
+    grouped by label (a stable sort of small integers) and each group reduced; a maximum is exact either way.
+    """
+    values = amap[above]
+    owners = labels[above]
+    order = np.argsort(owners, kind="stable")
+    sizes = np.bincount(owners, minlength=count + 1)[1:]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    return np.maximum.reduceat(values[order], starts)
+
+
 def find_regions(amap: np.ndarray, threshold: float, max_regions: int = DEFAULT_MAX_REGIONS) -> list[Region]:
     """The `max_regions` highest-scoring connected areas of `amap > threshold` (8-connected), best first."""
     above = amap > threshold
@@ -76,7 +92,7 @@ def find_regions(amap: np.ndarray, threshold: float, max_regions: int = DEFAULT_
         return []
     labels, count = ndimage.label(above, structure=EIGHT_CONNECTED)
     index = np.arange(1, count + 1)
-    maxima = ndimage.maximum(amap, labels, index)
+    maxima = label_maxima(amap, labels, above, count)
     best = np.argsort(-np.asarray(maxima), kind="stable")[:max_regions]
     boxes = ndimage.find_objects(labels)
     regions = []

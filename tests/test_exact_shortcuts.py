@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from models.corpus import dicom_to_hu
 from models.cues.continuity import disk_filter, disk_footprint
-from models.regions import convex_hull, outline_of, row_extremes
+from models.regions import EIGHT_CONNECTED, convex_hull, label_maxima, outline_of, row_extremes
 
 CT = sorted((Path(__file__).parent / "fixtures" / "ct_series_20").glob("CT.*"))[10]
 
@@ -44,6 +44,30 @@ def test_hull_of_row_extremes_is_the_hull_of_all_corners() -> None:
     square = np.zeros((8, 8), dtype=bool)
     square[2:5, 3:7] = True
     assert outline_of(square[2:5, 3:7], 3, 2) == [[3.0, 2.0], [7.0, 2.0], [7.0, 5.0], [3.0, 5.0], [3.0, 2.0]]
+
+
+def test_label_maxima_equal_scipys_per_label_maximum() -> None:
+    """find_regions ranks its regions by these maxima: the same values, in the same type, as ndimage.maximum."""
+    rng = np.random.default_rng(1)
+    hu = ndimage.gaussian_filter(np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 400).astype(np.float32), 2.0)
+    maps = [hu, -hu]
+    for _ in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 90, 2))
+        dtype = np.float32 if rng.random() < 0.5 else np.float64
+        maps.append(ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0, 3)).astype(dtype))
+    compared = 0
+    for amap in maps:
+        for quantile in (0.5, 0.9, 0.995):
+            above = amap > np.quantile(amap, quantile)
+            if not above.any():
+                continue
+            labels, count = ndimage.label(above, structure=EIGHT_CONNECTED)
+            expected = np.asarray(ndimage.maximum(amap, labels, np.arange(1, count + 1)))
+            found = label_maxima(amap, labels, above, count)
+            assert found.dtype == expected.dtype
+            assert np.array_equal(found, expected)
+            compared += 1
+    assert compared > 800
 
 
 def test_continuity_reuses_each_images_envelopes_without_changing_a_value() -> None:
