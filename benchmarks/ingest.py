@@ -574,20 +574,25 @@ class Result:
         }
 
 
+def warm_up(files: list[Path], port: int) -> None:
+    """Send `files` over two associations in turn before anything is timed: a gateway with a receiving process
+    hands them one each, so a timed send never meets a process that has not served yet (its connection,
+    statements and staging thread are made on its first instances)."""
+    for _ in range(2):
+        warm = send_storescu(files, port)
+        if warm.returncode != 0:
+            raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
+
+
 def run_once(result: Result, receiver_key: str, files: list[Path], warmup: list[Path], base: Path) -> None:
-    """One timed send into a fresh receiver (fresh storage), warmed first with one instance over each of two
-    associations in turn (a gateway with a receiving process hands them one each, so the timed send never meets
-    a process that has not served yet); adds to `result`."""
+    """One timed send into a fresh receiver (fresh storage), warmed first (`warm_up`); adds to `result`."""
     if result.error:
         return
     root = Path(tempfile.mkdtemp(prefix=f"ingest-{receiver_key}-", dir=base))
     try:
         with RECEIVERS[receiver_key](root, result.tcp_nodelay) as receiver:
             result.receiver = receiver.name
-            for _ in range(2):
-                warm = send_storescu(warmup, receiver.port)
-                if warm.returncode != 0:
-                    raise RuntimeError(f"warm-up send failed: {warm.stderr.decode(errors='replace')[-500:]}")
+            warm_up(warmup, receiver.port)
             before = receiver.count()
             result.load.append(load_average())
             cpu_before = cpu_seconds(receiver.process.pid)

@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in RECEIVER_KEYS:
                 base = Path(tempfile.mkdtemp(dir=root))
                 with ingest.RECEIVERS[key](base, True) as receiver:
-                    for _ in range(2):  # warm-up as ingest.py does: one association for each process
-                        ingest.send_storescu(sets[k][0][:1], receiver.port)
+                    ingest.warm_up(sets[k][0][:1], receiver.port)
                     seconds = send_studies(sets[k], receiver.port)
                     total = k * (args.n // k)  # the warm-up instance is resent with its study: a duplicate
                     stored = ingest.wait_for_count(receiver, total)

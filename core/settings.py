@@ -159,13 +159,12 @@ class Settings(BaseSettings):
         by default: two is what docs/bench/ingest.md measured (one study over 4 and 8 associations, 1.04-1.29x
         one process on quiet 2-core VMs, one association unchanged); beyond it a site sets the number."""
         if self.dicom_processes == 0:
-            server = not self.resolved_database_url.startswith("sqlite")
-            self.dicom_processes = 2 if server and _usable_cores() >= 2 else 1
+            self.dicom_processes = 2 if not self.uses_sqlite and _usable_cores() >= 2 else 1
         return self
 
     @model_validator(mode="after")
     def _processes_need_a_server_database(self) -> Settings:
-        if self.dicom_processes > 1 and self.resolved_database_url.startswith("sqlite"):
+        if self.dicom_processes > 1 and self.uses_sqlite:
             raise ValueError(
                 "BTD_DICOM_PROCESSES > 1 needs a database server (BTD_DATABASE_URL, PostgreSQL): SQLite takes "
                 "one writer at a time, so receiving processes would queue for its lock"
@@ -192,6 +191,11 @@ class Settings(BaseSettings):
         """The database URL, never None (the validator fills the SQLite default)."""
         assert self.database_url is not None
         return self.database_url
+
+    @property
+    def uses_sqlite(self) -> bool:
+        """SQLite (the single-machine default): one writer at a time, a file beside the data."""
+        return self.resolved_database_url.startswith("sqlite")
 
 
 @lru_cache(maxsize=1)

@@ -41,7 +41,7 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Bring the settings' database to `revision` (all revisions, including other parts' ones)."""
-    if settings.resolved_database_url.startswith("sqlite"):
+    if settings.uses_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(settings.resolved_database_url), revision)
 

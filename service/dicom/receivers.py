@@ -1,17 +1,16 @@
 """Receiving processes: more than one process serving DICOM associations on one port (PostgreSQL only).
 
-Why: one listener process serves every association on threads that share one interpreter lock. With four
-or eight associations sending at once, that lock, not the cores or the disk, limits the rate (the machine
-stayed ~25 % idle: docs/bench/ingest.md). `BTD_DICOM_PROCESSES=N` makes `btd serve` start N-1 receiving
-processes beside its own listener (unset: 2 on PostgreSQL with two usable cores, core/settings.py). The
-gateway still accepts every connection on the port; it serves it itself or hands it (the socket's
-descriptor, over a Unix socket pair) to the receiving process with the
-fewest associations, so four associations from a PACS spread 2 + 2 instead of wherever the kernel wakes
-first (measured: a shared listening socket gave 1 + 3 and 3 + 5 splits). A receiving process is a complete
-listener (`start_listener(listen=False)`): it spools, records and answers its instances exactly as the
-gateway's own does, with its own group commit and database connection. Hence PostgreSQL: SQLite has one
-writer at a time, and processes queueing for its lock would sleep in its busy handler instead of sharing a
-commit (core/settings.py refuses the combination).
+Why: one listener process serves every association on threads that share one interpreter lock. With four or
+eight associations sending at once, that lock, not the cores or the disk, limits the rate (the machine stayed
+~25 % idle: docs/bench/ingest.md). `BTD_DICOM_PROCESSES=N` makes `btd serve` start N-1 receiving processes
+beside its own listener (unset: 2 on PostgreSQL with two usable cores, core/settings.py). The gateway still
+accepts every connection on the port; it serves it itself or hands it (the socket's descriptor, over a Unix
+socket pair) to the receiving process with the fewest associations, so four associations from a PACS spread 2
++ 2 instead of wherever the kernel wakes first (measured: a shared listening socket gave 1 + 3 and 3 + 5
+splits). A receiving process is a complete listener (`start_listener(listen=False)`): it spools, records and
+answers its instances exactly as the gateway's own does, with its own group commit and database connection.
+Hence PostgreSQL: SQLite has one writer at a time, and processes queueing for its lock would sleep in its busy
+handler instead of sharing a commit (core/settings.py refuses the combination).
 
 What the gateway keeps doing for all of them: the REST API and the stability monitor (they read what every
 process committed), and the metrics: each receiving process sends its btd_ counters every few seconds on
