@@ -2,9 +2,9 @@
 
 A benchmark, not a test (docs/bench/scoring.md, "The U-Net's linear attention streamed over positions").
 Separate processes (`benchmarks/fused_timing.py --root`) are at the mercy of this VM's drift (~30 % within
-minutes); here one detector, with its model and caches, scores a series in ABBA order, switching between
-the library's step-by-step linear attention (tests/test_fast_unet.py, the parent's arithmetic) without
-streaming, and this tree's streamed blocks.
+minutes); here one detector, with its model and caches, scores a series in ABBA order, switching the U-Net's
+`stream_attention_on_cpu`: off, the attention modules' own step-by-step forward (the parent's arithmetic);
+on, the streamed blocks (models/streamed_attention.py).
 Usage: .venv/bin/python benchmarks/attention_ab.py [--series b70f] [--pairs 4] [--threads 2]
 """
 
@@ -25,11 +25,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="ABBA: each pair is one parent and one new run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path.insert(0, str(ROOT))
     import torch
-    from test_fast_unet import _plain_linear_attention
 
-    import models.unet as unet
     from benchmarks.fused_timing import SERIES
     from models.allocator import keep_freed_memory
     from models.detector import Detector
@@ -37,13 +35,11 @@ def main() -> None:
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     detector = Detector.load(None, device="cpu")
-    streamed_forward = unet.LinearAttention.forward
     name, path = SERIES[args.series]
     detector.score_series([path])  # warm-up: allocator, caches
     order = [parent for pair in range(args.pairs) for parent in ((True, False) if pair % 2 == 0 else (False, True))]
     for parent in order:
         detector.diffusion.model.stream_attention_on_cpu = not parent
-        unet.LinearAttention.forward = _plain_linear_attention if parent else streamed_forward
         started = time.perf_counter()
         result = detector.score_series([path])
         seconds = time.perf_counter() - started

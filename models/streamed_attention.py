@@ -9,8 +9,10 @@ per-image summaries, so the block is computed in two sweeps over runs of positio
 1. each run is normalised and projected to k and v; k's softmax over all positions is kept as a running
    maximum, a running sum of exponentials and a running context sum(exp(k - max) v^T) (rescaled whenever
    the maximum grows, as streaming softmaxes do);
-2. each run is normalised again and projected to q; q's softmax over features, the folded output matrix
-   (LinearAttention._folded), the output norm and the residual give the run's output.
+2. each run is normalised again and projected to q; q's softmax over features, the output convolution
+   folded into the context (W_out (context^T q) = (W_out context^T) q: the attention's own output, 16
+   channels beside the input's 8, is never written, nor scaled copies of q and v), the output norm and the
+   residual give the run's output.
 
 Nothing larger than a run is written except the result. The sums are the same in another order: float32
 rounding (tests/test_fast_unet.py compares with the library's step-by-step form). Only scoring on the CPU
@@ -34,11 +36,7 @@ def softmax_over_rows(t: torch.Tensor) -> torch.Tensor:
     """Softmax over dim -2 of (..., d, n) with d small (dim_head) and n the positions, in element-wise passes
     along n: torch's softmax over that strided dimension ran 2.2x slower at full resolution (17 vs 8 ms for
     2 x 2 x 8 x 253,952, 2 threads, torch 2.13). Same formula (max subtracted, exp, divided by the sum)."""
-    shifted = t - t.amax(dim=-2, keepdim=True)
-    if torch.is_grad_enabled():  # training: autograd needs exp's output untouched; same steps, same bits
-        e = shifted.exp()
-        return e / e.sum(dim=-2, keepdim=True)
-    e = shifted.exp_()
+    e = (t - t.amax(dim=-2, keepdim=True)).exp_()
     return e.div_(e.sum(dim=-2, keepdim=True))
 
 

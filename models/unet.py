@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.fastconv import PointwiseConv2d, SpatialConv2d, spatial_conv
-from models.streamed_attention import softmax_over_rows, streamed_attention_block
+from models.streamed_attention import streamed_attention_block
 
 LAYOUTS = ("1.6.4", "1.8.3")
 
@@ -187,8 +187,6 @@ class LinearAttention(nn.Module):
         if self.inner_norm:
             x = self.norm(x)
         q, k, v = (_split_heads(t, self.heads) for t in self.to_qkv(x).chunk(3, dim=1))
-        if x.device.type == "cpu":
-            return self._folded(softmax_over_rows(q), k.softmax(dim=-1), v, h, w)
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         if not self.inner_norm:
@@ -196,24 +194,6 @@ class LinearAttention(nn.Module):
         context = torch.einsum("bhdn,bhen->bhde", k, v)
         out = torch.einsum("bhde,bhdn->bhen", context, q)
         return self.to_out(out.reshape(b, -1, h, w))
-
-    def _folded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """On the CPU: the output convolution folded into the context, per image.
-
-        W_out (context^T q) + bias = (W_out context^T) q + bias: the attention's own output (heads x
-        dim_head channels: 16 beside the default model's 8 at full resolution) is never written, and the
-        scalars go into the small folded matrix instead of full-size copies of q and v. The contexts are
-        batched products per image (einsum copied both operands first). Same sums in another order: float32
-        rounding (tests/test_fast_unet.py); CUDA keeps the einsum form."""
-        b, heads, dim_head, n = q.shape
-        factor = self.scale if self.inner_norm else self.scale / n
-        conv = self.to_out[0]
-        channels = conv.weight.shape[0]
-        context = torch.stack([torch.bmm(k[i], v[i].transpose(1, 2)) for i in range(b)])  # (b, heads, d, e)
-        weight = conv.weight.reshape(channels, heads, dim_head)
-        folded = torch.einsum("che,bhde->bchd", weight, context).mul_(factor).reshape(b, channels, heads * dim_head)
-        out = torch.baddbmm(conv.bias.reshape(1, channels, 1), folded, q.reshape(b, heads * dim_head, n))
-        return self.to_out[1](out.reshape(b, channels, h, w))
 
 
 class Attention(nn.Module):

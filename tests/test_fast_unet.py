@@ -1,6 +1,5 @@
-"""The CPU routes of the U-Net's convolutions (models/fastconv.py), its linear attention (models/unet.py
-LinearAttention._folded, models/streamed_attention.py) and the allocator setting (models/allocator.py)
-change speed only.
+"""The CPU routes of the U-Net's convolutions (models/fastconv.py), its linear-attention blocks while scoring
+(models/streamed_attention.py) and the allocator setting (models/allocator.py) change speed only.
 
 Each route is compared with the plain ``conv2d`` it replaces: on random tensors (forward and gradients,
 since training runs the same modules) and through the default model on a real CT slice, where the noise
@@ -75,47 +74,12 @@ def test_modules_keep_the_state_dict_of_conv2d() -> None:
         }
 
 
-def _plain_linear_attention(self: LinearAttention, x: torch.Tensor) -> torch.Tensor:
-    """The library's formulation, step by step: softmaxes, scaled q and v, two einsums, the output conv."""
-    b, _, h, w = x.shape
-    if self.inner_norm:
-        x = self.norm(x)
-    q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in F.conv2d(x, self.to_qkv.weight).chunk(3, dim=1))
-    q = q.softmax(dim=-2) * self.scale
-    k = k.softmax(dim=-1)
-    if not self.inner_norm:
-        v = v / (h * w)
-    context = torch.einsum("bhdn,bhen->bhde", k, v)
-    out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, -1, h, w)
-    conv = self.to_out[0]
-    return self.to_out[1](F.conv2d(out, conv.weight, conv.bias))
-
-
-@pytest.mark.parametrize(("dim", "heads", "dim_head", "inner_norm"), [(8, 2, 8, False), (16, 4, 32, True)])
-def test_linear_attention_equals_the_plain_formulation(dim: int, heads: int, dim_head: int, inner_norm: bool) -> None:
-    """The default model's shape (1.6.4: LayerNorm after, v / positions) and a published one's (1.8.3:
-    RMSNorm inside), forward and gradients (training on the CPU takes the same route)."""
-    torch.manual_seed(dim + heads)
-    attention = LinearAttention(dim, heads, dim_head, inner_norm=inner_norm)
-    x = torch.randn(2, dim, 37, 52, requires_grad=True)
-    fast, plain = attention(x), _plain_linear_attention(attention, x)
-    assert fast.shape == plain.shape == x.shape
-    assert (fast - plain).abs().max().item() <= TOL * plain.abs().max().item()
-    weights = [x, attention.to_qkv.weight, attention.to_out[0].weight, attention.to_out[0].bias]
-    probe = torch.randn(x.shape)  # not the squared sum: the output is normalised, its square barely varies
-    grads_fast = torch.autograd.grad((fast * probe).sum(), weights)
-    grads_plain = torch.autograd.grad((plain * probe).sum(), weights)
-    for g_fast, g_plain in zip(grads_fast, grads_plain, strict=True):
-        assert (g_fast - g_plain).abs().max().item() <= TOL * g_plain.abs().max().item()
-    with torch.inference_mode():  # scoring: in-place steps, same values
-        assert (attention(x) - plain).abs().max().item() <= TOL * plain.abs().max().item()
-
-
 @pytest.mark.parametrize(("dim", "heads", "dim_head", "inner_norm"), [(8, 2, 8, False), (16, 4, 32, True)])
 @pytest.mark.parametrize("run", [7, 512, 4096])
 def test_streamed_block_equals_the_plain_block(dim: int, heads: int, dim_head: int, inner_norm: bool, run: int) -> None:
     """x + attention(norm(x)) streamed over runs of positions (the last one partial; 7 positions: hundreds of
-    runs, the running maximum of k rescaled many times) against the step-by-step block."""
+    runs, the running maximum of k rescaled many times) against the modules' own step-by-step forward (the
+    library's formulation, which training and CUDA run)."""
     torch.manual_seed(dim * run)
     attention = LinearAttention(dim, heads, dim_head, inner_norm=inner_norm)
     norm_in = attention.norm if inner_norm else LayerNorm(dim)
@@ -125,7 +89,7 @@ def test_streamed_block_equals_the_plain_block(dim: int, heads: int, dim_head: i
         norm_in.g.mul_(3.0)
     x = torch.randn(2, dim, 37, 52) * 4
     with torch.inference_mode():
-        plain = x + _plain_linear_attention(attention, x if inner_norm else norm_in(x))
+        plain = x + attention(x if inner_norm else norm_in(x))
         streamed = streamed_attention_block(attention, norm_in, x, run)
     assert streamed.shape == plain.shape
     assert (streamed - plain).abs().max().item() <= TOL * plain.abs().max().item()
@@ -150,7 +114,6 @@ def test_default_model_predicts_the_same_noise_on_a_real_slice(monkeypatch: pyte
         monkeypatch.setattr(detector.diffusion.model, "stream_attention_on_cpu", False)
         for klass in (PointwiseConv2d, SpatialConv2d):
             monkeypatch.setattr(klass, "forward", nn.Conv2d.forward)
-        monkeypatch.setattr(LinearAttention, "forward", _plain_linear_attention)
         monkeypatch.setattr(
             WeightStandardizedConv2d,
             "forward",
