@@ -335,8 +335,10 @@ class Unet(nn.Module):
         return 2 ** (len(self.dim_mults) - 1)
 
     def _attend(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # 1.6.4 wraps attention in Residual; 1.8.3 adds the residual here.
-        if self.stream_attention_on_cpu and x.device.type == "cpu" and not torch.is_grad_enabled():
+        # 1.6.4 wraps attention in Residual; 1.8.3 adds the residual here. The streamed block sums its runs in
+        # the input's type: under bf16 autocast (an option on the CPU) the modules' forward keeps float32 sums.
+        streamed = x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        if self.stream_attention_on_cpu and streamed:
             if self.layout == "1.6.4" and isinstance(attn.fn.fn, LinearAttention):
                 return streamed_attention_block(attn.fn.fn, attn.fn.norm, x)
             if self.layout == "1.8.3" and isinstance(attn, LinearAttention):

@@ -95,6 +95,27 @@ def test_streamed_block_equals_the_plain_block(dim: int, heads: int, dim_head: i
     assert (streamed - plain).abs().max().item() <= TOL * plain.abs().max().item()
 
 
+def test_bf16_autocast_keeps_the_modules_attention() -> None:
+    """Streamed runs would be summed in bf16 under autocast; there the U-Net keeps the modules' forward."""
+    from models.unet import Unet
+
+    model = Unet(8, (1, 2, 4), 1).eval()
+    x = torch.randn(2, 1, 32, 48, generator=torch.Generator().manual_seed(9))
+    results = []
+    for streamed in (True, False):
+        model.stream_attention_on_cpu = streamed
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(model(x, torch.zeros(2)))
+    assert torch.equal(results[0], results[1])
+    with torch.inference_mode():  # without autocast the switch does change the route (rounding only)
+        model.stream_attention_on_cpu = True
+        fp32_streamed = model(x, torch.zeros(2))
+        model.stream_attention_on_cpu = False
+        fp32_modules = model(x, torch.zeros(2))
+    assert not torch.equal(fp32_streamed, fp32_modules)
+    assert (fp32_streamed - fp32_modules).abs().max().item() <= TOL * fp32_modules.abs().max().item()
+
+
 def test_softmax_over_rows_equals_torch_softmax() -> None:
     t = torch.randn(2, 2, 8, 5000, generator=torch.Generator().manual_seed(5)) * 30  # wide range: the max matters
     with torch.inference_mode():
