@@ -4,7 +4,8 @@ At full resolution the block is memory-bound on the CPU: the default model proje
 (q, k, v) for every pixel of a 512 x 512 slice (48 MB per image) and the step-by-step form writes and reads
 that and its softmaxes several times over: about a quarter of a whole slice's U-Net time went to the two
 full-resolution blocks (models/unet.py, docs/bench/scoring.md). Linear attention needs only two small
-per-image summaries, so the block is computed in two sweeps over runs of positions that stay in the cache:
+per-image summaries, so the block is computed in two sweeps over runs of positions that stay in the
+last-level cache:
 
 1. each run is normalised and projected to k and v; k's softmax over all positions is kept as a running
    maximum, a running sum of exponentials and a running context sum(exp(k - max) v^T) (rescaled whenever
@@ -16,7 +17,8 @@ per-image summaries, so the block is computed in two sweeps over runs of positio
 
 Nothing larger than a run is written except the result. The sums are the same in another order: float32
 rounding (tests/test_fast_unet.py compares with the library's step-by-step form). Only scoring on the CPU
-takes this path: training keeps the modules' autograd form, CUDA the einsum form.
+takes this path (Unet._attend): training keeps the modules' autograd form, CUDA the einsum form, and so does
+bf16 autocast, under which the runs' sums would be kept in bf16.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 if TYPE_CHECKING:
     from models.unet import LinearAttention
 
-RUN = 16384  # positions per run: the default model's 48 projected channels of a run are 3 MB (both images)
+RUN = 16384  # positions per run: a run's k and v (default model, two images) are 4 MB, within a last-level cache
 
 
 def softmax_over_rows(t: torch.Tensor) -> torch.Tensor:
