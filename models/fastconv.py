@@ -40,6 +40,38 @@ def spatial_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.contiguous()
 
 
+# Rows of a 3x3 kernel that fall on each input row when the input was first doubled by nearest-neighbour
+# upsampling: output row 2i (phase 0) reads input rows i-1, i, i (kernel rows 0 | 1+2), output row 2i+1
+# (phase 1) reads i, i, i+1 (kernel rows 0+1 | 2); the same holds for columns.
+_PHASE_ROWS = torch.tensor(
+    [[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]
+)
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) -> (out * 4, in, 3, 3): per output channel, one kernel per output pixel phase (a, b),
+    over the input before upsampling, ordered as ``pixel_shuffle`` reads them (channel out * 4 + a * 2 + b)."""
+    rows = _PHASE_ROWS.to(weight.dtype)
+    kernels = torch.einsum("aij,ocjl,bkl->oabcik", rows, weight, rows)
+    return kernels.reshape(weight.shape[0] * 4, weight.shape[1], 3, 3)
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_x2(x))`` (padding 1) without building the upsampled input.
+
+    Each output pixel of the upsampled convolution sees a 2 x 2 neighbourhood of the input, with kernel taps
+    summed where two upsampled pixels are copies of one input pixel; the four phases' kernels run as one
+    convolution at the input's resolution and ``pixel_shuffle`` interleaves them. The 16-channel upsampled
+    tensor at full resolution (32 MB for two slices) and its channels-last copy are never written: the
+    full-resolution one ran 23 -> 12 ms (docs/bench/scoring.md). Same sums, with the summed taps added first
+    (float32 rounding, ~1e-6 relative).
+    """
+    kernels = phase_kernels(weight)
+    phase_bias = None if bias is None else bias.repeat_interleave(4)
+    phases = F.conv2d(x.contiguous(memory_format=torch.channels_last), kernels, phase_bias, padding=1)
+    return F.pixel_shuffle(phases, 2).contiguous()
+
+
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in, out, 1)`` with the same parameters (and state_dict keys), run as a matrix product."""
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fastconv import PointwiseConv2d, SpatialConv2d, spatial_conv
+from models.fastconv import PointwiseConv2d, SpatialConv2d, spatial_conv, upsample_conv
 from models.streamed_attention import streamed_attention_block
 
 LAYOUTS = ("1.6.4", "1.8.3")
@@ -235,6 +235,11 @@ class Upsample(nn.Sequential):
     def __init__(self, dim: int, dim_out: int) -> None:
         super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), SpatialConv2d(dim, dim_out, 3))
 
+    def phase_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as ``forward`` without the upsampled tensor (models/fastconv.py, upsample_conv)."""
+        conv = self[1]
+        return upsample_conv(x, conv.weight, conv.bias)
+
 
 class Unet(nn.Module):
     """Noise-prediction U-Net, ``Unet(dim, dim_mults, channels, layout)``; see the module docstring."""
@@ -328,6 +333,8 @@ class Unet(nn.Module):
         # Scoring on the CPU runs each linear-attention block streamed over positions (models/streamed_attention.py);
         # False keeps the modules' own forward (the differential tests).
         self.stream_attention_on_cpu = True
+        # Likewise each Upsample's nearest doubling and 3x3 convolution as one convolution at the lower resolution.
+        self.phase_upsample_on_cpu = True
 
     @property
     def downsample_factor(self) -> int:
@@ -344,6 +351,13 @@ class Unet(nn.Module):
             if self.layout == "1.8.3" and isinstance(attn, LinearAttention):
                 return streamed_attention_block(attn, attn.norm, x)
         return attn(x) if self.layout == "1.6.4" else attn(x) + x
+
+    def _upsample(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Scoring on the CPU in float32 only, as the streamed attention: training and CUDA run the library's form.
+        scoring = x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        if self.phase_upsample_on_cpu and scoring and isinstance(up, Upsample):
+            return up.phase_forward(x)
+        return up(x)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         factor = self.downsample_factor
@@ -367,6 +381,6 @@ class Unet(nn.Module):
             x = block1(torch.cat((x, skips.pop()), dim=1), t)
             x = block2(torch.cat((x, skips.pop()), dim=1), t)
             x = self._attend(attn, x)
-            x = up(x)
+            x = self._upsample(up, x)
         x = self.final_res_block(torch.cat((x, r), dim=1), t)
         return self.final_conv(x)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.corpus import dicom_to_hu
-from models.fastconv import PointwiseConv2d, SpatialConv2d, pointwise_conv, spatial_conv
+from models.fastconv import PointwiseConv2d, SpatialConv2d, pointwise_conv, spatial_conv, upsample_conv
 from models.streamed_attention import softmax_over_rows, streamed_attention_block
 from models.unet import LayerNorm, LinearAttention, WeightStandardizedConv2d
 
@@ -116,6 +116,40 @@ def test_bf16_autocast_keeps_the_modules_attention() -> None:
     assert (fp32_streamed - fp32_modules).abs().max().item() <= TOL * fp32_modules.abs().max().item()
 
 
+@pytest.mark.parametrize(("cin", "cout", "height", "width"), [(16, 8, 6, 10), (64, 32, 31, 32), (3, 5, 1, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_upsample_then_conv(cin: int, cout: int, height: int, width: int, bias: bool) -> None:
+    """Every phase and the borders (zero padding after the doubling) against nn.Upsample + conv2d."""
+    gen = torch.Generator().manual_seed(cin + height)
+    x = torch.randn(2, cin, height, width, generator=gen)
+    weight = torch.randn(cout, cin, 3, 3, generator=gen)
+    b = torch.randn(cout, generator=gen) if bias else None
+    expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, b, padding=1)
+    ours = upsample_conv(x, weight, b)
+    assert ours.shape == expected.shape == (2, cout, 2 * height, 2 * width)
+    assert ours.is_contiguous()
+    assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_phase_upsampling_is_used_only_while_scoring_in_float32() -> None:
+    """The U-Net's switch changes its CPU route without autograd (rounding only), and nothing under autocast."""
+    from models.unet import Unet
+
+    model = Unet(8, (1, 2, 4), 1).eval()
+    x = torch.randn(2, 1, 32, 48, generator=torch.Generator().manual_seed(4))
+    outputs = {}
+    for phase in (True, False):
+        model.phase_upsample_on_cpu = phase
+        with torch.inference_mode():
+            outputs["fp32", phase] = model(x, torch.zeros(2))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs["bf16", phase] = model(x, torch.zeros(2))
+    assert not torch.equal(outputs["fp32", True], outputs["fp32", False])
+    fp32_plain = outputs["fp32", False]
+    assert (outputs["fp32", True] - fp32_plain).abs().max().item() <= TOL * fp32_plain.abs().max().item()
+    assert torch.equal(outputs["bf16", True], outputs["bf16", False])
+
+
 def test_softmax_over_rows_equals_torch_softmax() -> None:
     t = torch.randn(2, 2, 8, 5000, generator=torch.Generator().manual_seed(5)) * 30  # wide range: the max matters
     with torch.inference_mode():
@@ -133,6 +167,7 @@ def test_default_model_predicts_the_same_noise_on_a_real_slice(monkeypatch: pyte
     with torch.inference_mode():
         fast = detector.diffusion.predict_noise(x, 0)
         monkeypatch.setattr(detector.diffusion.model, "stream_attention_on_cpu", False)
+        monkeypatch.setattr(detector.diffusion.model, "phase_upsample_on_cpu", False)
         for klass in (PointwiseConv2d, SpatialConv2d):
             monkeypatch.setattr(klass, "forward", nn.Conv2d.forward)
         monkeypatch.setattr(
@@ -207,12 +242,14 @@ def test_allocator_leaves_an_operators_setting_alone() -> None:
 def test_scoring_in_place_gives_the_values_of_the_autograd_path() -> None:
     """Without autograd the U-Net writes element-wise results into buffers it owns (models/unet.py
     `_reusing`); with autograd it computes out of place. Same operations in the same order: equal bits.
-    (The streamed attention blocks exist only without autograd: tests above compare them within rounding.)"""
+    (The streamed attention and phase upsampling exist only without autograd: tests above compare them within
+    rounding.)"""
     from models.checkpoint import load_model
     from models.metadata import DEFAULT_MODEL_PATH
 
     diffusion = load_model(DEFAULT_MODEL_PATH).diffusion.eval()
     diffusion.model.stream_attention_on_cpu = False
+    diffusion.model.phase_upsample_on_cpu = False
     x = torch.randn(2, 1, 96, 128, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
     with torch.inference_mode():
         scoring = diffusion.predict_noise(x, 0)
