@@ -1,11 +1,14 @@
-"""The U-Net's attention as the parent ran it against this tree's, alternately in one process, on whole series.
+"""CPU scoring paths switched off against on, alternately in one process, on whole series.
 
-A benchmark, not a test (docs/bench/scoring.md, "The U-Net's linear attention streamed over positions").
-Separate processes (`benchmarks/fused_timing.py --root`) are at the mercy of this VM's drift (~30 % within
-minutes); here one detector, with its model and caches, scores a series in ABBA order, switching the U-Net's
-`stream_attention_on_cpu`: off, the attention modules' own step-by-step forward (the parent's arithmetic);
-on, the streamed blocks (models/streamed_attention.py).
-Usage: .venv/bin/python benchmarks/attention_ab.py [--series b70f] [--pairs 4] [--threads 2]
+A benchmark, not a test (docs/bench/scoring.md). Separate processes (`benchmarks/fused_timing.py --root`)
+are at the mercy of this VM's drift (~30 % within minutes); here one detector, with its model and caches,
+scores a series in ABBA order with the switches named off (the parent's way) and on:
+- attention: the U-Net's `stream_attention_on_cpu` (models/streamed_attention.py);
+- rows: the detector's `row_threads.enabled`, a pass's slices on threads of their own (models/row_threads.py);
+- ahead: the detector's `pass_ahead.enabled`, a series' next pass run while the batch before it is finished
+  (models/pass_ahead.py);
+- upsample: the U-Net's `phase_upsample_on_cpu` (models/fastconv.py, upsample_conv).
+Usage: .venv/bin/python benchmarks/scoring_ab.py --switch rows [ahead ...] [--series b70f] [--pairs 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -15,12 +18,31 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def switch(detector: Any, name: str, on: bool) -> None:
+    """Set one path's switch on the detector or its U-Net."""
+    unet = detector.diffusion.model
+    if name == "attention":
+        unet.stream_attention_on_cpu = on
+    elif name == "rows":
+        detector.row_threads.enabled = on
+    elif name == "ahead":
+        detector.pass_ahead.enabled = on
+    elif name == "upsample":
+        unet.phase_upsample_on_cpu = on
+    else:
+        raise ValueError(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--switch", nargs="+", choices=("attention", "rows", "ahead", "upsample"), required=True, help="one or several"
+    )
     parser.add_argument("--series", choices=("lidc", "b70f"), default="b70f")
     parser.add_argument("--pairs", type=int, default=4, help="ABBA: each pair is one parent and one new run")
     parser.add_argument("--threads", type=int, default=2)
@@ -36,16 +58,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     detector = Detector.load(None, device="cpu")
     name, path = SERIES[args.series]
-    detector.score_series([path])  # warm-up: allocator, caches
+    for warm in (False, True):  # warm-up of both paths: allocator, caches, the row threads' pool
+        for switch_name in args.switch:
+            switch(detector, switch_name, warm)
+        detector.score_series([path])
     order = [parent for pair in range(args.pairs) for parent in ((True, False) if pair % 2 == 0 else (False, True))]
     for parent in order:
-        detector.diffusion.model.stream_attention_on_cpu = not parent
+        for switch_name in args.switch:
+            switch(detector, switch_name, not parent)
         started = time.perf_counter()
         result = detector.score_series([path])
         seconds = time.perf_counter() - started
         record = {
             "series": name,
-            "attention": "parent" if parent else "this tree",
+            "switch": "+".join(args.switch),
+            "run": "parent" if parent else "this tree",
             "per_slice": round(seconds / max(len(result.instances), 1), 4),
             "verdict": result.verdict,
             "score": result.score,

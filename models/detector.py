@@ -21,6 +21,7 @@ import dataclasses
 import heapq
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from models.diffusion import GaussianDiffusion
 from models.fused import FusionConfig, SliceCues, fuse_series, slice_cues
 from models.merged_passes import MergedPasses
 from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
+from models.pass_ahead import PassAhead
 from models.preprocess import PathOrDataset, open_dataset, to_unit
 from models.readahead import read_ahead
 from models.reference import Reference, ReferenceKey, ReferenceSet, reference_key
@@ -51,6 +53,7 @@ from models.results import (
     SeriesResult,
     verdict_for,
 )
+from models.row_threads import RowThreads
 from models.series import SeriesGroup, SliceRef, adjacent, expand_paths, group_series, iter_slices, usual_spacing
 from models.tiling import residual_tiles, residual_whole
 from models.windowing import Window, unit_to_model
@@ -157,8 +160,12 @@ class Detector:
         self.metadata = metadata
         # Series scored on threads of their own (a study's, or several studies') share the model's passes:
         # same-shape inputs waiting together run as one batch (models/merged_passes.py).
+        # On the CPU each pass's rows then run on threads of their own, one torch thread each (models/row_threads.py).
         rows = self.options.batch_size * (8 if self.options.mode == "tiles" else 1)
-        self.model_passes = MergedPasses(self._residual_batch_alone, rows)
+        self.row_threads = RowThreads(self._residual_batch_alone)
+        self.model_passes = MergedPasses(self.row_threads, rows)
+        # A series' next batch goes through the model while the batch before it is finished (models/pass_ahead.py).
+        self.pass_ahead = PassAhead()
         self.anomaly = AnomalyModel.from_metadata(metadata.anomaly)
         # Fused cues (issue 12): None for a model whose metadata has no fusion block (the BTD-only scoring).
         self.fusion = FusionConfig.from_metadata(metadata.fusion)
@@ -386,19 +393,33 @@ class Detector:
             lambda entry, around: self._finish(entry, around, on_map, kept, on_flagged, spacing, header), spacing
         )
 
-        def flush() -> None:
+        ahead: tuple[list[tuple[SliceRef, np.ndarray]], Future[list[np.ndarray]]] | None = None
+
+        def finish(batch: list[tuple[SliceRef, np.ndarray]], residuals: Future[list[np.ndarray]]) -> None:
+            for entry in self._mapped(batch, residuals.result()):
+                instances.extend(chain.push(entry))
+            if progress:
+                progress(len(batch))
+
+        def flush(drain: bool = False) -> None:
+            """Start the pending batch's model pass, finish the batch before it meanwhile; `drain`: finish all."""
+            nonlocal ahead
+            previous, ahead = ahead, None
             if pending:
-                for entry in self._map_batch(pending):
-                    instances.extend(chain.push(entry))
-                if progress:
-                    progress(len(pending))
+                batch = pending.copy()
                 pending.clear()
+                ahead = (batch, self.pass_ahead.submit(self.residual_maps, [values for _, values in batch]))
+            if previous is not None:
+                finish(*previous)
+            if drain and ahead is not None:
+                last, ahead = ahead, None
+                finish(*last)
 
         for ref, values, reason in read_ahead(iter_slices(group), depth=self.options.read_ahead or 0):
             if mismatch and not reason:
                 reason = mismatch
             if reason or values is None:
-                flush()  # a slice that cannot be judged breaks the chain of neighbours
+                flush(drain=True)  # a slice that cannot be judged breaks the chain of neighbours
                 instances.extend(chain.close())
                 instances.append(_not_assessed(ref, reason or "no pixels"))
                 if progress:
@@ -407,7 +428,7 @@ class Detector:
             pending.append((ref, values))
             if len(pending) >= (self.options.batch_size or 1):
                 flush()
-        flush()
+        flush(drain=True)
         instances.extend(chain.close())
         if self.fusion is not None and header is not None:
             return self._fused_result(group, instances, kept, header, reference, on_flagged)
@@ -419,8 +440,7 @@ class Detector:
                     on_flagged(instance, residual)
         return self._series_result(group, instances)
 
-    def _map_batch(self, batch: list[tuple[SliceRef, np.ndarray]]) -> list[_Mapped]:
-        residuals = self.residual_maps([values for _, values in batch])
+    def _mapped(self, batch: list[tuple[SliceRef, np.ndarray]], residuals: list[np.ndarray]) -> list[_Mapped]:
         return [
             _Mapped(ref, residual, self.anomaly.slice_map(residual, values), values if self.fusion else None)
             for (ref, values), residual in zip(batch, residuals, strict=True)

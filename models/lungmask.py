@@ -30,7 +30,7 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 # Scoring one slice asks for the same masks several times (where to run the model, its search region, the
 # tissue features, the cues): each is computed once per slice content and handed out as a copy.
-_masks = ContentCache(slots=8)
+_masks = ContentCache(slots=12)
 
 
 def _remembered(kind: str, hu: np.ndarray, extra: int, compute: Callable[[], np.ndarray]) -> np.ndarray:

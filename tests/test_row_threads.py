@@ -1,0 +1,107 @@
+"""A CPU pass split by rows over threads (models/row_threads.py): the rows of the batched pass, each thread with
+its share of torch's threads, errors passed on, and the count later threads inherit left as it was."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from models.row_threads import RowThreads
+
+
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inherited_count() -> int:
+    """torch's thread count in a thread started now, once it has run a parallel operation."""
+    seen: list[int] = []
+
+    def probe() -> None:
+        torch.zeros(1 << 16).add_(1)
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_rows_run_on_threads_of_their_own_with_one_torch_thread_each(two_torch_threads: None) -> None:
+    calls: list[tuple[str, int, int]] = []
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+
+    def rows_pass(x: torch.Tensor) -> torch.Tensor:
+        calls.append((threading.current_thread().name, torch.get_num_threads(), int(x.shape[0])))
+        return torch.tanh(x @ weight)
+
+    x = torch.randn(5, 100, 32, generator=torch.Generator().manual_seed(2))
+    split = RowThreads(rows_pass)(x)
+    whole = rows_pass(x)
+    assert split.shape == whole.shape
+    assert (split - whole).abs().max().item() <= 1e-6
+    pooled = [call for call in calls[:-1]]
+    assert sorted(rows for _, _, rows in pooled) == [2, 3]
+    assert all(name.startswith("btd-rows-2x1") and threads == 1 for name, threads, _ in pooled)
+    assert len({name for name, _, _ in pooled}) == 2
+    assert torch.get_num_threads() == 2  # the caller keeps its count
+    assert _inherited_count() == 2  # and so do threads started later
+
+
+def test_one_row_one_thread_or_switched_off_runs_on_the_callers_thread(two_torch_threads: None) -> None:
+    names: list[str] = []
+
+    def rows_pass(x: torch.Tensor) -> torch.Tensor:
+        names.append(threading.current_thread().name)
+        return x * 2
+
+    rows = RowThreads(rows_pass)
+    rows(torch.ones(1, 4))
+    rows.enabled = False
+    rows(torch.ones(3, 4))
+    rows.enabled = True
+    torch.set_num_threads(1)
+    rows(torch.ones(3, 4))
+    assert names == [threading.current_thread().name] * 3
+
+
+def test_an_error_in_one_rows_pass_reaches_the_caller(two_torch_threads: None) -> None:
+    def rows_pass(x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0] > 0:
+            raise RuntimeError("out of memory in a row pass")
+        return x
+
+    x = torch.tensor([[-1.0], [1.0]])
+    with pytest.raises(RuntimeError, match="out of memory in a row pass"):
+        RowThreads(rows_pass)(x)
+
+
+def _score_in_child(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    torch.set_num_threads(2)
+    out = RowThreads(lambda x: x + 1)(torch.zeros(4, 3))
+    queue.put(out.sum().item())
+
+
+def test_a_forked_child_builds_its_own_pool(two_torch_threads: None) -> None:
+    """The parent's pool threads do not exist in a forked child (a Celery prefork worker): it must not wait
+    for them."""
+    RowThreads(lambda x: x)(torch.zeros(2, 3))  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_score_in_child, args=(queue,), daemon=True)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung waiting for its parent's pool threads")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 12.0
