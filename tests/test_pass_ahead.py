@@ -3,7 +3,6 @@ real series, with a broken slice in the middle, exactly as it does with passes i
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 import threading
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from helpers_fork import result_in_forked_child
 
 from models.corpus import DEFAULT_DATA_ROOT
 from models.pass_ahead import PassAhead
@@ -41,23 +41,10 @@ def test_switched_off_it_runs_on_the_callers_thread_and_keeps_errors_for_result(
         failed.result()
 
 
-def _submit_in_child(ahead: PassAhead, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    queue.put(ahead.submit(sum, [1, 2, 3]).result(timeout=20))
-
-
 def test_a_forked_child_gets_a_thread_of_its_own() -> None:
     ahead = PassAhead()
     assert ahead.submit(sum, [1]).result() == 1  # the parent's thread exists
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_submit_in_child, args=(ahead, queue), daemon=True)
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the forked child waited for its parent's thread")
-    assert child.exitcode == 0 and queue.get(timeout=5) == 6
+    assert result_in_forked_child(lambda: ahead.submit(sum, [1, 2, 3]).result(timeout=20)) == 6
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ its share of torch's threads, errors passed on, and the count later threads inhe
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers_fork import result_in_forked_child
 
 from models.row_threads import RowThreads
 
@@ -39,16 +39,19 @@ def test_rows_run_on_threads_of_their_own_with_one_torch_thread_each(two_torch_t
     calls: list[tuple[str, int, int]] = []
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
 
+    both_running = threading.Barrier(2, timeout=30)  # the two halves run at the same time, on two threads
+
     def rows_pass(x: torch.Tensor) -> torch.Tensor:
         calls.append((threading.current_thread().name, torch.get_num_threads(), int(x.shape[0])))
+        both_running.wait()
         return torch.tanh(x @ weight)
 
     x = torch.randn(5, 100, 32, generator=torch.Generator().manual_seed(2))
     split = RowThreads(rows_pass)(x)
-    whole = rows_pass(x)
+    whole = torch.tanh(x @ weight)
     assert split.shape == whole.shape
     assert (split - whole).abs().max().item() <= 1e-6
-    pooled = [call for call in calls[:-1]]
+    pooled = list(calls)
     assert sorted(rows for _, _, rows in pooled) == [2, 3]
     assert all(name.startswith("btd-rows-2x1") and threads == 1 for name, threads, _ in pooled)
     assert len({name for name, _, _ in pooled}) == 2
@@ -84,24 +87,13 @@ def test_an_error_in_one_rows_pass_reaches_the_caller(two_torch_threads: None) -
         RowThreads(rows_pass)(x)
 
 
-def _score_in_child(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _score_in_child() -> float:
     torch.set_num_threads(2)
-    out = RowThreads(lambda x: x + 1)(torch.zeros(4, 3))
-    queue.put(out.sum().item())
+    return float(RowThreads(lambda x: x + 1)(torch.zeros(4, 3)).sum().item())
 
 
 def test_a_forked_child_builds_its_own_pool(two_torch_threads: None) -> None:
     """The parent's pool threads do not exist in a forked child (a Celery prefork worker): it must not wait
     for them."""
     RowThreads(lambda x: x)(torch.zeros(2, 3))  # the parent's pool exists
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_score_in_child, args=(queue,), daemon=True)
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the forked child hung waiting for its parent's pool threads")
-    assert child.exitcode == 0
-    assert queue.get(timeout=5) == 12.0
+    assert result_in_forked_child(_score_in_child) == 12.0
