@@ -12,6 +12,8 @@ never a pass.
 
 Streaming: slices are decoded and run through the model a batch at a time; each slice is finished when the
 next one is known, so at most three slices' maps are held at once, and results hold only scores and regions.
+The next batch's model pass runs while the one before it is finished (models/pass_ahead.py); on the CPU a
+pass's slices run on threads of their own (models/row_threads.py).
 """
 
 from __future__ import annotations
