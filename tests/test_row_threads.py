@@ -3,12 +3,14 @@ its share of torch's threads, errors passed on, and the count later threads inhe
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers_fork import result_in_forked_child
 
 from models.row_threads import RowThreads
 
@@ -87,19 +89,26 @@ def test_an_error_in_one_rows_pass_reaches_the_caller(two_torch_threads: None) -
         RowThreads(rows_pass)(x)
 
 
-def _pools_known_in_child() -> int:
-    from models import row_threads
-
-    return len(row_threads._pools)
-
-
 def test_a_forked_child_forgets_its_parents_pool(two_torch_threads: None) -> None:
     """The parent's pool threads do not exist in a forked child (a Celery prefork worker): the child must build
-    its own pool instead of queueing work for threads that will never take it. (The child does not run torch's
-    parallel operations here: GNU OpenMP itself is not safe to use in a child forked after the parent used it,
-    which is why the worker's parent process never imports torch.)"""
+    its own pool instead of queueing work for threads that will never take it. The child only reads the pool
+    registry and leaves with os._exit: GNU OpenMP hangs in a child forked after its parent ran parallel torch
+    operations (the Celery parent never imports torch), and the child must not run the parent's exit hooks."""
     from models import row_threads
 
     RowThreads(lambda x: x)(torch.zeros(2, 3))  # the parent's pool exists
     assert len(row_threads._pools) >= 1
-    assert result_in_forked_child(_pools_known_in_child) == 0
+    pid = os.fork()
+    if pid == 0:  # the child
+        os._exit(0 if not row_threads._pools else 3)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not exit")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child still knew its parent's pool"
