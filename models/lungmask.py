@@ -29,7 +29,8 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 # Scoring one slice asks for the same masks several times (where to run the model, its search region, the
-# tissue features, the cues): each is computed once per slice content and handed out as a copy.
+# tissue features, the cues): each is computed once per slice content and handed out as a copy. 12 images: the batch
+# being finished, its neighbours and the batch whose pass runs ahead (models/pass_ahead.py).
 _masks = ContentCache(slots=12)
 
 

@@ -1,5 +1,5 @@
-"""Running a function in a forked child, as a Celery prefork worker runs scoring: what a parent's threads left
-behind must not make the child wait for threads that did not survive the fork."""
+"""Running a function in a forked child (multiprocessing), as a Celery prefork worker runs scoring: what a
+parent's threads left behind must not make the child wait for threads that did not survive the fork."""
 
 from __future__ import annotations
 
