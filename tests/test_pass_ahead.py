@@ -49,15 +49,16 @@ def test_a_forked_child_gets_a_thread_of_its_own() -> None:
 
 @pytest.fixture
 def series_with_a_broken_slice(tmp_path: Path) -> list[Path]:
-    """A real chest CT series (12 slices with lungs), the fifth along the body with its pixel data truncated: not
-    assessed, it breaks the chain of neighbours, so the batches before it are finished there."""
+    """A real chest CT series (12 slices with lungs), the sixth along the body with its pixel data truncated: not
+    assessed, it breaks the chain of neighbours, so everything before it is finished there, the fifth slice too,
+    whose pass (a batch of one, the detector batching two) is still ahead when the broken slice is read."""
     if not LIDC2.is_dir():
         pytest.skip("shared chest-CT corpus not present")
     files = sorted(LIDC2.rglob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation))
     copies = [Path(shutil.copy(f, tmp_path / f"{n:02d}.dcm")) for n, f in enumerate(files)]
-    broken = pydicom.dcmread(copies[4])
+    broken = pydicom.dcmread(copies[5])
     broken.PixelData = broken.PixelData[:100]
-    broken.save_as(copies[4])
+    broken.save_as(copies[5])
     return copies
 
 
@@ -83,6 +84,8 @@ def test_a_detector_passing_ahead_scores_a_series_the_same(series_with_a_broken_
         return [(i.sop_instance_uid, i.score, i.verdict, i.reason) for i in result.instances]  # type: ignore[attr-defined]
 
     assert summary(ahead) == summary(in_turn)
+    in_slice_order = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in series_with_a_broken_slice]
+    assert [i.sop_instance_uid for i in ahead.instances] == in_slice_order  # the fifth before the broken sixth
     assert (ahead.verdict, ahead.score) == (in_turn.verdict, in_turn.score)
     assert [c.score for c in ahead.cues] == [c.score for c in in_turn.cues]
     scored = [i for i in ahead.instances if i.score is not None]
