@@ -219,6 +219,56 @@ def test_negotiation_accepts_supported_syntaxes_and_refuses_the_rest() -> None:
         assert results[5].result == 0x04  # transfer syntaxes not supported
 
 
+def test_a_repeated_association_request_is_decoded_once_and_judged_every_time() -> None:
+    """storescu proposes 128 contexts in the same ~9.6 kB request every time: it is decoded and negotiated once;
+    the checks that belong to the connection (the peer's address, its AE title) still run for each."""
+    path = sorted(CT_SERIES.glob("CT.*"))[0]
+    with running_server() as (server, recorder):
+        port = str(server.server_address[1])
+        store = ["storescu", "-xv", "-aet", "REPEAT", "-aec", "BTD", "127.0.0.1", port, str(path)]
+
+        def send() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(store, capture_output=True, text=True, timeout=30)
+
+        for _ in range(3):
+            assert send().returncode == 0
+        assert len(recorder.requests) == 3 and server.negotiations.decoded == 1
+        server.acceptor.peer_allowed = lambda _address: False
+        refused = send()
+        assert refused.returncode != 0 and "Association Rejected" in refused.stderr + refused.stdout
+        server.acceptor.peer_allowed = lambda _address: True
+        server.acceptor.allowed_aets = ["SOMEONE"]
+        assert send().returncode != 0
+        server.acceptor.allowed_aets = []
+        assert send().returncode == 0
+        assert len(recorder.requests) == 4 and server.negotiations.decoded == 1
+        assert_still_serving(server)  # pynetdicom's request: another one, decoded for itself
+        assert server.negotiations.decoded == 2
+
+
+def test_negotiations_keep_the_latest_requests_and_answer_as_a_fresh_negotiation() -> None:
+    from service.dicom.negotiation import Negotiations
+    from service.dicom.scp import ProtocolError
+
+    def body(context_id: int, max_pdu: int = 16384) -> bytes:
+        return associate_rq([(context_id, CTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian])], max_pdu)[6:]
+
+    negotiations = Negotiations(list(supported_contexts()), kept=2)
+    first = negotiations.request(body(1))
+    assert first.peer_max_pdu == 16384 and first.calling == "RAWPEER" and first.called == "BTD"
+    assert dict(first.acceptance.syntaxes) == {1: ExplicitVRLittleEndian}
+    assert negotiations.request(body(1)) is first and negotiations.decoded == 1
+    fresh = Negotiations(list(supported_contexts())).request(body(1))
+    assert fresh.acceptance.accept_pdu == first.acceptance.accept_pdu
+    negotiations.request(body(3))
+    negotiations.request(body(5, max_pdu=4096))  # a third distinct request: the least recently used goes
+    assert negotiations.decoded == 3 and negotiations.request(body(5, max_pdu=4096)).peer_max_pdu == 4096
+    assert negotiations.request(body(1)) is not first and negotiations.decoded == 4
+    with pytest.raises(ProtocolError):
+        negotiations.request(b"\x00\x01 not a request")
+    assert negotiations.decoded == 4
+
+
 def test_unsupported_requests_are_answered_and_the_association_goes_on() -> None:
     with (
         running_server() as (server, _),

@@ -9,7 +9,8 @@ the answer at once: nothing polls.
 
 What still comes from pynetdicom is the acceptor's protocol knowledge: A-ASSOCIATE-RQ/AC decoding and
 encoding (`pynetdicom.pdu`), presentation-context negotiation (`negotiate_as_acceptor`, SCP/SCU role
-selection included) and the implementation UID. The fixed-layout PDUs (A-ASSOCIATE-RJ, A-RELEASE-RP,
+selection included) and the implementation UID, worked out once per distinct request
+(service/dicom/negotiation.py). The fixed-layout PDUs (A-ASSOCIATE-RJ, A-RELEASE-RP,
 A-ABORT), P-DATA-TF and the command sets (Implicit VR Little Endian, PS3.7 section 9.3 and annex E) are
 btd's own codecs in `core.dicom.wire`, shared with the sender (`core.dicom.scu`), the requestor side.
 
@@ -29,21 +30,12 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 
 from core.dicom.wire import (
     A_ABORT_TYPE,
@@ -75,6 +67,7 @@ from core.dicom.wire import (
     uid_bytes,  # noqa: F401 - part of this module's interface, as before the codecs moved
 )
 from core.observability.logs import log_event
+from service.dicom.negotiation import Negotiations, Request
 
 log = logging.getLogger("btd.listener")
 
@@ -183,10 +176,10 @@ class Association:
         self.settings = server.acceptor
         self.peer = Peer("", address[0], address[1])
         self.called = ""  # the AE title the peer called us by
-        self.contexts: dict[int, PresentationContext] = {}
-        # each accepted context's transfer syntax, built once: a pydicom UID validates its value when made
-        # (~20 us, under the interpreter lock, for every C-STORE before this)
-        self.syntaxes: dict[int, UID] = {}
+        # each accepted presentation context's transfer syntax, by context ID, built once per distinct request
+        # (service/dicom/negotiation.py): a pydicom UID validates its value when made (~20 us, under the
+        # interpreter lock, for every C-STORE before this)
+        self.syntaxes: Mapping[int, UID] = {}
         self.peer_max_pdu = 0
         self.stopping = False
         self.busy = False
@@ -203,28 +196,26 @@ class Association:
         pdu_type, body = pdu
         if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise ProtocolError(ABORT_UNEXPECTED_PDU, f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
-        request = A_ASSOCIATE_RQ()
-        try:
-            request.decode(struct.pack(">BBI", A_ASSOCIATE_RQ_TYPE, 0, len(body)) + bytes(body))
-            primitive = request.to_primitive()
-        except Exception as exc:  # pynetdicom raises several kinds on malformed items
-            raise ProtocolError(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ does not decode: {exc}") from exc
-        calling = str(primitive.calling_ae_title or "").strip()
-        self.peer = Peer(calling, self.address[0], self.address[1])
-        self.called = str(primitive.called_ae_title or "").strip()
-        rejection = self._rejection(request, primitive, calling)
+        request = self.server.negotiations.request(bytes(body))  # decoded once per distinct request
+        self.peer = Peer(request.calling, self.address[0], self.address[1])
+        self.called = request.called
+        rejection = self._rejection(request)
         if rejection is not None:
             self.socket.sendall(reject_pdu(*rejection))
             return False
-        self._accept(primitive)
+        acceptance = request.acceptance
+        self.syntaxes = acceptance.syntaxes
+        self.peer_max_pdu = request.peer_max_pdu
+        self.socket.sendall(acceptance.accept_pdu)
         self.settings.on_association("accepted", self.peer)
         return True
 
-    def _rejection(self, request: A_ASSOCIATE_RQ, primitive: A_ASSOCIATE, calling: str) -> tuple[int, ...] | None:
+    def _rejection(self, request: Request) -> tuple[int, ...] | None:
+        """What this connection is refused for, if anything: judged for every association, never remembered."""
         if not self.settings.peer_allowed(self.peer.address):
             self.settings.on_association("rejected_ip", self.peer)
             return REJECT_NO_REASON
-        if self.settings.allowed_aets and calling not in self.settings.allowed_aets:
+        if self.settings.allowed_aets and request.calling not in self.settings.allowed_aets:
             self.settings.on_association("rejected_aet", self.peer)
             return REJECT_CALLING_AE
         if self.settings.called_aets and self.called not in self.settings.called_aets:
@@ -233,43 +224,13 @@ class Association:
         if not (request.protocol_version & 0x0001):
             self.settings.on_association("rejected_protocol", self.peer)
             return REJECT_PROTOCOL_VERSION
-        if str(primitive.application_context_name) != APPLICATION_CONTEXT:
+        if request.application_context != APPLICATION_CONTEXT:
             self.settings.on_association("rejected_context_name", self.peer)
             return REJECT_CONTEXT_NAME
         if self.server.association_count() > self.settings.max_associations:
             self.settings.on_association("rejected_busy", self.peer)
             return REJECT_TOO_MANY
         return None
-
-    def _accept(self, primitive: A_ASSOCIATE) -> None:
-        roles = {}
-        for item in primitive.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                self.peer_max_pdu = int(item.maximum_length_received or 0)
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
-        results, reply_roles = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, self.settings.contexts, roles
-        )
-        self.contexts = {int(cx.context_id): cx for cx in results if cx.result == 0x00 and cx.context_id is not None}
-        self.syntaxes = {context_id: UID(str(cx.transfer_syntax[0])) for context_id, cx in self.contexts.items()}
-        answer = A_ASSOCIATE()
-        answer.application_context_name = UID(APPLICATION_CONTEXT)
-        answer.calling_ae_title = primitive.calling_ae_title
-        answer.called_ae_title = primitive.called_ae_title
-        answer.result = 0x00
-        answer.result_source = 0x01
-        answer.presentation_context_definition_results_list = results
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = 0  # no limit: peers send large PDUs, fewer reads per instance
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        answer.user_information = [maximum, implementation, version, *reply_roles]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(answer)
-        self.socket.sendall(pdu.encode())
 
     # -- data transfer
 
@@ -314,7 +275,7 @@ class Association:
                 raise ProtocolError(ABORT_INVALID_PARAMETER, "PDV item length out of range")
             value = view[offset + 6 : offset + 4 + length]
             offset += 4 + length
-            if context_id not in self.contexts:
+            if context_id not in self.syntaxes:
                 raise ProtocolError(ABORT_INVALID_PARAMETER, f"presentation context {context_id} not accepted")
             if message is None:
                 message = _Message(context_id)
@@ -409,6 +370,7 @@ class DicomServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     ) -> None:
         self.acceptor = acceptor
         self.store = store
+        self.negotiations = Negotiations(acceptor.contexts)  # the acceptor's contexts are fixed from here on
         self._associations: set[Association] = set()
         self._lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
