@@ -439,7 +439,9 @@ def send_storescu_parallel(
     chunks = [files[k::associations] for k in range(associations)]
     procs = [
         subprocess.Popen(
-            ["storescu", "-xe", "-aet", f"{SENDER_AET}{k}", "-aec", RECEIVER_AET, "127.0.0.1", str(port)]
+            # One calling AE title for all, as a PACS's associations have: since 2026-12-04 (d73eef0) the listener
+            # negotiates each distinct request once, and the warm-up's request is the same as these.
+            ["storescu", "-xe", "-aet", SENDER_AET, "-aec", RECEIVER_AET, "127.0.0.1", str(port)]
             + [str(f) for f in chunk],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

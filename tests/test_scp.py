@@ -247,7 +247,7 @@ def test_a_repeated_association_request_is_decoded_once_and_judged_every_time() 
 
 
 def test_negotiations_keep_the_latest_requests_and_answer_as_a_fresh_negotiation() -> None:
-    from service.dicom.negotiation import Negotiations
+    from service.dicom.negotiation import KEPT_REQUEST_BYTES, Negotiations
     from service.dicom.scp import ProtocolError
 
     def body(context_id: int, max_pdu: int = 16384) -> bytes:
@@ -267,6 +267,12 @@ def test_negotiations_keep_the_latest_requests_and_answer_as_a_fresh_negotiation
     with pytest.raises(ProtocolError):
         negotiations.request(b"\x00\x01 not a request")
     assert negotiations.decoded == 4
+    syntaxes = [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 90)]
+    many = [(n, CTImageStorage, syntaxes) for n in range(1, 256, 2)]  # 128 contexts of 40 syntaxes: not kept
+    huge = associate_rq(many)[6:]
+    assert len(huge) > KEPT_REQUEST_BYTES
+    assert negotiations.request(huge) is not negotiations.request(huge) and negotiations.decoded == 4
+    assert negotiations.request(body(1)).peer_max_pdu == 16384  # what was kept stayed
 
 
 def test_unsupported_requests_are_answered_and_the_association_goes_on() -> None:

@@ -39,6 +39,9 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from core.dicom.wire import A_ASSOCIATE_RQ_TYPE, ABORT_INVALID_PARAMETER, APPLICATION_CONTEXT, ProtocolError
 
 KEPT = 64  # distinct requests remembered per server: a site's PACS, modalities and workstations
+# A request longer than this is decoded every time and not remembered: a real one is ~10 kB for 128 contexts, and
+# peers that are refused still reach the cache, so what it can hold stays small (KEPT x this at most).
+KEPT_REQUEST_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class Negotiations:
         except Exception as exc:  # pynetdicom raises several kinds on malformed items
             raise ProtocolError(ABORT_INVALID_PARAMETER, f"A-ASSOCIATE-RQ does not decode: {exc}") from exc
         request = Request(pdu, primitive, self.contexts)
+        if len(body) > KEPT_REQUEST_BYTES:
+            return request
         with self._lock:
             self.decoded += 1
             self._requests[body] = request
