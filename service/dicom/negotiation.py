@@ -7,8 +7,8 @@ the interpreter lock the listener's associations share (a ~9.6 kB request, 2026-
 with eight associations sending one study, about a tenth of the listener's lock time. The answer is a pure
 function of the request's bytes and the acceptor's contexts, which are fixed for a server's life, so each
 server remembers the answers to the last few distinct requests (`KEPT`) and a repeated request costs a
-dictionary lookup. What must be judged per connection (the peer's address, the number of associations) is
-not remembered: the association checks it every time (service/dicom/scp.py).
+dictionary lookup. What must be judged per connection (the peer's address, its AE titles against the allowed
+lists, the number of associations) is not remembered: the association checks it every time (service/dicom/scp.py).
 
 The protocol knowledge is still pynetdicom's: `A_ASSOCIATE_RQ` decoding, `negotiate_as_acceptor` (SCP/SCU
 role selection included), `A_ASSOCIATE_AC` encoding and the implementation UID.
@@ -104,7 +104,7 @@ class Negotiations:
     def __init__(self, contexts: Sequence[PresentationContext], kept: int = KEPT) -> None:
         self.contexts = tuple(contexts)
         self.kept = kept
-        self.decoded = 0  # requests decoded (not found among those kept): tests and benchmarks read it
+        self.decoded = 0  # requests decoded and then kept (not found among those kept before): tests read it
         self._requests: OrderedDict[bytes, Request] = OrderedDict()
         self._lock = threading.Lock()
 
