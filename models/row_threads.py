@@ -72,7 +72,7 @@ def row_pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
 class RowThreads:
     """``fn`` on a (B, ...) batch; on the CPU with B >= 2 and several torch threads, its rows split over a pool.
 
-    `enabled` switches the split off (benchmarks/row_threads_ab.py compares the two in one process).
+    `enabled` switches the split off (`benchmarks/scoring_ab.py --switch rows` compares the two in one process).
     """
 
     def __init__(self, fn: PassFn) -> None:
