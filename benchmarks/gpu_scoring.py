@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,17 @@ LIDC = REPO.parent / "shared" / "data" / "chest-ct" / "lidc-idri" / "LIDC-IDRI-0
 FIXTURE_SERIES = REPO / "tests" / "fixtures" / "ct_series_20"
 
 
-def source_slices() -> list[Path]:
-    found = sorted(LIDC.glob("*.dcm")) if LIDC.is_dir() else []
+def source_slices(source: Path | None = None) -> list[Path]:
+    folder = source or LIDC
+    found = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+    if source is not None and not found:
+        raise SystemExit(f"--source {source}: no .dcm files there")
     return found or sorted(FIXTURE_SERIES.glob("CT.*"))
 
 
-def make_study(out_dir: Path, n: int) -> list[Path]:
+def make_study(out_dir: Path, n: int, source: Path | None = None) -> list[Path]:
     """N slices of one series (real slices cycled, each with its own UIDs and position), as files."""
-    sources = source_slices()
+    sources = source_slices(source)
     series_uid, study_uid = generate_uid(), generate_uid()
     paths = []
     for index in range(n):
@@ -139,6 +143,97 @@ def study_throughput(detector: Detector, paths: list[Path], n_series: int, workd
     return rows
 
 
+def pass_sweep(args: argparse.Namespace, device: str, cuda: bool, channels: int) -> list[dict[str, Any]]:
+    """The model pass alone on whole 512 x 512 slices already on the device, per batch size and precision:
+    the GPU's own rate, without the per-slice CPU work (masks, decoding) that the end-to-end rows include."""
+    rows = []
+    for batch in [int(b) for b in (args.sweep or ("8,16,32,64,128" if cuda else "2")).split(",")]:
+        for precision in ("bf16", "fp32"):
+            try:
+                detector = Detector.load(args.model, device=device, batch_size=batch, precision=precision)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                x = torch.rand(batch, channels, 512, 512, device=detector.device) * 2 - 1
+                detector._residual_batch_alone(x)  # warm-up
+                synchronize(detector.device)
+                passes = max(2, -(-256 // batch)) if cuda else 1
+                started = time.perf_counter()
+                for _ in range(passes):
+                    detector._residual_batch_alone(x)
+                synchronize(detector.device)
+                rate = passes * batch / (time.perf_counter() - started)
+                rows.append(
+                    {
+                        "pass_batch_size": batch,
+                        "precision": precision,
+                        "pass_slices_per_s": round(rate, 2),
+                        "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
+                    }
+                )
+                del detector, x
+            except Exception as error:  # noqa: BLE001 - recorded in the report, then the next size
+                traceback.print_exc()
+                rows.append({"pass_batch_size": batch, "precision": precision, "error": repr(error)[:500]})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def measure_row(
+    args: argparse.Namespace,
+    device: str,
+    cuda: bool,
+    batch: int,
+    precision: str,
+    values: list[np.ndarray],
+    paths: list[Path],
+    workdir: Path,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """One batch size and precision: model and end-to-end slices/s, peak memory, the study's series."""
+    detector = Detector.load(args.model, device=device, batch_size=batch, precision=precision)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model_rate = model_throughput(detector, values, args.repeats)
+    e2e_rate, result = end_to_end(detector, paths)
+    results[precision] = result
+    return {
+        "batch_size": batch,
+        "precision": precision,
+        "model_slices_per_s": round(model_rate, 2),
+        "end_to_end_slices_per_s": round(e2e_rate, 2),
+        "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
+        "study": study_throughput(detector, paths, args.series or (4 if cuda else 2), workdir),
+    }
+
+
+def profile_pass(args: argparse.Namespace, device: str, values: list[np.ndarray]) -> dict[str, Any]:
+    """Where one batch's model pass spends its time (torch.profiler, top operators by device time):
+    what to speed up next if the slices/s fall short."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = max(int(b) for b in (args.batch_sizes or "2").split(","))
+    detector = Detector.load(args.model, device=device, batch_size=batch, precision="auto")
+    chunk = values[:batch]
+    detector.residual_maps(chunk)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        detector.residual_maps(chunk)
+        synchronize(detector.device)
+    averages = prof.key_averages()
+    table, sort_by = "", ""
+    keys = (["self_device_time_total", "self_cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]
+    for sort_by in keys:
+        try:
+            table = averages.table(sort_by=sort_by, row_limit=25)
+            break
+        except (KeyError, AttributeError, ValueError):
+            continue
+    print(table, file=sys.stderr)
+    return {"batch_size": batch, "slices": len(chunk), "sort_by": sort_by, "table": table}
+
+
 def compare(fp32: Any, bf16: Any) -> dict[str, Any]:
     """How far bf16 moves each slice's score from fp32's, and whether a verdict changes."""
     diffs, relative, changed = [], [], 0
@@ -164,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the study for the model throughput")
     parser.add_argument("--series", type=int, default=None, help="series the study is cut into (default 4 GPU, 2 CPU)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--source", type=Path, default=None, help="folder of real .dcm slices (default LIDC-IDRI-0001)")
+    parser.add_argument("--sweep", default=None, help="batch sizes of the pass-alone sweep (default 8,...,128 GPU)")
+    parser.add_argument("--profile", action="store_true", help="then profile one pass at the largest batch size")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -184,32 +282,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="gpu-scoring-"))
     try:
-        paths = make_study(workdir, n)
+        meta["pass_sweep"] = pass_sweep(args, device, cuda, int(Detector.load(args.model, device="cpu").info.channels))
+        paths = make_study(workdir, n, args.source)
         values = [read_hu(pydicom.dcmread(p))[0] for p in paths]  # (H, W) in HU: the first (only) frame
         for batch in batch_sizes:
             results = {}
             for precision in ("fp32", "bf16"):
-                detector = Detector.load(args.model, device=device, batch_size=batch, precision=precision)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                model_rate = model_throughput(detector, values, args.repeats)
-                e2e_rate, result = end_to_end(detector, paths)
-                results[precision] = result
-                rows.append(
-                    {
-                        "batch_size": batch,
-                        "precision": precision,
-                        "model_slices_per_s": round(model_rate, 2),
-                        "end_to_end_slices_per_s": round(e2e_rate, 2),
-                        "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
-                        "study": study_throughput(detector, paths, args.series or (4 if cuda else 2), workdir),
-                    }
-                )
+                # A failure in one row (memory at a large batch, say) is recorded and the others still run:
+                # a device call is short and cannot be repeated at will.
+                try:
+                    rows.append(measure_row(args, device, cuda, batch, precision, values, paths, workdir, results))
+                except Exception as error:  # noqa: BLE001 - recorded in the report, then the next row
+                    traceback.print_exc()
+                    rows.append({"batch_size": batch, "precision": precision, "error": repr(error)[:500]})
                 print(json.dumps(rows[-1]), file=sys.stderr)
-                del detector
                 if cuda:
                     torch.cuda.empty_cache()
-            rows[-1]["bf16_vs_fp32"] = compare(results["fp32"], results["bf16"])
+            if len(results) == 2:
+                rows[-1]["bf16_vs_fp32"] = compare(results["fp32"], results["bf16"])
+        if args.profile:
+            try:
+                meta["profile"] = profile_pass(args, device, values)
+            except Exception as error:  # noqa: BLE001 - recorded, the figures above stand
+                traceback.print_exc()
+                meta["profile"] = {"error": repr(error)[:500]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"meta": meta, "rows": rows}

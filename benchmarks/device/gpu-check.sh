@@ -16,5 +16,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-scoring.log"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu-scoring.log"
-timeout 480 python3 benchmarks/gpu_scoring.py --slices "${SLICES:-128}" --batch-sizes "${BATCHES:-16,64}" --series 4 \
-    --repeats 2 --json "$OUT/gpu-scoring.json" 2>&1 | tee -a "$OUT/gpu-scoring.log"
+source_args=(); [ -d .whl/lidc-idri-0001 ] && source_args=(--source .whl/lidc-idri-0001)
+timeout 480 python3 benchmarks/gpu_scoring.py "${source_args[@]}" --slices "${SLICES:-128}" --batch-sizes "${BATCHES:-16,64}" --series 4 \
+    --repeats 2 --profile --json "$OUT/gpu-scoring.json" 2>&1 | tee -a "$OUT/gpu-scoring.log"
