@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     # across the studies (models/merged_passes.py), so a GPU stays busy while a study decodes, waits on the
     # database or builds its cues; each thread holds its own lease (worker/lease.py).
     studies_in_parallel: int = Field(default=1, ge=1)
+    # Scoring processes one `btd worker` runs (Celery's prefork pool, one study each, each its own model and
+    # lease). 1 (default). More: for a GPU host, where one process scores ~7 slices/s end to end, held by its
+    # per-slice work on the CPU under one interpreter lock, while the GPU passes ~400 (docs/bench/gpu.md: 16
+    # processes on one H200 with 16 cores, 88 slices/s). Each takes its share of the cores for torch unless
+    # BTD_TORCH_THREADS says otherwise; one or the other of this and BTD_STUDIES_IN_PARALLEL.
+    worker_processes: int = Field(default=1, ge=1)
     score_retries: int = 3  # scoring attempts after the first before the study is FAILED
     score_backoff_seconds: float = 10.0  # first retry delay; each later one doubles
     # How long a study must stay quiet (verdict no_evidence, not rescored or reopened) before its series teach
@@ -172,6 +178,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_way_to_run_studies_at_once(self) -> Settings:
+        if self.worker_processes > 1 and self.studies_in_parallel > 1:
+            raise ValueError(
+                "BTD_WORKER_PROCESSES > 1 and BTD_STUDIES_IN_PARALLEL > 1 together: choose one (several scoring "
+                "processes, or several studies on threads of one process)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ValueError("BTD_HTTP_TLS_CERT and BTD_HTTP_TLS_KEY go together: set both or neither")
@@ -196,6 +211,17 @@ class Settings(BaseSettings):
     def uses_sqlite(self) -> bool:
         """SQLite (the single-machine default): one writer at a time, a file beside the data."""
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def scoring_torch_threads(self) -> int | None:
+        """Torch's CPU threads in a scoring process: BTD_TORCH_THREADS, else each of BTD_WORKER_PROCESSES its
+        share of the cores (processes that each took every core would spin against each other), else None
+        (torch's default, one per core)."""
+        if self.torch_threads:
+            return self.torch_threads
+        if self.worker_processes > 1:
+            return max(1, _usable_cores() // self.worker_processes)
+        return None
 
 
 @lru_cache(maxsize=1)

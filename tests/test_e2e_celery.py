@@ -218,22 +218,11 @@ def test_celery_worker_scores_a_new_study_the_ordinary_way(stack: SimpleNamespac
     assert ready.status_code == 200 and ready.json()["checks"]["broker"]["ok"] is True
 
 
-def test_a_worker_with_studies_in_parallel_scores_two_studies_at_once_each_exactly_once(
-    stack: SimpleNamespace, tmp_path: Path
-) -> None:
-    """BTD_STUDIES_IN_PARALLEL=2: one `btd worker` process runs Celery's thread pool and two studies are
-    scoring at the same time, each under its own thread's lease, each scored once, and the worker's heartbeat
-    (published from its own process, where the tasks run) keeps /readyz green.
-
-    Why the overlap is certain: both studies go quiet within a second of each other, and each takes seconds to
-    score 20 slices; the worker holds both messages at once (two threads, prefetch 1 each)."""
+def send_two_studies(stack: SimpleNamespace, tmp_path: Path) -> list[str]:
+    """Two studies of the 20-slice fixture series sent over one association: both go quiet within a second of
+    each other, and each takes seconds to score, so a worker holding two messages scores them at once."""
     from test_e2e_embedded import series_files
 
-    for worker in stack.workers:  # only the threaded worker may take these studies
-        worker.stop()
-    env = dict(stack.worker_env, BTD_STUDIES_IN_PARALLEL="2")
-    worker = Worker(env, stack.root / "worker-threads.log")
-    stack.workers.append(worker)
     studies, paths = [], []
     for k in range(2):
         study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
@@ -252,7 +241,12 @@ def test_a_worker_with_studies_in_parallel_scores_two_studies_at_once_each_exact
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    return studies
 
+
+def scored_at_once_each_exactly_once(stack: SimpleNamespace, studies: list[str], worker: Worker) -> set[str]:
+    """Both studies scored once each (one claim, one SCORED, one attempt, every slice assessed), their scoring
+    overlapping in time, /readyz green; returns the lease holders that claimed them."""
     bodies = [
         wait_for_verdict(stack.gateway.http_port, uid, timeout=480, gateway=stack.gateway) for uid in studies
     ]
@@ -270,7 +264,38 @@ def test_a_worker_with_studies_in_parallel_scores_two_studies_at_once_each_exact
         (series,) = body["series"]
         assert series["n_instances"] == 20 and series["n_assessed"] == 20
     assert max(claimed) < min(scored), (claimed, scored)  # both were scoring at the same time
-    assert len(owners) == 2 and all("/" in owner for owner in owners)  # one lease holder per thread
-    assert len({owner.split("/")[0] for owner in owners}) == 1  # of one process
     ready = httpx.get(f"http://127.0.0.1:{stack.gateway.http_port}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
+    return owners
+
+
+def test_a_worker_with_studies_in_parallel_scores_two_studies_at_once_each_exactly_once(
+    stack: SimpleNamespace, tmp_path: Path
+) -> None:
+    """BTD_STUDIES_IN_PARALLEL=2: one `btd worker` process runs Celery's thread pool and two studies are
+    scoring at the same time, each under its own thread's lease, each scored once, and the worker's heartbeat
+    (published from its own process, where the tasks run) keeps /readyz green (the worker holds both messages
+    at once: two threads, prefetch 1 each)."""
+    for worker in stack.workers:  # only the threaded worker may take these studies
+        worker.stop()
+    worker = Worker(dict(stack.worker_env, BTD_STUDIES_IN_PARALLEL="2"), stack.root / "worker-threads.log")
+    stack.workers.append(worker)
+    owners = scored_at_once_each_exactly_once(stack, send_two_studies(stack, tmp_path), worker)
+    assert len(owners) == 2 and all("/" in owner for owner in owners)  # one lease holder per thread
+    assert len({owner.split("/")[0] for owner in owners}) == 1  # of one process
+
+
+def test_a_worker_with_two_processes_scores_two_studies_at_once_in_two_processes(
+    stack: SimpleNamespace, tmp_path: Path
+) -> None:
+    """BTD_WORKER_PROCESSES=2 (for a GPU host: docs/bench/gpu.md): one `btd worker` runs two prefork pool
+    processes, each loading its own model on its first study; the two studies score at the same time, each
+    under its own process's lease, each once, and /readyz stays green (each pool process publishes its
+    heartbeat)."""
+    for worker in stack.workers:  # only the two-process worker may take these studies
+        worker.stop()
+    worker = Worker(dict(stack.worker_env, BTD_WORKER_PROCESSES="2"), stack.root / "worker-processes.log")
+    stack.workers.append(worker)
+    owners = scored_at_once_each_exactly_once(stack, send_two_studies(stack, tmp_path), worker)
+    assert len(owners) == 2 and not any("/" in owner for owner in owners)  # a lease holder per process
+    assert len({owner.rsplit(":", 1)[-1] for owner in owners}) == 2  # two process ids

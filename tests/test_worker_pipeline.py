@@ -4,6 +4,7 @@ missing files and a broken model each end in the state the state machine promise
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -491,9 +492,25 @@ def test_the_worker_command_line_follows_studies_in_parallel(env: SimpleNamespac
 
     roles = [QueueRole.SCORING]
     one = worker_argv(env.settings, roles)
-    assert one[one.index("--concurrency") + 1] == "1" and "--pool" not in one
+    assert one[one.index("--pool") + 1] == "prefork" and one[one.index("--concurrency") + 1] == "1"
+    three = worker_argv(env.settings.model_copy(update={"worker_processes": 3}), roles)
+    assert three[three.index("--pool") + 1] == "prefork" and three[three.index("--concurrency") + 1] == "3"
     two = worker_argv(env.settings.model_copy(update={"studies_in_parallel": 2}), roles, ["-n", "w@host"])
     assert two[two.index("--pool") + 1] == "threads" and two[two.index("--concurrency") + 1] == "2"
     assert two[two.index("--prefetch-multiplier") + 1] == "1" and two[-2:] == ["-n", "w@host"]
     with pytest.raises(ValidationError):
         Settings(studies_in_parallel=0)
+    with pytest.raises(ValidationError, match="choose one"):
+        Settings(worker_processes=2, studies_in_parallel=2)
+
+
+def test_worker_processes_take_their_share_of_the_cores_unless_torch_threads_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """N scoring processes that each took every core for torch would spin against each other."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert Settings().scoring_torch_threads is None  # one process: torch's default, every core
+    assert Settings(worker_processes=4).scoring_torch_threads == 4
+    assert Settings(worker_processes=32).scoring_torch_threads == 1
+    assert Settings(worker_processes=4, torch_threads=2).scoring_torch_threads == 2
+    assert Settings(torch_threads=3).scoring_torch_threads == 3

@@ -1,10 +1,13 @@
 """`btd worker`: one Celery worker process that scores studies and builds and delivers their reports.
 
 One task at a time by default (`--concurrency 1`, prefetch 1): on the CPU the model holds every core, and a
-worker that took a second message would only make it wait. Start one process per GPU, or several CPU
-workers; they coordinate through the database, never with each other. On a GPU, BTD_STUDIES_IN_PARALLEL=N
-runs N studies on a pool of threads in one process sharing one model, whose passes merge across the
-studies (models/merged_passes.py): the device keeps working while one study decodes or waits.
+worker that took a second message would only make it wait. Start several CPU workers; they coordinate
+through the database, never with each other. On a GPU the model pass is the small part of a slice and the
+per-slice work on the CPU the large one: BTD_WORKER_PROCESSES=N runs N pool processes (the prefork pool),
+each with its own model, lease and share of the cores (16 on one H200: 88 slices/s against 7 for one,
+docs/bench/gpu.md); BTD_STUDIES_IN_PARALLEL=N instead runs N studies on a pool of threads in one process
+sharing one model, whose passes merge across the studies (models/merged_passes.py). The model is loaded in
+each pool process on its first study, never in the parent, so CUDA is first touched after the fork.
 
 Which queues: both by default (BTD_WORKER_QUEUES=scoring,reports); `btd worker --queues reports` makes a
 worker that only builds and delivers reports (no model is ever loaded by it), so a site can keep reports
@@ -49,9 +52,13 @@ def run_worker(settings: Settings, extra_args: list[str] | None = None) -> int:
 
 
 def worker_argv(settings: Settings, roles: list[QueueRole], extra_args: list[str] | None = None) -> list[str]:
-    """Celery's command line: one study per pool process, or BTD_STUDIES_IN_PARALLEL on threads of this one."""
+    """Celery's command line: one study per pool process (BTD_WORKER_PROCESSES of them, the prefork pool), or
+    BTD_STUDIES_IN_PARALLEL on threads of this one."""
     studies = settings.studies_in_parallel
-    pool = ["--pool", "threads", "--concurrency", str(studies)] if studies > 1 else ["--concurrency", "1"]
+    if studies > 1:
+        pool = ["--pool", "threads", "--concurrency", str(studies)]
+    else:
+        pool = ["--pool", "prefork", "--concurrency", str(settings.worker_processes)]
     return [
         "worker",
         "-Q",

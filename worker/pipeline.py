@@ -58,10 +58,11 @@ def get_detector(settings: Settings) -> Any:
         if _detector is None or _detector_key != key:
             from models import Detector  # torch is heavy: import it only in processes that score
 
-            if settings.torch_threads:
+            threads = settings.scoring_torch_threads
+            if threads:
                 import torch
 
-                torch.set_num_threads(settings.torch_threads)
+                torch.set_num_threads(threads)
             started = time.perf_counter()
             _detector = Detector.load(path=settings.model, device=settings.device)
             seconds = time.perf_counter() - started
