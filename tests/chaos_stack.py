@@ -213,16 +213,29 @@ class Worker:
             return False
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM to the worker's main process only, as a container's init forwards it: Celery's warm shutdown
+        lets its pool processes finish and acknowledge. Why not the whole group: in one CI-like run (2026-12-04,
+        a loaded machine) the group's SIGTERM reached a pool child 0.5 s after it finished a study, the parent
+        logged WorkerLostError for the job (task_reject_on_worker_lost requeues such a message), and the Redis
+        test's "no duplicate piled up" failed; not reproduced in two loaded reruns, but the race is real."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc.poll() is None or self._group_alive():
+            self.kill()
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 # --------------------------------------------------------------------------------------------- studies
