@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,28 @@ def study_throughput(detector: Detector, paths: list[Path], n_series: int, workd
     return rows
 
 
+def recorded(measure: Callable[[], dict[str, Any]], what: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """One row of figures, or, where measuring it failed (memory at a large batch, say), `what` with the error:
+    a device call is short and cannot be repeated at will, so the other rows still run. Printed as it ends."""
+    try:
+        row = measure()
+    except Exception as error:  # noqa: BLE001 - recorded in the report, then the next row
+        traceback.print_exc()
+        row = {**what, "error": repr(error)[:500]}
+    print(json.dumps(row), file=sys.stderr)
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
 def pass_sweep(args: argparse.Namespace, device: str, cuda: bool, channels: int) -> list[dict[str, Any]]:
     """The model pass alone on whole 512 x 512 slices already on the device, per batch size and precision:
     the GPU's own rate, without the per-slice CPU work (masks, decoding) that the end-to-end rows include."""
     rows = []
     for batch in [int(b) for b in (args.sweep or ("8,16,32,64,128" if cuda else "2")).split(",")]:
         for precision in ("bf16", "fp32"):
-            try:
+
+            def measure(batch: int = batch, precision: str = precision) -> dict[str, Any]:
                 detector = Detector.load(args.model, device=device, batch_size=batch, precision=precision)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -162,21 +178,14 @@ def pass_sweep(args: argparse.Namespace, device: str, cuda: bool, channels: int)
                     detector._residual_batch_alone(x)
                 synchronize(detector.device)
                 rate = passes * batch / (time.perf_counter() - started)
-                rows.append(
-                    {
-                        "pass_batch_size": batch,
-                        "precision": precision,
-                        "pass_slices_per_s": round(rate, 2),
-                        "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
-                    }
-                )
-                del detector, x
-            except Exception as error:  # noqa: BLE001 - recorded in the report, then the next size
-                traceback.print_exc()
-                rows.append({"pass_batch_size": batch, "precision": precision, "error": repr(error)[:500]})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-            if cuda:
-                torch.cuda.empty_cache()
+                return {
+                    "pass_batch_size": batch,
+                    "precision": precision,
+                    "pass_slices_per_s": round(rate, 2),
+                    "peak_memory_mb": round(peak_memory_mb(detector.device), 1),
+                }
+
+            rows.append(recorded(measure, {"pass_batch_size": batch, "precision": precision}, cuda))
     return rows
 
 
@@ -288,16 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batch_sizes:
             results = {}
             for precision in ("fp32", "bf16"):
-                # A failure in one row (memory at a large batch, say) is recorded and the others still run:
-                # a device call is short and cannot be repeated at will.
-                try:
-                    rows.append(measure_row(args, device, cuda, batch, precision, values, paths, workdir, results))
-                except Exception as error:  # noqa: BLE001 - recorded in the report, then the next row
-                    traceback.print_exc()
-                    rows.append({"batch_size": batch, "precision": precision, "error": repr(error)[:500]})
-                print(json.dumps(rows[-1]), file=sys.stderr)
-                if cuda:
-                    torch.cuda.empty_cache()
+                rows.append(
+                    recorded(
+                        lambda batch=batch, precision=precision, results=results: measure_row(
+                            args, device, cuda, batch, precision, values, paths, workdir, results
+                        ),
+                        {"batch_size": batch, "precision": precision},
+                        cuda,
+                    )
+                )
             if len(results) == 2:
                 rows[-1]["bf16_vs_fp32"] = compare(results["fp32"], results["bf16"])
         if args.profile:
