@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def child(study: Path, threads: int) -> int:
 
 def level(study: Path, processes: int, cores: int) -> dict[str, Any]:
     """Start `processes` children, start them together, time until the last one ends."""
-    threads = max(1, cores // processes)
+    from core.settings import Settings
+
+    threads = Settings(worker_processes=processes).scoring_torch_threads or cores  # the worker's share
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, __file__, "--child", str(study), "--threads", str(threads)]
     children = [
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.gpu_scoring import make_study
+    from benchmarks.gpu_scoring import make_study, recorded
 
     cuda = torch.cuda.is_available()  # asks the driver without initialising CUDA in this process
     if not cuda:
@@ -215,20 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gpu-processes-"))
     try:
         make_study(workdir, args.slices, args.source)
-        for processes in [int(p) for p in args.processes.split(",")]:
-            try:
-                report["levels"].append(level(workdir, processes, cores))
-            except Exception as error:  # noqa: BLE001 - recorded, then the next level
-                report["levels"].append({"processes": processes, "error": repr(error)[:500]})
-            print(json.dumps(report["levels"][-1]), file=sys.stderr, flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(report, indent=2))
-        for processes in [int(p) for p in args.forked.split(",") if p]:
-            try:
-                report["levels"].append(forked_level(workdir, processes))
-            except Exception as error:  # noqa: BLE001 - recorded, then the next level
-                report["levels"].append({"forked_processes": processes, "error": repr(error)[:500]})
-            print(json.dumps(report["levels"][-1]), file=sys.stderr, flush=True)
+        levels = [(int(p), False) for p in args.processes.split(",") if p]
+        levels += [(int(p), True) for p in args.forked.split(",") if p]
+        for processes, forked in levels:
+            what = {"forked_processes" if forked else "processes": processes}
+            measure = partial(forked_level, workdir, processes) if forked else partial(level, workdir, processes, cores)
+            report["levels"].append(recorded(measure, what, cuda=False))  # this parent never touches CUDA
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2))
     finally:
