@@ -509,6 +509,8 @@ def test_worker_processes_take_their_share_of_the_cores_unless_torch_threads_is_
 ) -> None:
     """N scoring processes that each took every core for torch would spin against each other."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    for name in ("BTD_TORCH_THREADS", "BTD_WORKER_PROCESSES", "BTD_STUDIES_IN_PARALLEL"):
+        monkeypatch.delenv(name, raising=False)  # the figures below are the settings given here, not the host's
     assert Settings().scoring_torch_threads is None  # one process: torch's default, every core
     assert Settings(worker_processes=4).scoring_torch_threads == 4
     assert Settings(worker_processes=32).scoring_torch_threads == 1
