@@ -21,7 +21,6 @@ from models.cues import CueMap, masked_max
 MAX_SPACING_MM = 2.5
 SMOOTH_SIGMA_PX = 1.2
 REGION_PX = 5
-SMALL_DISK_PX = 3  # up to this radius scipy's footprint filter beats the row decomposition (512 px, 2026-12-02)
 
 
 def reach_px(spacing_mm: float, pixel_mm: float) -> int:
@@ -38,27 +37,37 @@ def disk_filter(image: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
     """Grey dilation (`np.maximum`) or erosion (`np.minimum`) over `disk_footprint(radius)`, exactly as
     `ndimage.maximum_filter(image, footprint=...)` / `minimum_filter` compute it (mode "reflect").
 
-    Why not those: with a disk footprint scipy visits every footprint pixel for every image pixel (81 for
-    radius 5), about 0.1 s of every slice's scoring. A disk is the union of its rows: for each row offset
-    dy, a 1-D filter along the row of half-width sqrt(r^2 - dy^2) (van Herk, constant cost per pixel),
-    taken from the row dy away. Both reflect each axis independently at the border (numpy's "symmetric" pad
-    is scipy's "reflect"), so the result is the same, value for value (tests/test_exact_shortcuts.py).
+    Why not those: with a disk footprint scipy visits every footprint pixel for every image pixel (113 for
+    radius 6), and even its 1-D filters copy each line into a buffer (2.4 ms for a 3-pixel window on a 512 x
+    512 slice, where one numpy pass over the rows takes 0.3 ms). A disk is the union of its rows: for each
+    row offset dy the maximum over a row window of half-width sqrt(r^2 - dy^2), taken from the row dy away.
+    Each row window is read from a doubling pyramid over the rows (windows of 1, 2, 4, ... pixels, each
+    level one `reduce` of two shifted views of the one below) as the `reduce` of two overlapping windows of
+    a power-of-two width. The image is padded once on every side as scipy's "reflect" extends it (numpy's
+    "symmetric"), so border values match too. A maximum or minimum is exact in any order: the result equals
+    scipy's value for value (tests/test_exact_shortcuts.py); 2.6x faster at radius 4-8 (7.7 vs 20 ms at 6).
     """
     footprint = disk_footprint(radius)
-    if radius <= SMALL_DISK_PX:  # few footprint pixels: scipy's direct filter is the faster one
-        direct = ndimage.maximum_filter if reduce is np.maximum else ndimage.minimum_filter
-        return direct(image, footprint=footprint)
-    one_d = ndimage.maximum_filter1d if reduce is np.maximum else ndimage.minimum_filter1d
-    n = image.shape[0]
-    by_width: dict[int, np.ndarray] = {}  # row-filtered image, padded above and below as "reflect" does
+    rows, columns = image.shape
+    padded = np.pad(image, radius, mode="symmetric")
+    pyramid = {1: padded}  # width -> the reduce over each run of that many pixels along a row
+    width = 1
+    while 2 * width <= 2 * radius + 1:
+        level = pyramid[width]
+        pyramid[2 * width] = reduce(level[:, :-width], level[:, width:])
+        width *= 2
+    windows: dict[int, np.ndarray] = {}  # half-width -> the row-window reduce of every padded row
     result: np.ndarray | None = None
     for dy in range(-radius, radius + 1):
         half_width = int(footprint[dy + radius].sum()) // 2
-        if half_width not in by_width:
-            filtered = one_d(image, 2 * half_width + 1, axis=1) if half_width else image
-            by_width[half_width] = np.pad(filtered, ((radius, radius), (0, 0)), mode="symmetric")
-        shifted = by_width[half_width][radius + dy : radius + dy + n]
-        result = shifted.copy() if result is None else reduce(result, shifted, out=result)
+        if half_width not in windows:
+            span = 2 * half_width + 1
+            power = 1 << (span.bit_length() - 1)
+            level, first = pyramid[power], radius - half_width
+            left = level[:, first : first + columns]
+            windows[half_width] = left if power == span else reduce(left, level[:, first + span - power :][:, :columns])
+        shifted = windows[half_width][radius + dy : radius + dy + rows]
+        result = np.array(shifted) if result is None else reduce(result, shifted, out=result)
     assert result is not None
     return result
 
