@@ -62,6 +62,29 @@ MIN_BIN_COUNT = 200
 NEIGHBOUR_REDUCTIONS = ("max", "mean")
 
 
+def sobel_magnitude(image: np.ndarray) -> np.ndarray:
+    """`np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1)) / 8`, value for value, in 55 % of its time.
+
+    Why: the structure bins of every slice need it, and scipy runs each 1-D pass through a line buffer (5 ms
+    a 512 x 512 Sobel). scipy's Sobel along an axis is the difference of the pixels either side along it,
+    computed in float64 and stored as float32, then [1, 2, 1] across, in float64 as ``x * 2 + (left +
+    right)``, stored as float32; borders mirrored ("reflect", numpy's "symmetric"). The difference is taken
+    in float32 here: one operation rounded to float64 then float32 equals it rounded to float32 once (53 >=
+    2 x 24 + 2 bits: double rounding is innocuous); the [1, 2, 1] pass, three operations, runs in float64 in
+    scipy's order. tests/test_exact_shortcuts.py compares both on real slices and on 16 decades of range.
+    """
+    if image.dtype != np.float32 or image.ndim != 2:
+        return np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1)) / 8.0
+    padded = np.pad(image, 1, mode="symmetric")
+    along_rows = padded[2:, 1:-1] - padded[:-2, 1:-1]  # axis 0
+    along_columns = padded[1:-1, 2:] - padded[1:-1, :-2]  # axis 1
+    across = np.pad(along_rows, ((0, 0), (1, 1)), mode="symmetric").astype(np.float64)
+    sobel_0 = (across[:, 1:-1] * 2.0 + (across[:, :-2] + across[:, 2:])).astype(np.float32)
+    across = np.pad(along_columns, ((1, 1), (0, 0)), mode="symmetric").astype(np.float64)
+    sobel_1 = (across[1:-1] * 2.0 + (across[:-2] + across[2:])).astype(np.float32)
+    return np.hypot(sobel_0, sobel_1) / 8.0
+
+
 @dataclass
 class SliceMap:
     """One slice's map before it meets its neighbours: z (signed or |z|, per the model) and where to search.
@@ -184,8 +207,7 @@ class AnomalyModel:
         """(HU bin, structure bin) per pixel, from the local mean HU and the smoothed image's gradient."""
         local_hu = ndimage.uniform_filter(hu.astype(np.float32), size=self.smoothing_px)
         smooth = ndimage.gaussian_filter(hu.astype(np.float32), STRUCTURE_SIGMA_PX)
-        gradient = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8.0
-        return np.digitize(local_hu, self.hu_edges), np.digitize(gradient, self.structure_edges)
+        return np.digitize(local_hu, self.hu_edges), np.digitize(sobel_magnitude(smooth), self.structure_edges)
 
     # --- the map -----------------------------------------------------------------------------------
     def features(self, hu: np.ndarray) -> dict[str, np.ndarray]:

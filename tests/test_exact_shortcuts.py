@@ -107,3 +107,19 @@ def test_masks_kept_by_content_equal_fresh_ones_and_cannot_be_spoilt() -> None:
     assert np.array_equal(kept_lungs, fresh_lungs) and np.array_equal(kept_lungs_again, fresh_lungs)
     assert kept_body.flags.writeable
 
+
+def test_sobel_magnitude_equals_scipys_sobels() -> None:
+    """The tissue bins' structure class reads this gradient against fixed edges: one value off could move a
+    pixel to another bin, so it must be scipy's value exactly, in its type."""
+    from models.anomaly import sobel_magnitude
+
+    rng = np.random.default_rng(2)
+    smooth = ndimage.gaussian_filter(np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 3071).astype(np.float32), 3.0)
+    images = [smooth, smooth[:37, :5], np.full((9, 9), 7.0, dtype=np.float32)]
+    for _ in range(40):  # values spread over 16 decades, both signs: where a rounding shortcut would show
+        shape = tuple(int(n) for n in rng.integers(1, 80, 2))
+        images.append((rng.normal(size=shape) * 10.0 ** rng.uniform(-8, 8, size=shape)).astype(np.float32))
+    for image in images:
+        expected = np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1)) / 8.0
+        found = sobel_magnitude(image)
+        assert found.dtype == expected.dtype and np.array_equal(found, expected)
