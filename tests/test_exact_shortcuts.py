@@ -123,3 +123,25 @@ def test_sobel_magnitude_equals_scipys_sobels() -> None:
         expected = np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1)) / 8.0
         found = sobel_magnitude(image)
         assert found.dtype == expected.dtype and np.array_equal(found, expected)
+
+
+def test_z_map_reads_the_reference_tables_as_indexing_them_by_bin_does() -> None:
+    """z_map picks each pixel's genuine mean and spread from the tables through one flat index: the values
+    must be those of indexing the tables by (HU bin, structure bin), floor of the spread included."""
+    from models.anomaly import AnomalyModel
+
+    rng = np.random.default_rng(3)
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 3071).astype(np.float32)
+    model = AnomalyModel()
+    shape = (len(model.hu_edges) + 1, len(model.structure_edges) + 1)
+    spread = rng.uniform(0.0, 0.5, shape)
+    spread[0, 0] = 1e-5  # under the floor
+    model = model.variant(ref_mean=rng.normal(size=shape).tolist(), ref_std=spread.tolist())
+    residual = rng.normal(0, 0.05, hu.shape).astype(np.float32)
+    hu_bin, structure_bin = model.tissue_bins(hu)
+    mean = np.asarray(model.ref_mean, dtype=np.float32)[hu_bin, structure_bin]
+    std = np.asarray(model.ref_std, dtype=np.float32)[hu_bin, structure_bin]
+    expected = (model.log_energy(residual) - mean) / np.maximum(std, 1e-3)
+    found = model.z_map(residual, hu)
+    assert found.dtype == expected.dtype and np.array_equal(found, expected)
+    assert len(np.unique(hu_bin)) > 5 and len(np.unique(structure_bin)) > 2  # many table entries were read
