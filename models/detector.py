@@ -469,10 +469,12 @@ class Detector:
         if reason == UNCALIBRATED_REASON:
             reason = self.uncalibrated_reason()
         # A fused model's regions are the deciding cue's peak, set once the series is seen (models/fused.py):
-        # outlining the BTD map's candidates here would be thrown away (~9 % of a slice's work besides the model).
+        # outlining the BTD map's candidates here would be thrown away (~9 % of a slice's work besides the model),
+        # unless a per-slice model hands this verdict to `on_flagged` below as final.
+        final_here = on_flagged is not None and not self.anomaly.series_relative and verdict == SUSPICIOUS
         regions = (
             find_regions(amap, self.anomaly.region_threshold + lowest, self.options.max_regions)
-            if self.fusion is None
+            if self.fusion is None or final_here
             else []
         )
         result = _instance_result(entry.ref, score, verdict, regions, reason)
@@ -486,7 +488,7 @@ class Detector:
             )
         if on_map is not None:
             on_map(result, residual)
-        if on_flagged is not None and not self.anomaly.series_relative and verdict == SUSPICIOUS:
+        if final_here and on_flagged is not None:
             on_flagged(result, residual)  # a per-slice model's verdict is final here
         return result
 
