@@ -62,6 +62,19 @@ MIN_BIN_COUNT = 200
 NEIGHBOUR_REDUCTIONS = ("max", "mean")
 
 
+def bin_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """`np.digitize(values, edges)` for float32 values, compared in float32 where every edge is a float32 value.
+
+    Why: digitize compares in float64, converting the slice first (5.8 ms for 512 x 512, against 3.7 in
+    float32). Comparing in float32 gives the same answer only when each edge converts exactly (all the shipped
+    edges do: -950 ... 250 HU, 5 ... 100 HU per pixel); otherwise, and for edges not in increasing order, this is
+    digitize itself."""
+    bounds = np.asarray(edges, dtype=np.float64)
+    narrow = bounds.astype(np.float32)
+    exact = values.dtype == np.float32 and np.array_equal(narrow, bounds) and bool(np.all(np.diff(bounds) > 0))
+    return np.searchsorted(narrow, values, side="right") if exact else np.digitize(values, edges)
+
+
 def sobel_magnitude(image: np.ndarray) -> np.ndarray:
     """`np.hypot(ndimage.sobel(image, 0), ndimage.sobel(image, 1)) / 8`, value for value, in 55 % of its time.
 
@@ -207,7 +220,7 @@ class AnomalyModel:
         """(HU bin, structure bin) per pixel, from the local mean HU and the smoothed image's gradient."""
         local_hu = ndimage.uniform_filter(hu.astype(np.float32), size=self.smoothing_px)
         smooth = ndimage.gaussian_filter(hu.astype(np.float32), STRUCTURE_SIGMA_PX)
-        return np.digitize(local_hu, self.hu_edges), np.digitize(sobel_magnitude(smooth), self.structure_edges)
+        return bin_index(local_hu, self.hu_edges), bin_index(sobel_magnitude(smooth), self.structure_edges)
 
     # --- the map -----------------------------------------------------------------------------------
     def features(self, hu: np.ndarray) -> dict[str, np.ndarray]:

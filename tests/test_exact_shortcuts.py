@@ -145,3 +145,23 @@ def test_z_map_reads_the_reference_tables_as_indexing_them_by_bin_does() -> None
     found = model.z_map(residual, hu)
     assert found.dtype == expected.dtype and np.array_equal(found, expected)
     assert len(np.unique(hu_bin)) > 5 and len(np.unique(structure_bin)) > 2  # many table entries were read
+
+
+def test_bin_index_equals_digitize() -> None:
+    """The tissue bins compare in float32 where the edges allow it: the same bin for every value, the edges
+    themselves, their float32 neighbours, NaN and infinities included; other edges go to digitize itself."""
+    from models.anomaly import DEFAULT_HU_EDGES, DEFAULT_STRUCTURE_EDGES, bin_index
+
+    rng = np.random.default_rng(4)
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 3071).astype(np.float32)
+    edge_values = np.array(DEFAULT_HU_EDGES + DEFAULT_STRUCTURE_EDGES, dtype=np.float32)
+    special = np.concatenate([
+        edge_values, np.nextafter(edge_values, np.float32(np.inf)), np.nextafter(edge_values, np.float32(-np.inf)),
+        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], dtype=np.float32),
+    ])
+    values = [ndimage.uniform_filter(hu, 5), special, rng.normal(0, 400, 5000).astype(np.float32)]
+    edge_sets = [DEFAULT_HU_EDGES, DEFAULT_STRUCTURE_EDGES, [0.1, 0.2, 0.30000001], [250.0, 0.0, -950.0], [1.0]]
+    for edges in edge_sets:
+        for value in values:
+            assert np.array_equal(bin_index(value, edges), np.digitize(value, edges))
+    assert len(np.unique(bin_index(values[0], DEFAULT_HU_EDGES))) > 5
