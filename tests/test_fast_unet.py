@@ -228,8 +228,10 @@ def test_allocator_keeps_freed_buffers_for_the_next_pass() -> None:
     assert tuned["applied"] is True
     # Three passes after the first. glibc's defaults: every large buffer of every pass comes fresh (and zeroed)
     # from the kernel: 77,000-159,000 pages per pass here since the attention blocks are streamed (their big
-    # temporaries gone; 180,000-213,000 before), down to 49,000 once in CI.
-    assert default["faults"] > 100_000
+    # temporaries gone; 180,000-213,000 before), down to 49,000 once in CI and 77,697 in a CI-like run of
+    # 2026-12-04 (tuned there: ~13,900 in local runs). The bound only says the defaults fault a lot; the check
+    # that matters is the ratio below.
+    assert default["faults"] > 60_000
     # Tuned: 0 in most passes; now and then one or two 16 MB blocks are faulted in again (4,096-8,192 pages,
     # with one malloc arena too), so the bound is a fifth of the defaults.
     assert tuned["faults"] < default["faults"] / 5
