@@ -11,6 +11,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type for a number that must be above zero (0 associations or a 0 s timeout sends nothing)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < float("inf"):  # NaN too
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    """An argparse type for a TCP port (1-65535)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,12 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     send = subparsers.add_parser("send", help="send DICOM files or folders with C-STORE (test a deployment)")
     send.add_argument("paths", nargs="+", help="files or folders (walked recursively; non-DICOM files skipped)")
     send.add_argument("--host", default="127.0.0.1")
-    send.add_argument("--port", type=int, default=11112)
+    send.add_argument("--port", type=_port, default=11112)
     send.add_argument("--aet", default="BTD", help="called AE title (the receiver's)")
     send.add_argument("--calling-aet", default="BTDSEND", help="our AE title")
-    send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument(
-        "--associations", type=int, default=1, metavar="N", help="send over N associations at once (default 1)"
+        "--timeout", type=_positive(float), default=30.0, help="seconds to wait for the peer (default 30)"
+    )
+    send.add_argument(
+        "--associations",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="send over N associations at once (default 1)",
     )
     send.add_argument("--quiet", action="store_true", help="list only the instances that failed on stdout")
     send.add_argument(

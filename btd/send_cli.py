@@ -69,7 +69,8 @@ def summary(results: Sequence[SendResult], seconds: float, associations: int) ->
     lines = ["statuses:"]
     for (status, error), count in sorted(counts.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0)):
         code = "----  " if status is None else f"0x{status:04X}"
-        meaning = status_meaning(status) + (f" ({error})" if error else "")
+        # No status: the error says what happened (a file not sent, a peer that never answered)
+        meaning = error if status is None and error else status_meaning(status) + (f" ({error})" if error else "")
         lines.append(f"  {code} {count:6d}  {meaning}")
     failed = [r for r in results if not r.ok]
     if failed:

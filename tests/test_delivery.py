@@ -474,10 +474,10 @@ def test_a_bad_destination_ends_in_failed_delivery_with_its_reason(
     assert study.state == State.FAILED_DELIVERY
     assert (study.verdict, study.score) == ("suspicious", 0.9)
     expected_error = {
-        "refuses_association": "association rejected",
+        "refuses_association": "association rejected: calling AE title not recognised (permanent",
         "refuses_sr_sop_class": "presentation context",
         "failure_status": "0xA700",
-        "times_out": "association aborted or peer unreachable",
+        "times_out": "peer unreachable: no answer from 127.0.0.1",
         "not_a_destination": "is not AET@host:port",
     }[fault]
     assert expected_error.lower() in (study.error or "").lower()

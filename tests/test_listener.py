@@ -295,7 +295,8 @@ def test_a_called_ae_title_other_than_ours_is_rejected_as_not_recognised(tmp_pat
 def test_peer_address_outside_the_allow_list_is_rejected(tmp_path: Path) -> None:
     with running_listener(tmp_path / "a", allowed_ips=["10.255.255.0/24"]) as settings:
         results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)
-        assert results[0].status is None and results[0].error == "association rejected"
+        assert results[0].status is None
+        assert results[0].error == "association rejected: no reason given (permanent; source 1, reason 1)"
         assert spool_files(settings) == []
     with running_listener(tmp_path / "b", allowed_ips=["10.255.255.0/24", "127.0.0.0/8"]) as settings:
         results = sender.send_files([fresh_ct()], "127.0.0.1", settings.dicom_port, settings.ae_title)

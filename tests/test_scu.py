@@ -177,7 +177,7 @@ def test_btd_send_summarises_statuses_and_lists_failures(listener: Settings, tmp
         f"FAIL ---- {notes}  unreadable File Meta: ValueError: no MediaStorageSOPClassUID"
     ]
     assert "0x0000     20  success" in done.stderr
-    assert "----        1  no answer (unreadable File Meta: ValueError: no MediaStorageSOPClassUID)" in done.stderr
+    assert "----        1  unreadable File Meta: ValueError: no MediaStorageSOPClassUID\n" in done.stderr
     assert f"failed (1):\n  FAIL ---- {notes}" in done.stderr
     assert "over 3 association(s)" in done.stderr and done.stderr.rstrip().endswith("20 sent, 1 failed")
 

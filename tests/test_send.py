@@ -85,8 +85,31 @@ def test_btd_send_fails_loudly(storescp: tuple[int, Path], tmp_path: Path, capsy
     out = capsys.readouterr().out
     assert "FAIL ---- " in out and "not a DICOM Part 10 file" in out
     assert "OK   0x0000" in out  # the good file still went
-    assert cli_main(["send", ct, "--port", str(free_port()), "--timeout", "2"]) == 1
-    assert "association aborted or peer unreachable" in capsys.readouterr().out
+    closed_port = free_port()
+    assert cli_main(["send", ct, "--port", str(closed_port), "--timeout", "2"]) == 1
+    assert f"peer unreachable: Connection refused (127.0.0.1:{closed_port})" in capsys.readouterr().out
+    missing = tmp_path / "gone.dcm"
+    assert cli_main(["send", str(missing), ct, "--port", str(port), "--aet", "STORESCP"]) == 1
+    captured = capsys.readouterr()
+    assert f"FAIL ---- {missing}  no such file" in captured.out and "OK   0x0000" in captured.out
+    assert "----        1  no such file\n" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("--associations", "0", "must be a finite number above 0, got 0"),
+        ("--associations", "two", "'two' is not a number"),
+        ("--timeout", "nan", "must be a finite number above 0, got nan"),
+        ("--timeout", "-1", "must be a finite number above 0, got -1"),
+        ("--port", "70000", "a port is 1-65535, got 70000"),
+    ],
+)
+def test_btd_send_refuses_settings_that_cannot_send(argument: str, value: str, message: str) -> None:
+    """Refused before anything is read or sent: 0 associations used to be taken as 1 without a word."""
+    done = btd_send(str(SERIES), f"{argument}={value}")
+    assert done.returncode == 2, done.stderr
+    assert f"argument {argument}: {message}" in done.stderr and not done.stdout
 
 
 def test_send_files_datasets_and_mixed_syntaxes(storescp: tuple[int, Path]) -> None:

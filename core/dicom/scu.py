@@ -58,11 +58,27 @@ _UNLIMITED_FRAGMENT = 4 << 20  # bytes per P-DATA-TF when the acceptor sets no m
 _MAX_RESPONSE_PDU = 1 << 20  # a C-STORE-RSP is a few hundred bytes; a larger PDU is not an answer
 
 
+# What an A-ASSOCIATE-RJ's (source, reason) means (PS3.8 section 9.3.4): said in words, so that an operator
+# reading `btd send`'s summary or a failed delivery knows what to change (an AE title, the peer's limit).
+REJECTION_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given by the peer's ACSE",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
 class AssociationRejected(Exception):
     """The acceptor answered A-ASSOCIATE-RJ; `result`, `source`, `reason` as in PS3.8 table 9-21."""
 
     def __init__(self, result: int, source: int, reason: int) -> None:
-        super().__init__(f"association rejected (result {result}, source {source}, reason {reason})")
+        meaning = REJECTION_REASONS.get((source, reason), "a reason the standard does not define")
+        lasting = {1: "permanent", 2: "transient"}.get(result, f"result {result}")
+        super().__init__(f"association rejected: {meaning} ({lasting}; source {source}, reason {reason})")
         self.result, self.source, self.reason = result, source, reason
 
 

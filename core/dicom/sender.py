@@ -72,11 +72,41 @@ def _is_dataset(source: object) -> bool:
 
 def _is_dicom_file(path: Path) -> bool:
     try:
-        with path.open("rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
+        return _has_dicm_prefix(path)
     except OSError:
         return False
+
+
+def _has_dicm_prefix(path: Path) -> bool:
+    """Whether the file has the Part 10 preamble's "DICM"; OSError if it cannot be opened or read."""
+    with path.open("rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be sent as a Part 10 file, in words an operator can act on; None if it can be."""
+    try:
+        if _has_dicm_prefix(path):
+            return None
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "a folder where a file was expected"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or type(exc).__name__}"
+    return "not a DICOM Part 10 file"
+
+
+def _unreachable(exc: BaseException, host: str, port: int) -> str:
+    """Why no association could be made with the peer: its address and the system's reason, for the summary
+    (one line for all the instances that shared the association) and a failed delivery's error."""
+    if isinstance(exc, AssociationLost | ProtocolError):
+        return f"association aborted by {host}:{port} while negotiating: {exc}"[:300]
+    if isinstance(exc, TimeoutError):
+        return f"peer unreachable: no answer from {host}:{port} in time"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    return f"peer unreachable: {reason} ({host}:{port})"[:300]
 
 
 def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -152,8 +182,9 @@ def _describe(source: str | Path | Dataset) -> _Item | SendResult:
             return SendResult(ds.get("SOPInstanceUID"), None, "dataset lacks SOPClassUID or SOPInstanceUID")
         return _Item(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts)
     path = Path(source)  # type: ignore[arg-type]
-    if not _is_dicom_file(path):
-        return SendResult(None, None, "not a DICOM Part 10 file", str(path))
+    problem = _unreadable(path)
+    if problem is not None:
+        return SendResult(None, None, problem, str(path))
     try:
         meta, offset = read_file_meta(path)
         for tag, keyword in _REQUIRED_META:
@@ -344,13 +375,14 @@ def _send_batch(
         assoc = Association.request(
             host, port, called_aet, calling_aet, pairs, ssl_context=ssl_context, timeout=timeout
         )
-    except AssociationRejected:
+    except AssociationRejected as exc:
         for item in batch:
-            settle(item, _result(item, None, "association rejected"))
+            settle(item, _result(item, None, str(exc)))
         return
-    except (AssociationLost, ProtocolError, OSError):
+    except (AssociationLost, ProtocolError, OSError) as exc:
+        why = _unreachable(exc, host, port)
         for item in batch:
-            settle(item, _result(item, None, "association aborted or peer unreachable"))
+            settle(item, _result(item, None, why))
         return
     try:
         for item in batch:
