@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import fastconv
 from models.corpus import dicom_to_hu
 from models.fastconv import PointwiseConv2d, SpatialConv2d, pointwise_conv, spatial_conv, upsample_conv
 from models.streamed_attention import softmax_over_rows, streamed_attention_block
@@ -30,6 +32,17 @@ from models.unet import LayerNorm, LinearAttention, WeightStandardizedConv2d
 REPO = Path(__file__).resolve().parents[1]
 CT = sorted((Path(__file__).parent / "fixtures" / "ct_series_20").glob("CT.*"))[10]
 TOL = 1e-5  # the golden vectors' tolerance
+LAYOUTS = [fastconv.NCHW, fastconv.CHANNELS_LAST]
+
+
+@pytest.fixture
+def conv_layout(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the kxk convolutions in the layout given (both are tested whichever this machine would choose),
+    then put back this process's own choice."""
+    chosen = fastconv.conv_layout()
+    fastconv.set_conv_layout(request.param)
+    yield request.param
+    fastconv.set_conv_layout(chosen)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -48,8 +61,9 @@ def test_pointwise_conv_equals_conv2d_forward_and_backward(batch: int, cin: int,
         assert (g_fast - g_plain).abs().max().item() <= TOL * g_plain.abs().max().item()
 
 
+@pytest.mark.parametrize("conv_layout", LAYOUTS, indirect=True)
 @pytest.mark.parametrize(("cin", "cout", "kernel"), [(8, 8, 3), (24, 16, 3), (1, 8, 7)])
-def test_spatial_conv_equals_conv2d_and_keeps_the_layout(cin: int, cout: int, kernel: int) -> None:
+def test_spatial_conv_equals_conv2d_and_keeps_the_layout(cin: int, cout: int, kernel: int, conv_layout: str) -> None:
     generator = torch.Generator().manual_seed(cin + kernel)
     x = torch.randn(2, cin, 41, 30, generator=generator, requires_grad=True)
     weight = torch.randn(cout, cin, kernel, kernel, generator=generator)
@@ -116,9 +130,12 @@ def test_bf16_autocast_keeps_the_modules_attention() -> None:
     assert (fp32_streamed - fp32_modules).abs().max().item() <= TOL * fp32_modules.abs().max().item()
 
 
+@pytest.mark.parametrize("conv_layout", LAYOUTS, indirect=True)
 @pytest.mark.parametrize(("cin", "cout", "height", "width"), [(16, 8, 6, 10), (64, 32, 31, 32), (3, 5, 1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsample_conv_equals_upsample_then_conv(cin: int, cout: int, height: int, width: int, bias: bool) -> None:
+def test_upsample_conv_equals_upsample_then_conv(
+    cin: int, cout: int, height: int, width: int, bias: bool, conv_layout: str
+) -> None:
     """Every phase and the borders (zero padding after the doubling) against nn.Upsample + conv2d."""
     gen = torch.Generator().manual_seed(cin + height)
     x = torch.randn(2, cin, height, width, generator=gen)
@@ -158,7 +175,30 @@ def test_softmax_over_rows_equals_torch_softmax() -> None:
     assert torch.allclose(ours.sum(dim=-2), torch.ones(2, 2, 5000), atol=1e-6)
 
 
-def test_default_model_predicts_the_same_noise_on_a_real_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_layout_is_timed_once_per_process_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The first convolution times both layouts and logs the choice; later ones reuse it; a forced layout
+    is kept until cleared; an unknown one is refused."""
+    chosen = fastconv.conv_layout()
+    try:
+        fastconv.set_conv_layout(None)
+        with caplog.at_level("INFO", logger="btd.models.fastconv"):
+            first = fastconv.conv_layout()
+            assert fastconv.conv_layout() == first in LAYOUTS
+        [record] = [r for r in caplog.records if r.name == "btd.models.fastconv"]
+        assert record.getMessage().startswith(f"convolutions in {first} layout (probe 1x8x496x512: usual layout ")
+        for layout in LAYOUTS:
+            fastconv.set_conv_layout(layout)
+            assert fastconv.conv_layout() == layout
+        with pytest.raises(ValueError, match="unknown layout"):
+            fastconv.set_conv_layout("nhwc")
+    finally:
+        fastconv.set_conv_layout(chosen)
+
+
+@pytest.mark.parametrize("conv_layout", LAYOUTS, indirect=True)
+def test_default_model_predicts_the_same_noise_on_a_real_slice(
+    monkeypatch: pytest.MonkeyPatch, conv_layout: str
+) -> None:
     from models.detector import Detector
 
     detector = Detector.load(None, device="cpu")
