@@ -66,24 +66,27 @@ def _study(uid: str, state: str, created: datetime, **values: object) -> Study:
 def seed(settings: Settings, ct_series_dir: Path) -> dict[str, object]:
     """Four studies worth looking at (flagged, clean, failed, received yesterday) and filler for paging."""
     now = datetime.now(UTC)
+    # Today's studies are spread over the last 37 "minutes"; just after midnight UTC a minute shrinks so that
+    # they all stay today (the counts of today and the list of yesterday below depend on it).
+    minute = min(timedelta(minutes=1), (now - now.replace(hour=0, minute=0, second=0, microsecond=0)) / 40)
     spool = Path(settings.spool_dir)
     slices = sorted(p for p in ct_series_dir.iterdir() if p.name.startswith("CT."))[:3]
     sops = []
     with session_scope(settings) as session:
-        session.add(_study(FLAGGED_UID, "DELIVERED", now - timedelta(minutes=5), verdict="suspicious", score=7.5,
+        session.add(_study(FLAGGED_UID, "DELIVERED", now - 5 * minute, verdict="suspicious", score=7.5,
                            n_instances=3, study_description="CHEST", study_date="20221208"))
-        session.add(_study(CLEAN_UID, "SCORED", now - timedelta(minutes=4), verdict="no_evidence", score=1.2,
+        session.add(_study(CLEAN_UID, "SCORED", now - 4 * minute, verdict="no_evidence", score=1.2,
                            modalities="MR"))
-        session.add(_study(FAILED_UID, "FAILED", now - timedelta(minutes=3), attempts=3,
+        session.add(_study(FAILED_UID, "FAILED", now - 3 * minute, attempts=3,
                            error="RuntimeError: model file missing"))
         session.add(_study(OLD_UID, "DELIVERED", now - timedelta(days=1), verdict="no_evidence"))
         for i in range(N_FILLER):
-            session.add(_study(f"1.2.826.0.1.3680043.8.498.9{i:03d}", "RECEIVING", now - timedelta(minutes=10 + i)))
+            session.add(_study(f"1.2.826.0.1.3680043.8.498.9{i:03d}", "RECEIVING", now - (10 + i) * minute))
         session.flush()
-        session.add_all(_events(FLAGGED_UID, PIPELINE, now - timedelta(minutes=5)))
-        session.add_all(_events(CLEAN_UID, PIPELINE[:5], now - timedelta(minutes=4)))
+        session.add_all(_events(FLAGGED_UID, PIPELINE, now - 5 * minute))
+        session.add_all(_events(CLEAN_UID, PIPELINE[:5], now - 4 * minute))
         session.add_all(_events(FAILED_UID, ("RECEIVING", "STABLE", "QUEUED", "SCORING", "FAILED"),
-                                now - timedelta(minutes=3)))
+                                now - 3 * minute))
         session.add_all(_events(OLD_UID, PIPELINE, now - timedelta(days=1)))
         for path in slices:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
