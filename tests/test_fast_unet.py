@@ -298,3 +298,17 @@ def test_scoring_in_place_gives_the_values_of_the_autograd_path() -> None:
     training = diffusion.predict_noise(x.clone().requires_grad_(True), 0)
     assert training.requires_grad
     assert torch.equal(scoring, training.detach())
+
+
+def test_the_layout_benchmark_sees_every_convolution_of_a_pass() -> None:
+    """benchmarks/conv_layout.py times what a pass runs: the default model's 40 kxk convolutions of a whole slice,
+    8 of them 8 -> 8 channels at full size (the probe's kind), and leaves the route it recorded through restored."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from conv_layout import pass_convolutions
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    seen = pass_convolutions("default")
+    assert sum(seen.values()) == 40
+    assert seen[((1, 8, 496, 512), (8, 8, 3, 3), 1)] == 8
+    assert fastconv.spatial_conv.__name__ == "spatial_conv"
