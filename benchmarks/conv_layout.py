@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The architectures and inputs of benchmarks/scoring.py: a whole 496 x 512 slice for the default model, a batch
-# of 8 tiles of 96 x 96 for the published configuration (its `mode="auto"`).
-MODELS = {
-    "default": ({"dim": 8, "dim_mults": (1, 2, 4, 8), "attn_heads": 2, "attn_dim_head": 8}, (1, 1, 496, 512)),
-    "published": ({"dim": 32, "dim_mults": (1, 2, 4, 8)}, (8, 1, 96, 96)),
-}
+from scoring import CONFIGS  # noqa: E402 - the architectures benchmarks/scoring.py times
+
+# The input of one pass: a whole 496 x 512 slice for the default model, a batch of 8 tiles of 96 x 96 for the
+# published configuration (its `mode="auto"`).
+MODELS = {"default": (1, 1, 496, 512), "published": (8, 1, 96, 96)}
 
 
 def pass_convolutions(model: str) -> Counter[tuple[tuple[int, ...], tuple[int, ...], int]]:
@@ -43,8 +43,8 @@ def pass_convolutions(model: str) -> Counter[tuple[tuple[int, ...], tuple[int, .
         seen[(tuple(x.shape), tuple(weight.shape), padding)] += 1
         return original(x, weight, bias, padding)
 
-    architecture, shape = MODELS[model]
-    network = unet.Unet(channels=1, **architecture).eval()
+    shape = MODELS[model]
+    network = unet.Unet(channels=1, **CONFIGS[model]["unet"]).eval()
     fastconv.spatial_conv = unet.spatial_conv = recording  # type: ignore[assignment]
     try:
         with torch.inference_mode():

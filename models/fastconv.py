@@ -14,7 +14,7 @@ blocked layout and back around every convolution; two cheaper paths give the sam
 Which layout is faster depends on the CPU, not on the convolution: on the AMD EPYC VMs the channels-last
 copy won for the default model's main convolutions, on an Intel Xeon VM with AMX (2026-12-04) the usual layout
 won for every shape of both models, its kxk convolutions 160 -> 115 ms per whole-slice pass
-(docs/bench/scoring.md). So each process times the two once, on a small probe convolution, and takes the
+(docs/bench/scoring.md). So each process times the two once, on one whole-slice probe convolution, and takes the
 usual layout only when it is clearly faster (`conv_layout`); the choice changes sums by float32 rounding at
 most (~1e-6 relative; identical for 8-channel outputs), and it is logged.
 
