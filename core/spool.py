@@ -18,6 +18,7 @@ decoded which study the bytes belong to.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import mmap
@@ -99,8 +100,8 @@ def _makedirs_durable(path: Path, root: Path) -> None:
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SYNC_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC | _CLOEXEC
-# No O_DSYNC with O_DIRECT: the write is followed by ftruncate and fsync anyway (the file's size), and that
-# fsync's flush makes the direct write durable too; O_DSYNC added a second device flush per instance
+# No O_DSYNC with O_DIRECT: the write is followed by an fsync anyway (the file's size, its partial last block), and
+# that fsync's flush makes the direct write durable too; O_DSYNC added a second device flush per instance
 # (529 kB staged: 0.62 ms median without it, 0.69-0.78 ms with it, Intel Xeon VM, 2026-12-03).
 _DIRECT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0) | _CLOEXEC
 _DIRECT_ALIGN = 4096  # buffer address, length and file offset of an O_DIRECT write (the page size covers disks)
@@ -109,22 +110,33 @@ _buffers = threading.local()
 
 
 def _write_direct(fd: int, data: bytes) -> None:
-    """Write `data` through an O_DIRECT descriptor: copied into this thread's page-aligned buffer (kept and
-    reused, so its pages are warm), written rounded up to the alignment, then cut back to its length."""
+    """Write `data` through an O_DIRECT descriptor: the whole blocks copied into this thread's page-aligned
+    buffer (kept and reused, so its pages are warm) and written straight to the disk, then the last, partial
+    block through the page cache (O_DIRECT cleared on the descriptor), for the caller's fsync to flush.
+
+    Why not the whole buffer padded to a block and cut back with ftruncate (as before 2026-12-05): cutting a
+    file inside a block the page cache never saw makes ext4 read that block back from the disk to zero its
+    tail, a synchronous read on every staged instance (perf: `ext4_block_zero_page_range` -> `ext4_read_bh`
+    under `ftruncate`, docs/bench/ingest.md)."""
     size = len(data)
-    padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN or _DIRECT_ALIGN
-    buffer: mmap.mmap | None = getattr(_buffers, "buffer", None)
-    if buffer is None or len(buffer) < padded:
-        if buffer is not None:
-            buffer.close()
-        buffer = _buffers.buffer = mmap.mmap(-1, max(padded, 1 << 20))  # anonymous: page-aligned
-    buffer[:size] = data
-    buffer[size:padded] = bytes(padded - size)
-    with memoryview(buffer) as view:
-        written = 0
-        while written < padded:
-            written += os.write(fd, view[written:padded])
-    os.ftruncate(fd, size)
+    whole = size - size % _DIRECT_ALIGN
+    with memoryview(data) as source:
+        if whole:
+            buffer: mmap.mmap | None = getattr(_buffers, "buffer", None)
+            if buffer is None or len(buffer) < whole:
+                if buffer is not None:
+                    buffer.close()
+                buffer = _buffers.buffer = mmap.mmap(-1, max(whole, 1 << 20))  # anonymous: page-aligned
+            buffer[:whole] = source[:whole]
+            with memoryview(buffer) as view:
+                written = 0
+                while written < whole:
+                    written += os.write(fd, view[written:whole])
+        if whole < size:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            written = whole
+            while written < size:
+                written += os.pwrite(fd, source[written:], written)
 
 
 class Spool:
@@ -161,9 +173,9 @@ class Spool:
         staging thread straight to the disk instead of being copied into fresh page-cache pages first. On
         the benchmark VM that copy (`copy_folio_from_iter_atomic`) was 29 % of the listener's CPU (perf,
         4 associations); a 529 kB staged write took 1.1-1.2 ms and 0.4-0.5 ms of system time with O_DIRECT
-        against 1.8-3.1 ms and 0.6-2.3 ms with O_SYNC. The file is written rounded up to the alignment
-        and cut back to its length (ftruncate) before the one fsync that makes the bytes and the size
-        durable (a direct write may still sit in the disk's volatile cache until that flush). A filesystem
+        against 1.8-3.1 ms and 0.6-2.3 ms with O_SYNC. The whole blocks are written directly and the partial
+        last one through the page cache, before the one fsync that makes the bytes and the size durable (a
+        direct write may still sit in the disk's volatile cache until that flush). A filesystem
         without O_DIRECT (tmpfs) is written as before.
         """
         self.check_space(len(data))

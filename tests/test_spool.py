@@ -104,9 +104,9 @@ def test_publish_new_never_adopts_or_replaces_a_taken_name(tmp_path: Path, orpha
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 529_000, (16 << 20) + 3])
 def test_staged_bytes_are_exact_at_every_length(tmp_path: Path, size: int) -> None:
-    """Staging writes up to 16 MiB with O_DIRECT, rounded up to 4 kB and cut back to the length; larger ones
-    through the page cache: either way the file holds exactly the bytes, and the buffer's earlier, longer
-    contents never leak into a shorter file."""
+    """Staging writes the whole 4 kB blocks of up to 16 MiB with O_DIRECT and the partial last block (and
+    anything larger) through the page cache: either way the file holds exactly the bytes, and the staging
+    buffer's earlier, longer contents never leak into a shorter file."""
     spool = Spool(tmp_path / "spool")
     longer = bytes(range(256)) * 40  # 10 kB left in the staging thread's buffer by an earlier instance
     spool.discard(spool.stage(INCOMING_FOLDER, longer))
