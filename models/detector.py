@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from models.allocator import keep_freed_memory
 from models.anomaly import AnomalyModel, SliceMap
@@ -39,6 +38,7 @@ from models.diffusion import GaussianDiffusion
 from models.fused import FusionConfig, SliceCues, fuse_series, slice_cues
 from models.merged_passes import MergedPasses
 from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
+from models.morphology import dilate
 from models.pass_ahead import PassAhead
 from models.preprocess import PathOrDataset, open_dataset, to_unit
 from models.readahead import read_ahead
@@ -303,7 +303,7 @@ class Detector:
         needed = None
         if search_mask is not None:
             reach = int(getattr(self.anomaly, "smoothing_px", 5)) + int(getattr(self.anomaly, "region_px", 1)) + 2
-            needed = ndimage.binary_dilation(search_mask(values), iterations=reach)
+            needed = dilate(search_mask(values), iterations=reach)
         if self.options.run_region == "search" and needed is not None:
             return needed
         body = self.anomaly.body_mask(values)

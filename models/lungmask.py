@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from models import morphology
 from models.content_cache import ContentCache, image_key
 
 BODY_HU = -500.0
@@ -52,14 +53,14 @@ def _body_mask(hu: np.ndarray) -> np.ndarray:
 
 
 def _segment_body(hu: np.ndarray) -> np.ndarray:
-    mask = ndimage.binary_opening(hu > BODY_HU, iterations=2)
+    mask = morphology.opening(hu > BODY_HU, iterations=2)
     labels, count = ndimage.label(mask)
     if count == 0:
         return mask
     sizes = ndimage.sum(mask, labels, range(1, count + 1))
     body = labels == (int(np.argmax(sizes)) + 1)
     # Fill the lungs too: close first so that thin chest walls do not leave the lungs "outside".
-    return ndimage.binary_fill_holes(ndimage.binary_closing(body, iterations=3))
+    return morphology.fill_holes(morphology.closing(body, iterations=3))
 
 
 def lung_mask(hu: np.ndarray, dilate_px: int = 0) -> np.ndarray:
@@ -84,10 +85,10 @@ def _lung_mask(hu: np.ndarray, dilate_px: int, scale: int) -> np.ndarray:
     keep = [i + 1 for i, size in enumerate(sizes) if size >= MIN_LUNG_FRACTION * hu.size and (i + 1) not in border]
     lungs = np.isin(labels, keep)
     # Close per slice so that vessels and nodules (soft tissue inside the lung) belong to the lung.
-    lungs = ndimage.binary_closing(lungs, structure=np.ones((3, 3)), iterations=max(6 // scale, 1))
-    lungs = ndimage.binary_fill_holes(lungs)
+    lungs = morphology.closing(lungs, iterations=max(6 // scale, 1), square=True)
+    lungs = morphology.fill_holes(lungs)
     if dilate_px > 0:
-        lungs = ndimage.binary_dilation(lungs, iterations=dilate_px) & body
+        lungs = morphology.dilate(lungs, iterations=dilate_px) & body
     return lungs
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from models.morphology import erode
 from models.results import Region
 
 MAX_OUTLINE_POINTS = 32
@@ -55,7 +56,7 @@ def row_extremes(points: np.ndarray) -> np.ndarray:
 
 def outline_of(component: np.ndarray, offset_x: int, offset_y: int) -> list[list[float]]:
     """Closed hull polygon of a boolean component (cropped to its box), in image pixel-edge coordinates."""
-    boundary = component & ~ndimage.binary_erosion(component)
+    boundary = component & ~erode(component)
     rows, cols = np.nonzero(boundary)
     corners = np.concatenate(
         [np.stack([cols + dx, rows + dy], axis=1) for dx in (0, 1) for dy in (0, 1)], axis=0

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from models import morphology
 from models.corpus import dicom_to_hu
 from models.cues.continuity import disk_filter, disk_footprint
 from models.regions import EIGHT_CONNECTED, convex_hull, label_maxima, outline_of, row_extremes
@@ -165,3 +166,60 @@ def test_bin_index_equals_digitize() -> None:
         for value in values:
             assert np.array_equal(bin_index(value, edges), np.digitize(value, edges))
     assert len(np.unique(bin_index(values[0], DEFAULT_HU_EDGES))) > 5
+
+
+def _masks_to_compare() -> list[np.ndarray]:
+    """The body and lung thresholds of a real slice (full and half size, as the masks are made) and random
+    masks of several densities and shapes, down to one pixel and one row or column."""
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(CT)), -1024, 400)
+    real = [hu > -500, hu < -400, hu[::2, ::2] > -500, (hu[::2, ::2] < -400) & (hu[::2, ::2] > -1000)]
+    rng = np.random.default_rng(7)
+    shapes = ((61, 83), (1, 1), (1, 17), (17, 1), (2, 3), (5, 5))
+    return real + [rng.random(shape) < density for shape in shapes for density in (0.15, 0.5, 0.85)]
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 6, 8, 12])
+def test_binary_morphology_equals_scipys(iterations: int) -> None:
+    """The masks' erosions, dilations, openings and closings (cross and 3 x 3 square, outside the image
+    False) are the very arrays scipy.ndimage makes."""
+    square = np.ones((3, 3), dtype=bool)
+    for mask in _masks_to_compare():
+        for shape_is_square, structure in ((False, None), (True, square)):
+            kwargs = {"iterations": iterations, "square": shape_is_square}
+            assert np.array_equal(
+                morphology.erode(mask, **kwargs), ndimage.binary_erosion(mask, structure, iterations=iterations)
+            )
+            assert np.array_equal(
+                morphology.dilate(mask, **kwargs), ndimage.binary_dilation(mask, structure, iterations=iterations)
+            )
+            assert np.array_equal(
+                morphology.opening(mask, **kwargs), ndimage.binary_opening(mask, structure, iterations=iterations)
+            )
+            assert np.array_equal(
+                morphology.closing(mask, **kwargs), ndimage.binary_closing(mask, structure, iterations=iterations)
+            )
+
+
+def test_hole_filling_equals_scipys() -> None:
+    masks = _masks_to_compare()
+    ring = np.zeros((9, 9), dtype=bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # one hole
+    edge_bay = ring.copy()
+    edge_bay[4, 2:5] = False  # a channel from the hole to the background: no longer a hole
+    closed = ndimage.binary_closing(masks[0], iterations=3)
+    for mask in [*masks, ring, edge_bay, closed, np.ones((4, 4), bool), np.zeros((4, 4), bool)]:
+        filled = morphology.fill_holes(mask)
+        assert filled.dtype == bool
+        assert np.array_equal(filled, ndimage.binary_fill_holes(mask))
+    assert morphology.fill_holes(ring)[4, 4] and not morphology.fill_holes(edge_bay)[4, 4]
+
+
+def test_binary_morphology_leaves_its_input_alone() -> None:
+    mask = _masks_to_compare()[0]
+    before = mask.copy()
+    for operation in (morphology.erode, morphology.dilate, morphology.opening, morphology.closing):
+        result = operation(mask, 2)
+        assert result is not mask
+    morphology.fill_holes(mask)
+    assert np.array_equal(mask, before)

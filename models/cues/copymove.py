@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.cues import CueMap
+from models.morphology import erode
 
 KEYPOINTS_PER_SLICE = 96
 COARSE_HALF = 6
@@ -52,7 +53,7 @@ def keypoints(hu: np.ndarray, search: np.ndarray) -> SliceKeypoints:
     # so a copied structure yields its keypoint at the same place in the copy as in the source. Ranked by
     # contrast against the wider neighbourhood (what stands out: a lesion, a vessel), in the lung proper.
     contrast = smooth - ndimage.gaussian_filter(image, 4.0)
-    inside = ndimage.binary_erosion(search, iterations=8) if search.sum() > 20000 else search
+    inside = erode(search, iterations=8) if search.sum() > 20000 else search
     peaks = (smooth == ndimage.maximum_filter(smooth, 5)) & inside & (smooth > -700) & (contrast > 10)
     margin = COARSE_HALF + FINE_HALF + SHIFT + 1
     peaks[:margin], peaks[-margin:], peaks[:, :margin], peaks[:, -margin:] = False, False, False, False

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.cues import CueMap, masked_max
+from models.morphology import erode
 
 BAND_SIGMAS = (0.0, 1.0, 2.0, 4.0)  # band b = G(sigma_b) - G(sigma_{b+1}); G(0) = the image
 WINDOW_PX = 11
@@ -69,7 +70,7 @@ def noise_map(hu: np.ndarray, search: np.ndarray) -> CueMap:
         return CueMap("noise", None, None, "too little lung to compare windows with each other")
     energies = band_log_energies(hu)
     bins = tissue_bins(hu)
-    reference = ndimage.binary_erosion(search, iterations=3) if search.sum() > 5000 else search
+    reference = erode(search, iterations=3) if search.sum() > 5000 else search
     features = [energies[0], energies[1], energies[2], energies[0] - energies[1], energies[1] - energies[2]]
     z = np.stack([_robust_z(f, bins, reference) for f in features])
     chi = np.sqrt(np.mean(np.clip(z, -20, 20) ** 2, axis=0))
