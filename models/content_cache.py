@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -21,12 +22,50 @@ ImageKey = tuple[tuple[int, ...], str, bytes]
 def image_key(image: np.ndarray) -> ImageKey:
     """What identifies an image's content: shape, type and a 128-bit digest of its bytes.
 
-    SHA-256 (cut to 128 bits) rather than BLAKE2b: a slice is keyed several times while it is scored, and on
-    x86 CPUs with the SHA extensions (AMD since Zen, Intel servers since Ice Lake) OpenSSL's SHA-256 hashes a
-    512 x 512 float32 slice in 0.9 ms against BLAKE2b's 2.0 (2026-12-04, AMD EPYC VM).
+    SHA-256 (cut to 128 bits) rather than BLAKE2b: on x86 CPUs with the SHA extensions (AMD since Zen, Intel
+    servers since Ice Lake) OpenSSL's SHA-256 hashes a 512 x 512 float32 slice in 0.6-0.9 ms against BLAKE2b's
+    2.0 (2026-12-04, AMD EPYC VM). A frozen image (see `_frozen`) is hashed once and its key remembered for as
+    long as the array lives: a slice is keyed about five times while it is scored (its masks, and the
+    continuity cue as the slice itself and as each neighbour's neighbour), ~3 ms of a B70f slice's ~48 ms of
+    CPU besides the U-Net (2026-12-05, docs/bench/scoring.md).
     """
-    digest = hashlib.sha256(np.ascontiguousarray(image).data).digest()[:16]
-    return (image.shape, image.dtype.str, digest)
+    frozen = _frozen(image)
+    if frozen:
+        with _remembered_lock:
+            entry = _remembered_keys.get(id(image))
+        if entry is not None and entry[0]() is image:
+            return entry[1]
+    key = (image.shape, image.dtype.str, hashlib.sha256(np.ascontiguousarray(image).data).digest()[:16])
+    if frozen:
+        identity = id(image)
+
+        def forget(ref: weakref.ref[np.ndarray]) -> None:
+            with _remembered_lock:
+                if _remembered_keys.get(identity, (None,))[0] is ref:
+                    del _remembered_keys[identity]
+
+        with _remembered_lock:
+            _remembered_keys[identity] = (weakref.ref(image, forget), key)
+    return key
+
+
+# Keys of frozen images by id(): an entry lives as long as its array (the weak reference's callback drops it),
+# and is only trusted for the very array it was made for (an id is reused once its array is gone).
+_remembered_keys: dict[int, tuple[weakref.ref[np.ndarray], ImageKey]] = {}
+_remembered_lock = threading.Lock()
+
+
+def _frozen(image: np.ndarray) -> bool:
+    """Whether nobody can change the image's bytes any more: it and the array it views are read-only, and at
+    the bottom is an array that owns its memory (made read-only by whoever made it, as models.series does
+    with every decoded slice) or an immutable bytes object. A writeable array, or a read-only view of a
+    writeable one, is hashed on every call."""
+    current: object = image
+    while isinstance(current, np.ndarray):
+        if current.flags.writeable:
+            return False
+        current = current.base
+    return current is None or isinstance(current, bytes)
 
 
 class ContentCache:

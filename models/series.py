@@ -228,6 +228,9 @@ def iter_slices(
             cached_key = key
             try:
                 cached = read_hu(ref.source, modalities=modalities)
+                # Frozen: nothing downstream writes into a slice, and a frozen slice's content key is computed
+                # once however often its masks and cues ask for it (models/content_cache.py).
+                cached.setflags(write=False)
             except NotAssessable as exc:
                 cached = exc
         if isinstance(cached, NotAssessable):

@@ -223,3 +223,52 @@ def test_binary_morphology_leaves_its_input_alone() -> None:
         assert result is not mask
     morphology.fill_holes(mask)
     assert np.array_equal(mask, before)
+
+
+def test_a_frozen_images_key_is_remembered_and_nothing_else_is() -> None:
+    """image_key hashes a frozen image once; an image anyone can still change is hashed on every call, so a
+    change is never hidden behind an old key (which would hand out another image's masks)."""
+    import gc
+
+    from models import content_cache
+
+    rng = np.random.default_rng(3)
+    frozen = rng.normal(size=(64, 80)).astype(np.float32)
+    frozen.setflags(write=False)
+    first = content_cache.image_key(frozen)
+    assert content_cache.image_key(frozen) is first  # remembered, not recomputed
+    assert content_cache.image_key(frozen.copy()) == first  # same content, same key
+
+    writeable = rng.normal(size=(64, 80)).astype(np.float32)
+    before = content_cache.image_key(writeable)
+    writeable[3, 4] += 1.0
+    assert content_cache.image_key(writeable) != before
+
+    base = rng.normal(size=(2, 64, 80)).astype(np.float32)
+    view = base[1]
+    view.setflags(write=False)  # read-only, but its memory can still change through `base`
+    before = content_cache.image_key(view)
+    base[1, 0, 0] += 1.0
+    assert content_cache.image_key(view) != before
+
+    frozen_view = frozen[::2, ::2]  # a view of a frozen array is frozen too
+    assert content_cache.image_key(frozen_view) is content_cache.image_key(frozen_view)
+
+    identity = id(frozen)
+    assert identity in content_cache._remembered_keys
+    del frozen, frozen_view
+    gc.collect()
+    assert identity not in content_cache._remembered_keys  # forgotten with its array
+
+
+def test_decoded_slices_are_frozen() -> None:
+    """The scoring path reads slices from models.series.iter_slices: they must be read-only for their keys
+    to be remembered, and nothing downstream may write into them."""
+    from models.series import group_series, iter_slices
+
+    (group,) = group_series([CT])
+    ((_, values, reason),) = list(iter_slices(group))
+    assert reason is None and values is not None
+    assert not values.flags.writeable
+    with pytest.raises(ValueError):
+        values[0, 0] = 0.0
