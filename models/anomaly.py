@@ -62,6 +62,9 @@ MIN_BIN_COUNT = 200
 NEIGHBOUR_REDUCTIONS = ("max", "mean")
 
 
+_COUNTED_EDGES = 32  # up to this many edges a pixel's bin is counted by comparisons (below 256: one byte)
+
+
 def bin_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
     """`np.digitize(values, edges)` for float32 values, compared in float32 where every edge is a float32 value.
 
@@ -72,7 +75,18 @@ def bin_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
     bounds = np.asarray(edges, dtype=np.float64)
     narrow = bounds.astype(np.float32)
     exact = values.dtype == np.float32 and np.array_equal(narrow, bounds) and bool(np.all(np.diff(bounds) > 0))
-    return np.searchsorted(narrow, values, side="right") if exact else np.digitize(values, edges)
+    if not exact:
+        return np.digitize(values, edges)
+    if len(narrow) <= _COUNTED_EDGES and not np.isnan(values).any():
+        # The bin is the number of edges at or below the value (searchsorted's "right"): counted in one byte
+        # per pixel, one comparison per edge, 0.5 ms for both of a 512 x 512 slice's bins against 6.7 for
+        # searchsorted's binary search per pixel (Intel Xeon VM, 2026-12-05). NaN sorts after every edge in
+        # searchsorted but compares False: such an image takes searchsorted.
+        counts = np.zeros(values.shape, dtype=np.uint8)
+        for edge in narrow:
+            np.add(counts, values >= edge, out=counts)
+        return counts.astype(np.intp)
+    return np.searchsorted(narrow, values, side="right")
 
 
 def sobel_magnitude(image: np.ndarray) -> np.ndarray:

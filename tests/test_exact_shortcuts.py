@@ -162,9 +162,13 @@ def test_bin_index_equals_digitize() -> None:
     ])
     values = [ndimage.uniform_filter(hu, 5), special, rng.normal(0, 400, 5000).astype(np.float32)]
     edge_sets = [DEFAULT_HU_EDGES, DEFAULT_STRUCTURE_EDGES, [0.1, 0.2, 0.30000001], [250.0, 0.0, -950.0], [1.0]]
-    for edges in edge_sets:
-        for value in values:
-            assert np.array_equal(bin_index(value, edges), np.digitize(value, edges))
+    many_edges = list(np.linspace(-1000.0, 1000.0, 40, dtype=np.float32).astype(float))  # past the counted path
+    finite = [value[np.isfinite(value)] for value in values]  # without NaN: the counted path
+    for edges in [*edge_sets, many_edges]:
+        for value in values + finite:
+            binned = bin_index(value, edges)
+            assert np.array_equal(binned, np.digitize(value, edges))
+            assert binned.dtype == np.intp  # used in index arithmetic: never a narrow type
     assert len(np.unique(bin_index(values[0], DEFAULT_HU_EDGES))) > 5
 
 
