@@ -24,10 +24,8 @@ def _axis_step(mask: np.ndarray, grow: bool, axis: int) -> np.ndarray:
     """One erosion (grow=False) or dilation step along one axis: each pixel combined with its two
     neighbours on that axis, a neighbour outside the image counting as False."""
     out = mask.copy()
-    if axis == 0:
-        ahead, behind, first, last = (slice(1, None), slice(None)), (slice(None, -1), slice(None)), 0, -1
-    else:
-        ahead, behind, first, last = (slice(None), slice(1, None)), (slice(None), slice(None, -1)), 0, -1
+    ahead = (slice(1, None), slice(None)) if axis == 0 else (slice(None), slice(1, None))
+    behind = (slice(None, -1), slice(None)) if axis == 0 else (slice(None), slice(None, -1))
     if grow:
         out[ahead] |= mask[behind]
         out[behind] |= mask[ahead]
@@ -35,9 +33,9 @@ def _axis_step(mask: np.ndarray, grow: bool, axis: int) -> np.ndarray:
         out[ahead] &= mask[behind]
         out[behind] &= mask[ahead]
         if axis == 0:
-            out[first, :] = out[last, :] = False
+            out[[0, -1], :] = False
         else:
-            out[:, first] = out[:, last] = False
+            out[:, [0, -1]] = False
     return out
 
 
@@ -63,11 +61,11 @@ def _iterate(mask: np.ndarray, iterations: int, grow: bool, square: bool) -> np.
     current = np.asarray(mask, dtype=bool)
     for _ in range(iterations):
         current = _axis_step(_axis_step(current, grow, 1), grow, 0) if square else _cross_step(current, grow)
-    return current if current is not mask else current.copy()
+    return current  # a new array: every step copies
 
 
 def _fast(mask: np.ndarray, iterations: int) -> bool:
-    return mask.ndim == 2 and min(mask.shape) >= 1 and iterations >= 1
+    return np.ndim(mask) == 2 and min(np.shape(mask)) >= 1 and iterations >= 1
 
 
 def erode(mask: np.ndarray, iterations: int = 1, *, square: bool = False) -> np.ndarray:
