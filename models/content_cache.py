@@ -31,8 +31,7 @@ def image_key(image: np.ndarray) -> ImageKey:
     """
     frozen = _frozen(image)
     if frozen:
-        with _remembered_lock:
-            entry = _remembered_keys.get(id(image))
+        entry = _remembered_keys.get(id(image))
         if entry is not None and entry[0]() is image:
             return entry[1]
     key = (image.shape, image.dtype.str, hashlib.sha256(np.ascontiguousarray(image).data).digest()[:16])
@@ -40,19 +39,18 @@ def image_key(image: np.ndarray) -> ImageKey:
         identity = id(image)
 
         def forget(ref: weakref.ref[np.ndarray]) -> None:
-            with _remembered_lock:
-                if _remembered_keys.get(identity, (None,))[0] is ref:
-                    del _remembered_keys[identity]
+            if _remembered_keys.get(identity, (None,))[0] is ref:
+                _remembered_keys.pop(identity, None)
 
-        with _remembered_lock:
-            _remembered_keys[identity] = (weakref.ref(image, forget), key)
+        _remembered_keys[identity] = (weakref.ref(image, forget), key)
     return key
 
 
 # Keys of frozen images by id(): an entry lives as long as its array (the weak reference's callback drops it),
-# and is only trusted for the very array it was made for (an id is reused once its array is gone).
+# and is only trusted for the very array it was made for (an id is reused once its array is gone). No lock:
+# single dict operations are atomic, and a callback may run inside any allocation, where a lock this thread
+# already held would deadlock. The worst a race can do is drop a newer entry for a reused id: one more hash.
 _remembered_keys: dict[int, tuple[weakref.ref[np.ndarray], ImageKey]] = {}
-_remembered_lock = threading.Lock()
 
 
 def _frozen(image: np.ndarray) -> bool:
