@@ -49,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.lungmask import body_mask as _body_mask
-from models.lungmask import lung_mask
+from models.lungmask import lung_mask, share
 
 BODY_HU_THRESHOLD = -500.0
 # Local-HU bin edges: lung parenchyma is finely binned (that is where tampering happens), denser tissue coarsely.
@@ -87,6 +87,18 @@ def bin_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
             np.add(counts, values >= edge, out=counts)
         return counts.astype(np.intp)
     return np.searchsorted(narrow, values, side="right")
+
+
+def _squared(residual: np.ndarray) -> np.ndarray:
+    """`residual.astype(np.float32) ** 2` of a (H, W) map, or of the channels' mean of a (C, H, W) one.
+
+    One channel (the shipped model) is squared as it is: its mean over one channel is the same values (a sum
+    of one item, divided by one) but for the sign of a zero (the sum starts from +0.0), which the square
+    removes; that saves the reduction's pass and copy (~0.5 ms of a 512 x 512 slice, 2026-12-05). A float32
+    map is squared without a copy first (`x ** 2` is `np.square`)."""
+    if residual.ndim == 3:
+        residual = residual[0] if residual.shape[0] == 1 else residual.mean(axis=0)
+    return np.square(residual.astype(np.float32, copy=False))
 
 
 def sobel_magnitude(image: np.ndarray) -> np.ndarray:
@@ -223,11 +235,10 @@ class AnomalyModel:
         if not self.lung_only:
             return body
         lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
-        return lungs if lungs.mean() > 0.01 else body
+        return lungs if share(lungs) > 0.01 else body
 
     def log_energy(self, residual: np.ndarray) -> np.ndarray:
-        res = residual if residual.ndim == 2 else residual.mean(axis=0)
-        energy = ndimage.uniform_filter(res.astype(np.float32) ** 2, size=self.smoothing_px)
+        energy = ndimage.uniform_filter(_squared(residual), size=self.smoothing_px)
         return np.log(energy + 1e-10).astype(np.float32)
 
     def tissue_bins(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -242,12 +253,13 @@ class AnomalyModel:
         hu_bin, structure_bin = self.tissue_bins(hu)
         body = self.body_mask(hu)
         lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
+        has_lungs = share(lungs) > 0.01
         return {
             "hu_bin": hu_bin,
             "structure_bin": structure_bin,
             "body": body,
-            "lungs": lungs if lungs.mean() > 0.01 else body,
-            "has_lungs": np.array(lungs.mean() > 0.01),
+            "lungs": lungs if has_lungs else body,
+            "has_lungs": np.array(has_lungs),
             "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
         }
 

@@ -276,3 +276,93 @@ def test_decoded_slices_are_frozen() -> None:
     assert not values.flags.writeable
     with pytest.raises(ValueError):
         values[0, 0] = 0.0
+
+
+def test_half_size_masks_equal_masks_of_the_half_size_view_and_cost_one_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The half-size body and lung masks are kept under the full image's key (a half-size view is a new array on
+    every call, and was hashed on every call): they are the masks segmented from that view, as before, and a
+    frozen slice is hashed once for all of its masks."""
+    import hashlib
+
+    from models import content_cache, lungmask
+
+    lowest = sorted(CT.parent.glob("CT.*"))[-1]  # the series' slice with the most lung
+    hu = np.clip(dicom_to_hu(pydicom.dcmread(lowest)), -1024, 3071).astype(np.float32)
+    hu.setflags(write=False)
+    assert lungmask._scale(hu) == 2
+    lungmask._masks.clear()
+    hashes = []
+    real_sha256 = hashlib.sha256
+
+    def counted(data: object) -> object:
+        hashes.append(1)
+        return real_sha256(data)
+
+    monkeypatch.setattr(content_cache.hashlib, "sha256", counted)
+    body, lungs = lungmask.body_mask(hu), lungmask.lung_mask(hu, dilate_px=3)
+    assert lungmask.body_mask(hu).any() and lungmask.lung_mask(hu).any()
+    assert len(hashes) == 1
+
+    half = hu[::2, ::2]
+    expected_body = lungmask._upsample(lungmask._segment_body(half), hu.shape)
+    assert np.array_equal(body, expected_body)
+    # the lung mask from the earlier code path, written out: the half-size body, air inside it, sizes by scipy
+    air = (half < lungmask.LUNG_HU) & lungmask._segment_body(half)
+    labels, count = ndimage.label(air)
+    sizes = ndimage.sum(air, labels, range(1, count + 1))
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
+    smallest = lungmask.MIN_LUNG_FRACTION * half.size
+    keep = [i + 1 for i, size in enumerate(sizes) if size >= smallest and i + 1 not in border]
+    expected = morphology.fill_holes(morphology.closing(np.isin(labels, keep), iterations=3, square=True))
+    expected = morphology.dilate(expected, iterations=2) & lungmask._segment_body(half)
+    assert np.array_equal(lungs, lungmask._upsample(expected, hu.shape)) and lungs.any()
+
+
+def test_label_sizes_equal_scipys_per_label_sums() -> None:
+    for mask in _masks_to_compare():
+        labels, count = ndimage.label(mask)
+        expected = ndimage.sum(mask, labels, range(1, count + 1))
+        from models.lungmask import _label_sizes
+
+        sizes = _label_sizes(labels, count)
+        assert sizes.shape == (count,) and np.array_equal(sizes, expected)
+        if count:
+            assert int(np.argmax(sizes)) == int(np.argmax(expected))
+
+
+def test_mask_share_equals_its_mean() -> None:
+    from models.lungmask import share
+
+    rng = np.random.default_rng(11)
+    masks = [*_masks_to_compare(), np.zeros((7, 9), bool), np.ones((7, 9), bool)]
+    masks += [rng.random(shape) < rng.random() for shape in ((512, 512), (3, 1000), (100, 100), (97, 103))]
+    for mask in masks:
+        assert share(mask) == mask.mean()
+    # the threshold the detector applies, at and around it
+    for count in range(2615, 2630):
+        mask = np.zeros(512 * 512, bool)
+        mask[:count] = True
+        assert (share(mask) > 0.01) == bool(mask.mean() > 0.01)
+
+
+def test_log_energy_of_one_channel_equals_the_channel_means() -> None:
+    """log_energy squares a one-channel residual as it is instead of its mean over the channels: the same
+    values, also for NaN, infinities, the smallest subnormal and a negative zero (whose mean is +0.0)."""
+    from models.anomaly import AnomalyModel, _squared
+
+    def before(residual: np.ndarray) -> np.ndarray:  # the expression it replaces
+        res = residual if residual.ndim == 2 else residual.mean(axis=0)
+        return res.astype(np.float32) ** 2
+
+    rng = np.random.default_rng(5)
+    one = rng.normal(size=(1, 64, 80)).astype(np.float32)
+    one[0, 0, :5] = [np.nan, -0.0, np.inf, -np.inf, np.float32(1e-45)]
+    model = AnomalyModel()
+    for residual in (one, one[0], one.astype(np.float64), rng.normal(size=(3, 20, 30)).astype(np.float32)):
+        squared = _squared(residual)
+        assert squared.dtype == np.float32
+        assert np.array_equal(squared, before(residual), equal_nan=True)
+        assert np.array_equal(np.signbit(squared), np.signbit(before(residual)))
+    energy = model.log_energy(one)
+    expected = np.log(ndimage.uniform_filter(before(one), size=model.smoothing_px) + 1e-10).astype(np.float32)
+    assert np.array_equal(energy, expected, equal_nan=True)
