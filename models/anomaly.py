@@ -232,10 +232,13 @@ class AnomalyModel:
     def search_mask(self, hu: np.ndarray) -> np.ndarray:
         """Where tampering is looked for: the dilated lungs, or the body when the slice has no lung."""
         body = self.body_mask(hu)
-        if not self.lung_only:
-            return body
+        return self._lungs_or_body(hu, body)[0] if self.lung_only else body
+
+    def _lungs_or_body(self, hu: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The dilated lungs and True, or `body` and False when lung is under 1 % of the slice."""
         lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
-        return lungs if share(lungs) > 0.01 else body
+        has_lungs = share(lungs) > 0.01
+        return (lungs if has_lungs else body), has_lungs
 
     def log_energy(self, residual: np.ndarray) -> np.ndarray:
         energy = ndimage.uniform_filter(_squared(residual), size=self.smoothing_px)
@@ -252,13 +255,12 @@ class AnomalyModel:
         """What the map needs from the HU image alone; compute once and pass to several maps of one slice."""
         hu_bin, structure_bin = self.tissue_bins(hu)
         body = self.body_mask(hu)
-        lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)
-        has_lungs = share(lungs) > 0.01
+        lungs, has_lungs = self._lungs_or_body(hu, body)
         return {
             "hu_bin": hu_bin,
             "structure_bin": structure_bin,
             "body": body,
-            "lungs": lungs if has_lungs else body,
+            "lungs": lungs,
             "has_lungs": np.array(has_lungs),
             "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
         }

@@ -319,11 +319,11 @@ def test_half_size_masks_equal_masks_of_the_half_size_view_and_cost_one_hash(mon
 
 
 def test_label_sizes_equal_scipys_per_label_sums() -> None:
+    from models.lungmask import _label_sizes
+
     for mask in _masks_to_compare():
         labels, count = ndimage.label(mask)
         expected = ndimage.sum(mask, labels, range(1, count + 1))
-        from models.lungmask import _label_sizes
-
         sizes = _label_sizes(labels, count)
         assert sizes.shape == (count,) and np.array_equal(sizes, expected)
         if count:
