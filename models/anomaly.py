@@ -234,6 +234,10 @@ class AnomalyModel:
         body = self.body_mask(hu)
         return self._lungs_or_body(hu, body)[0] if self.lung_only else body
 
+    def has_lungs(self, hu: np.ndarray) -> bool:
+        """Whether lung covers at least 1 % of the slice (else the search region falls back to the body)."""
+        return self._lungs_or_body(hu, self.body_mask(hu))[1]
+
     def _lungs_or_body(self, hu: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, bool]:
         """The dilated lungs and True, or `body` and False when lung is under 1 % of the slice."""
         lungs = lung_mask(hu, dilate_px=self.lung_dilate_px)

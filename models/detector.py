@@ -35,7 +35,7 @@ from models.allocator import keep_freed_memory
 from models.anomaly import AnomalyModel, SliceMap
 from models.cues.header import signature
 from models.diffusion import GaussianDiffusion
-from models.fused import FusionConfig, SliceCues, fuse_series, slice_cues
+from models.fused import LUNGLESS_SLICE, FusionConfig, SliceCues, fuse_series, slice_cues
 from models.merged_passes import MergedPasses
 from models.metadata import DEFAULT_MODEL_PATH, ModelMetadata
 from models.morphology import dilate
@@ -311,6 +311,8 @@ class Detector:
 
     def residual_maps(self, slices: list[np.ndarray]) -> list[np.ndarray]:
         """Residual maps (C, H, W) float32 of slices in modality units (H, W), batched."""
+        if not slices:
+            return []
         inputs = [self.model_input(values) for values in slices]
         masks = [self.body_mask(values) for values in slices]
         opts = self.options
@@ -388,16 +390,17 @@ class Detector:
         if group.modality and group.modality != self.metadata.modality:
             mismatch = f"model {self.info.name} judges {self.metadata.modality}, this series is {group.modality}"
         instances: list[InstanceResult] = []
-        pending: list[tuple[SliceRef, np.ndarray]] = []
+        pending: list[_Pending] = []
+        skip_lungless = self._skips_lungless(on_map)
         kept = _SeriesMaps(TOP_MAPS_KEPT if self.anomaly.series_relative else 0, keep_residuals=on_flagged is not None)
         spacing = slice_spacing(group)
         chain = _NeighbourChain(
             lambda entry, around: self._finish(entry, around, on_map, kept, on_flagged, spacing, header), spacing
         )
 
-        ahead: tuple[list[tuple[SliceRef, np.ndarray]], Future[list[np.ndarray]]] | None = None
+        ahead: tuple[list[_Pending], Future[list[np.ndarray]]] | None = None
 
-        def finish(batch: list[tuple[SliceRef, np.ndarray]], residuals: Future[list[np.ndarray]]) -> None:
+        def finish(batch: list[_Pending], residuals: Future[list[np.ndarray]]) -> None:
             for entry in self._mapped(batch, residuals.result()):
                 instances.extend(chain.push(entry))
             if progress:
@@ -410,7 +413,8 @@ class Detector:
             if pending:
                 batch = pending.copy()
                 pending.clear()
-                ahead = (batch, self.pass_ahead.submit(self.residual_maps, [values for _, values in batch]))
+                passes = [values for _, values, needs_pass in batch if needs_pass]
+                ahead = (batch, self.pass_ahead.submit(self.residual_maps, passes))
             if previous is not None:
                 finish(*previous)
             if drain and ahead is not None:
@@ -427,8 +431,10 @@ class Detector:
                 if progress:
                     progress(1)
                 continue
-            pending.append((ref, values))
-            if len(pending) >= (self.options.batch_size or 1):
+            pending.append((ref, values, not (skip_lungless and not self.anomaly.has_lungs(values))))
+            batch_size = self.options.batch_size or 1
+            # A batch holds `batch_size` model passes; slices without one ride along, a bounded number at a time.
+            if sum(needs_pass for *_, needs_pass in pending) >= batch_size or len(pending) >= _MOST_PENDING:
                 flush()
         flush(drain=True)
         instances.extend(chain.close())
@@ -442,11 +448,33 @@ class Detector:
                     on_flagged(instance, residual)
         return self._series_result(group, instances)
 
-    def _mapped(self, batch: list[tuple[SliceRef, np.ndarray]], residuals: list[np.ndarray]) -> list[_Mapped]:
-        return [
-            _Mapped(ref, residual, self.anomaly.slice_map(residual, values), values if self.fusion else None)
-            for (ref, values), residual in zip(batch, residuals, strict=True)
-        ]
+    def _skips_lungless(self, on_map: OnMap | None) -> bool:
+        """Whether a slice without lung may skip its model pass. A fused model's cues judge lung tissue only, so
+        such a slice ends up not assessed whatever its residual (models/fused.py); when neighbours' maps are not
+        subtracted (neighbour_weight 0, the shipped models) its map feeds no other slice either, and only its
+        pixels (the neighbours' continuity cue) are still read. Not with `on_map`, whose caller asked for every
+        slice's residual. A chest series that runs into the neck or abdomen saves a pass (~0.3 s of CPU) for
+        every such slice; every assessed slice's score is the same."""
+        return (
+            on_map is None
+            and self.fusion is not None
+            and self.anomaly.lung_only
+            and self.anomaly.neighbour_weight <= 0
+        )
+
+    def _mapped(self, batch: list[_Pending], residuals: list[np.ndarray]) -> list[_Mapped]:
+        if len(residuals) != sum(needs_pass for *_, needs_pass in batch):
+            raise DetectorError(f"{len(residuals)} residual maps for a batch of {len(batch)} slices")
+        produced = iter(residuals)
+        mapped = []
+        for ref, values, needs_pass in batch:
+            if not needs_pass:
+                mapped.append(_Mapped(ref, None, None, values))
+                continue
+            residual = next(produced)
+            slice_map = self.anomaly.slice_map(residual, values)
+            mapped.append(_Mapped(ref, residual, slice_map, values if self.fusion else None))
+        return mapped
 
     def _finish(
         self,
@@ -461,6 +489,8 @@ class Detector:
         """The slice's raw score and (unfused models) candidate regions; verdicts are final only once the series is seen
         (`_relative_to_series`). `on_map` gets the provisional verdict at the lowest bar the series could set,
         so every slice that can end up suspicious is among those it sees as suspicious."""
+        if entry.slice_map is None:
+            return self._finish_lungless(entry, around, kept, spacing, header)
         amap = self.anomaly.finish(entry.slice_map, [n.slice_map if n else None for n in around])
         score = self.anomaly.slice_score(amap)
         lowest = self.anomaly.lowest_series_offset()
@@ -490,6 +520,26 @@ class Detector:
             on_map(result, residual)
         if final_here and on_flagged is not None:
             on_flagged(result, residual)  # a per-slice model's verdict is final here
+        return result
+
+    def _finish_lungless(
+        self,
+        entry: _Mapped,
+        around: list[_Mapped | None],
+        kept: _SeriesMaps,
+        spacing: float | None,
+        header: _SeriesHeader | None,
+    ) -> InstanceResult:
+        """A slice without lung that had no model pass (`_skips_lungless`): not assessed, as the fused step would
+        mark it, with its other cues computed as before (their reasons can explain a series without lung)."""
+        assert self.fusion is not None and entry.values is not None
+        result = _not_assessed(entry.ref, LUNGLESS_SLICE)
+        kept.add(result, None, False, None)
+        before, after = (n.values if n is not None else None for n in around)
+        kept.cues[id(result)] = slice_cues(
+            self.fusion, entry.values, self.anomaly.search_mask(entry.values), False, None, before, after,
+            spacing, header.pixel_mm if header else 0.7,
+        )
         return result
 
     def _relative_to_series(self, instances: list[InstanceResult], kept: _SeriesMaps) -> None:
@@ -593,12 +643,28 @@ class Detector:
 
 @dataclass
 class _Mapped:
-    """A slice run through the model, waiting for its successor before it can be finished."""
+    """A slice run through the model (or, without lung, not: residual and map None), waiting for its successor
+    before it can be finished."""
 
     ref: SliceRef
-    residual: np.ndarray
-    slice_map: SliceMap
+    residual: np.ndarray | None
+    slice_map: SliceMap | None
     values: np.ndarray | None = None  # the slice in modality units, kept for the neighbours' continuity cue
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The slice's (rows, columns): its map's, or its pixels' when it had no model pass."""
+        if self.slice_map is not None:
+            return tuple(self.slice_map.z.shape)
+        assert self.values is not None
+        return tuple(self.values.shape)
+
+
+# (slice, its values in modality units, whether it needs a model pass) while a batch is gathered
+_Pending = tuple[SliceRef, np.ndarray, bool]
+# Slices gathered at most before a batch is sent on, however few of them need a pass: a series' run of slices
+# without lung is finished a few at a time, never held whole.
+_MOST_PENDING = 8
 
 
 @dataclass
@@ -648,9 +714,11 @@ class _SeriesMaps:
         # (raw score, id(result), anomaly map, residual map or None): the lowest score first
         self._heap: list[tuple[float, int, np.ndarray, np.ndarray | None]] = []
 
-    def add(self, result: InstanceResult, amap: np.ndarray, in_lungs: bool, residual: np.ndarray | None) -> None:
+    def add(
+        self, result: InstanceResult, amap: np.ndarray | None, in_lungs: bool, residual: np.ndarray | None
+    ) -> None:
         self.in_lungs[id(result)] = in_lungs
-        if self._keep <= 0 or result.score is None:
+        if self._keep <= 0 or result.score is None or amap is None:
             return
         item = (float(result.score), id(result), amap, residual if self._keep_residuals else None)
         if len(self._heap) < self._keep:
@@ -689,7 +757,7 @@ class _NeighbourChain:
         self._current: _Mapped | None = None
 
     def adjacent(self, a: _Mapped, b: _Mapped) -> bool:
-        return adjacent(a.ref.position, b.ref.position, self._spacing) and a.slice_map.z.shape == b.slice_map.z.shape
+        return adjacent(a.ref.position, b.ref.position, self._spacing) and a.shape == b.shape
 
     def push(self, entry: _Mapped) -> list[InstanceResult]:
         finished = []

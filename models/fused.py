@@ -71,6 +71,11 @@ class FusionConfig:
         )
 
 
+# Why a slice without lung is not assessed: every pixel cue judges lung tissue (models.detector skips its model
+# pass for that reason, and marks it with this too).
+LUNGLESS_SLICE = "no lungs in this slice: the cues judge lung tissue"
+
+
 @dataclass
 class SliceCues:
     """One slice's raw cue scores, where each map peaks, and its copy-move keypoints."""
@@ -87,16 +92,18 @@ def slice_cues(
     hu: np.ndarray,
     search: np.ndarray,
     in_lungs: bool,
-    btd_map: np.ndarray,
+    btd_map: np.ndarray | None,
     before: np.ndarray | None,
     after: np.ndarray | None,
     spacing_mm: float | None,
     pixel_mm: float,
 ) -> SliceCues:
-    """Every pixel cue of one slice (BTD from its finished anomaly map)."""
+    """Every pixel cue of one slice (BTD from its finished anomaly map; None: the slice had no model pass, and
+    no BTD score)."""
     out = SliceCues(in_lungs=in_lungs)
-    y, x = np.unravel_index(int(np.argmax(btd_map)), btd_map.shape)
-    out.raw["btd"], out.peaks["btd"] = float(btd_map.max()), (int(y), int(x))
+    if btd_map is not None:
+        y, x = np.unravel_index(int(np.argmax(btd_map)), btd_map.shape)
+        out.raw["btd"], out.peaks["btd"] = float(btd_map.max()), (int(y), int(x))
     if "noise" in config.cues:
         cue = noise_map(hu, search)
         out.raw["noise"], out.peaks["noise"] = cue.score, cue.peak
@@ -229,7 +236,7 @@ def fuse_series(
         features.append(slice_features(key, series_uid, sc.in_lungs, {c: _finite(raw[c][i]) for c in config.cues}))
         if not sc.in_lungs:
             instance.score, instance.verdict, instance.regions = None, NOT_ASSESSED, []
-            instance.reason = "no lungs in this slice: the cues judge lung tissue"
+            instance.reason = LUNGLESS_SLICE
             continue
         values = {c: float(v[i]) for c, v in p.items() if math.isfinite(v[i])}
         if not values:

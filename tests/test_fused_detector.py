@@ -163,3 +163,64 @@ def test_an_instance_re_encoded_differently_from_its_series_reads_review(tmp_pat
     assert header.used and header.fired and header.slices_fired == 1
     assert result.verdict == REVIEW and "header cue" in result.reason
     assert "BitsStored" in result.instances[4].reason
+
+
+def _lungs_filled(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of a chest slice whose air (lungs and outside the body alike) reads as soft tissue: no lung left."""
+    out = copy.deepcopy(ds)
+    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    pixels = ds.pixel_array.copy()
+    pixels[pixels * slope + intercept < -300] = round((40 - intercept) / slope)
+    out.PixelData = pixels.tobytes()
+    return out
+
+
+def test_slices_without_lung_skip_the_model_and_every_result_stays_the_same(tmp_path, lidc) -> None:
+    """A fused model marks a lungless slice not assessed whatever its residual, so it runs no pass for it; the
+    lung slices beside it (their continuity cue reads its pixels) and the series score exactly as with a pass
+    for every slice (`on_map` asks for every residual, so it forces them)."""
+    from models.fused import LUNGLESS_SLICE
+
+    series = [_lungs_filled(ds) if k in (0, 5, 11) else ds for k, ds in enumerate(lidc)]
+    lungless = {series[k].SOPInstanceUID for k in (0, 5, 11)}
+    results = {}
+    for forced in (False, True):
+        detector = fused_detector(tmp_path, ["btd", "continuity"])
+        mapped: list[str] = []
+        on_map = (lambda instance, residual, seen=mapped: seen.append(instance.sop_instance_uid)) if forced else None
+        results[forced] = detector.score_series(series, on_map=on_map)
+        assert detector.model_passes.rows == len(series) - (0 if forced else len(lungless))
+        assert len(mapped) == (len(series) if forced else 0)
+    skipped, passed = results[False], results[True]
+    assert [i.sop_instance_uid for i in skipped.instances] == [ds.SOPInstanceUID for ds in series]
+    for a, b in zip(skipped.instances, passed.instances, strict=True):
+        assert (a.verdict, a.score, a.reason, a.cue_scores, a.regions) == (b.verdict, b.score, b.reason, b.cue_scores,
+                                                                           b.regions)
+        if a.sop_instance_uid in lungless:
+            assert a.verdict == NOT_ASSESSED and a.reason == LUNGLESS_SLICE
+        else:
+            assert a.verdict != NOT_ASSESSED and a.cue_scores
+    assert (skipped.verdict, skipped.score, skipped.reason) == (passed.verdict, passed.score, passed.reason)
+    assert [c.to_dict() for c in skipped.cues] == [c.to_dict() for c in passed.cues]
+    # Only a lungless slice's own BTD feature is missing (a site reference reads lung slices only).
+    for a, b in zip(skipped.features, passed.features, strict=True):
+        assert a["in_lungs"] == b["in_lungs"]
+        assert a["cues"]["continuity"] == b["cues"]["continuity"]
+        assert a["cues"]["btd"] == (b["cues"]["btd"] if a["in_lungs"] else None)
+
+
+def test_a_long_run_of_lungless_slices_is_finished_in_order_a_few_at_a_time(tmp_path, lidc) -> None:
+    """More lungless slices in a row than a batch gathers: sent on without a pass, in order, none lost."""
+    series = [copy.deepcopy(ds) for ds in lidc[:2]]
+    for k in range(10):
+        filled = _lungs_filled(lidc[2 + k % 8])
+        filled.SOPInstanceUID = f"{filled.SOPInstanceUID[:60]}.{k}"
+        filled.ImagePositionPatient = [*lidc[-1].ImagePositionPatient[:2], float(lidc[-1].ImagePositionPatient[2]) + k]
+        series.append(filled)
+    detector = fused_detector(tmp_path, ["btd", "continuity"])
+    counted: list[int] = []
+    result = detector.score_series(series, progress=counted.append)
+    assert detector.model_passes.rows == 2
+    assert sum(counted) == len(series) and max(counted) <= 8
+    assert [i.verdict for i in result.instances[2:]] == [NOT_ASSESSED] * 10
+    assert {i.sop_instance_uid for i in result.instances} == {ds.SOPInstanceUID for ds in series}
