@@ -278,6 +278,13 @@ class Detector:
         """(B, C, H, W) in [-1, 1] -> float32 residual; merged with other threads' same-shape inputs."""
         return self.model_passes(x)
 
+    def residual_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several batches at once (crops of different sizes): on the CPU their rows share the row threads
+        (`RowThreads.each`); elsewhere each is a pass of its own, merged with other threads' same-shape inputs."""
+        if len(batches) > 1 and all(x.device.type == "cpu" for x in batches):
+            return self.row_threads.each(batches)
+        return [self.residual_batch(x) for x in batches]
+
     def _residual_batch_alone(self, x: torch.Tensor) -> torch.Tensor:
         """One model pass: only the U-Net runs under autocast (autocast is per thread: set here)."""
         with torch.inference_mode():
@@ -318,7 +325,13 @@ class Detector:
         opts = self.options
         if opts.mode == "whole":
             multiple = int(self.diffusion.model.downsample_factor)
-            return residual_whole(inputs, masks, self.residual_batch, multiple, opts.batch_size, self.device)
+            # A caller that replaced `residual_batch` (a benchmark answering passes from a record, a probe of
+            # another timestep) gets every batch through it, one at a time.
+            own_passes = getattr(self.residual_batch, "__func__", None) is Detector.residual_batch
+            return residual_whole(
+                inputs, masks, self.residual_batch, multiple, opts.batch_size, self.device,
+                residual_each=self.residual_batches if own_passes else None,
+            )
         patch = int(self.metadata.patch_size)
         overlap = patch // 4 if opts.overlap is None else int(opts.overlap)
         tiles_per_pass = 8 * int(opts.batch_size or 1)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 # (B, C, H, W) model input in [-1, 1] -> (B, C, H, W) float32 residual
 ResidualFn = Callable[[torch.Tensor], torch.Tensor]
+# Several passes' inputs at once (their shapes may differ) -> their residuals, in order.
+ResidualEachFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def tile_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -123,23 +125,38 @@ def residual_whole(
     batch_size: int,
     device: torch.device,
     margin: int = 16,
+    residual_each: ResidualEachFn | None = None,
 ) -> list[np.ndarray]:
     """Residual maps (C, H, W) of slices run whole, each cropped to its body box (+margin) and padded to
-    a multiple of the U-Net's downsampling factor; outside the box stays 0. Same-size crops share a batch."""
+    a multiple of the U-Net's downsampling factor; outside the box stays 0. Same-size crops share a batch.
+
+    `residual_each`, when given, gets every batch at once instead of `residual_fn` one at a time: adjacent
+    slices' body boxes often differ by a few rows, and two lone crops can then run side by side."""
     maps = [np.zeros(image.shape, dtype=np.float32) for image in images]
     crops: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
     for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         box = body_box(mask, image.shape[-2], image.shape[-1], margin)
         shape = (round_up(box[1] - box[0], multiple), round_up(box[3] - box[2], multiple))
         crops.setdefault(shape, []).append((index, box))
-    for (height, width), members in crops.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            tensors = [
-                pad_to(torch.from_numpy(images[i][:, y0:y1, x0:x1])[None], height, width)[0]
-                for i, (y0, y1, x0, x1) in chunk
-            ]
-            residual = residual_fn(torch.stack(tensors).to(device)).float().cpu().numpy()
-            for (i, (y0, y1, x0, x1)), result in zip(chunk, residual, strict=True):
-                maps[i][:, y0:y1, x0:x1] = result[:, : y1 - y0, : x1 - x0]
+    chunks = [
+        (members[start : start + batch_size], height, width)
+        for (height, width), members in crops.items()
+        for start in range(0, len(members), batch_size)
+    ]
+
+    def batch_of(chunk: list[tuple[int, tuple[int, int, int, int]]], height: int, width: int) -> torch.Tensor:
+        tensors = [
+            pad_to(torch.from_numpy(images[i][:, y0:y1, x0:x1])[None], height, width)[0]
+            for i, (y0, y1, x0, x1) in chunk
+        ]
+        return torch.stack(tensors).to(device)
+
+    if residual_each is not None:
+        outputs = residual_each([batch_of(*chunk) for chunk in chunks])
+    else:
+        outputs = [residual_fn(batch_of(*chunk)) for chunk in chunks]
+    for (chunk, _, _), output in zip(chunks, outputs, strict=True):
+        residual = output.float().cpu().numpy()
+        for (i, (y0, y1, x0, x1)), result in zip(chunk, residual, strict=True):
+            maps[i][:, y0:y1, x0:x1] = result[:, : y1 - y0, : x1 - x0]
     return maps

@@ -127,6 +127,49 @@ def test_whole_slice_pads_to_the_unet_multiple_and_crops_to_the_body():
     assert shapes[-1] == (1, 1, 56, 72) and np.array_equal(full, image)
 
 
+def test_crops_of_different_sizes_go_to_the_model_together_when_it_takes_several_at_once():
+    """residual_each gets every batch of the call at once (two lone crops can then run side by side), and the
+    maps are those of the one-batch-at-a-time path."""
+    rng = np.random.default_rng(4)
+    images = [rng.normal(size=(1, 50, 70)).astype(np.float32) for _ in range(3)]
+    masks = [np.zeros((50, 70), dtype=bool) for _ in range(3)]
+    masks[0][20:30, 30:40] = masks[1][20:30, 30:40] = True  # one crop size for two slices
+    masks[2][5:45, 10:60] = True  # another for the third
+    seen: list[list[tuple[int, ...]]] = []
+
+    def each(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append([tuple(x.shape) for x in batches])
+        return [x * 2 for x in batches]
+
+    together = residual_whole(images, masks, lambda x: x * 2, 8, 4, torch.device("cpu"), margin=4, residual_each=each)
+    one_by_one = residual_whole(images, masks, lambda x: x * 2, 8, 4, torch.device("cpu"), margin=4)
+    assert seen == [[(2, 1, 24, 24), (1, 1, 48, 64)]]
+    for a, b in zip(together, one_by_one, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_replaced_model_pass_sees_every_crop(model_path, small_series):
+    """A benchmark or probe that replaces `residual_batch` gets every batch through it, crops of different sizes
+    included, rather than the detector's own side-by-side path."""
+    detector = Detector.load(model_path, device="cpu")
+    slices = [read_hu(ds)[0] for ds in small_series]
+    slices[1] = slices[1].copy()
+    slices[1][:, : slices[1].shape[1] // 3] = -1000.0  # a narrower body: a crop of another size
+    calls: list[int] = []
+    own = detector.residual_batch
+
+    def replaced(x: torch.Tensor) -> torch.Tensor:
+        calls.append(int(x.shape[0]))
+        return own(x)
+
+    expected = detector.residual_maps(slices)
+    detector.residual_batch = replaced
+    got = detector.residual_maps(slices)
+    assert sum(calls) == len(slices) and len(calls) >= 2
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_one_tile_equals_the_diffusion_residual(detector):
     x = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, size=(1, 1, 32, 32)).astype(np.float32))
     direct = detector.diffusion.btd_residual(x)[0].numpy()

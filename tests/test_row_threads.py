@@ -112,3 +112,60 @@ def test_a_forked_child_forgets_its_parents_pool(two_torch_threads: None) -> Non
             pytest.fail("the forked child did not exit")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0, "the forked child still knew its parent's pool"
+
+
+def test_lone_rows_of_different_shapes_run_side_by_side_and_come_back_in_order(two_torch_threads: None) -> None:
+    """Two crops of different sizes, one row each, run at once on the pool's two threads (one torch thread
+    each) instead of one after the other; a batch of two rows beside them keeps its rows together and in order."""
+    calls: list[tuple[str, int, tuple[int, ...]]] = []
+    both_running = threading.Barrier(2, timeout=30)
+
+    def rows_pass(x: torch.Tensor) -> torch.Tensor:
+        calls.append((threading.current_thread().name, torch.get_num_threads(), tuple(x.shape)))
+        if x.shape[1] in (7, 9):  # the two lone rows must meet: they run at the same time
+            both_running.wait()
+        return x.flip(-1) * 2
+
+    generator = torch.Generator().manual_seed(3)
+    lone_a, lone_b = torch.randn(1, 7, 11, generator=generator), torch.randn(1, 9, 5, generator=generator)
+    outputs = RowThreads(rows_pass).each([lone_a, lone_b])
+    assert [tuple(o.shape) for o in outputs] == [(1, 7, 11), (1, 9, 5)]
+    assert torch.equal(outputs[0], lone_a.flip(-1) * 2) and torch.equal(outputs[1], lone_b.flip(-1) * 2)
+    assert {threads for _, threads, _ in calls} == {1}
+    assert len({name for name, _, _ in calls}) == 2 and all(name.startswith("btd-rows-2x1") for name, _, _ in calls)
+
+    pair = torch.randn(2, 4, 4, generator=generator)
+    lone, paired = RowThreads(lambda x: x + 1).each([lone_a, pair])
+    assert torch.equal(lone, lone_a + 1) and torch.equal(paired, pair + 1)
+
+
+def test_batches_side_by_side_pass_on_an_error_after_every_row_has_finished(two_torch_threads: None) -> None:
+    finished: list[int] = []
+
+    def rows_pass(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3:
+            raise RuntimeError("bad crop")
+        time.sleep(0.2)
+        finished.append(int(x.shape[1]))
+        return x
+
+    with pytest.raises(RuntimeError, match="bad crop"):
+        RowThreads(rows_pass).each([torch.zeros(1, 3, 3), torch.zeros(1, 5, 5)])
+    assert finished == [5]  # the other crop's pass was not abandoned while it ran on the caller's input
+
+
+def test_batches_side_by_side_fall_back_to_one_at_a_time_with_one_torch_thread() -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names: list[str] = []
+
+        def rows_pass(x: torch.Tensor) -> torch.Tensor:
+            names.append(threading.current_thread().name)
+            return x * 3
+
+        caller = threading.current_thread().name
+        out = RowThreads(rows_pass).each([torch.ones(1, 2, 2), torch.ones(1, 3, 3)])
+        assert [o.sum().item() for o in out] == [12.0, 27.0] and names == [caller, caller]
+    finally:
+        torch.set_num_threads(previous)
