@@ -445,9 +445,9 @@ class Detector:
                     progress(1)
                 continue
             pending.append((ref, values, not (skip_lungless and not self.anomaly.has_lungs(values))))
-            batch_size = self.options.batch_size or 1
             # A batch holds `batch_size` model passes; slices without one ride along, a bounded number at a time.
-            if sum(needs_pass for *_, needs_pass in pending) >= batch_size or len(pending) >= _MOST_PENDING:
+            passes = sum(needs_pass for *_, needs_pass in pending)
+            if passes >= (self.options.batch_size or 1) or len(pending) - passes >= _MOST_RIDING:
                 flush()
         flush(drain=True)
         instances.extend(chain.close())
@@ -675,9 +675,10 @@ class _Mapped:
 
 # (slice, its values in modality units, whether it needs a model pass) while a batch is gathered
 _Pending = tuple[SliceRef, np.ndarray, bool]
-# Slices gathered at most before a batch is sent on, however few of them need a pass: a series' run of slices
-# without lung is finished a few at a time, never held whole.
-_MOST_PENDING = 8
+# Slices without a pass gathered at most before a batch is sent on, however few of its slices need a pass: a
+# series' run of slices without lung is finished a few at a time, never held whole (a batch: at most its
+# `batch_size` passes and these).
+_MOST_RIDING = 8
 
 
 @dataclass

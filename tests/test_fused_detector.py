@@ -234,6 +234,16 @@ def test_a_long_run_of_lungless_slices_is_finished_in_order_a_few_at_a_time(tmp_
     counted: list[int] = []
     result = detector.score_series(series, progress=counted.append)
     assert sum(rows) == 2
-    assert sum(counted) == len(series) and max(counted) <= 8
+    assert sum(counted) == len(series) and max(counted) <= 8 + (detector.options.batch_size or 1)
+    assert counted[-1] == 2  # the two after the first eight lungless ones
     assert [i.verdict for i in result.instances[2:]] == [NOT_ASSESSED] * 10
     assert {i.sop_instance_uid for i in result.instances} == {ds.SOPInstanceUID for ds in series}
+
+
+def test_a_large_batch_of_lung_slices_is_not_cut_short_by_the_lungless_bound(tmp_path, lidc) -> None:
+    """The bound on slices riding without a pass leaves a GPU-sized batch of lung slices whole."""
+    path = save_fused_model(tmp_path / "tiny-fused.pt", ["btd", "continuity"])
+    detector = Detector.load(path, device="cpu", batch_size=16)
+    counted: list[int] = []
+    detector.score_series(lidc, progress=counted.append)
+    assert counted == [len(lidc)]
