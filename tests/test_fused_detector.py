@@ -207,19 +207,32 @@ def test_slices_without_lung_skip_the_model_and_every_result_stays_the_same(tmp_
     skipped, passed = results[False], results[True]
     assert [i.sop_instance_uid for i in skipped.instances] == [ds.SOPInstanceUID for ds in series]
     for a, b in zip(skipped.instances, passed.instances, strict=True):
-        assert (a.verdict, a.score, a.reason, a.cue_scores, a.regions) == (b.verdict, b.score, b.reason, b.cue_scores,
-                                                                           b.regions)
+        assert (a.verdict, a.reason, a.regions) == (b.verdict, b.reason, b.regions)
+        assert _close(a.score, b.score) and a.cue_scores.keys() == b.cue_scores.keys()
+        assert all(_close(a.cue_scores[c], b.cue_scores[c]) for c in a.cue_scores)
         if a.sop_instance_uid in lungless:
             assert a.verdict == NOT_ASSESSED and a.reason == LUNGLESS_SLICE
         else:
             assert a.verdict != NOT_ASSESSED and a.cue_scores
-    assert (skipped.verdict, skipped.score, skipped.reason) == (passed.verdict, passed.score, passed.reason)
-    assert [c.to_dict() for c in skipped.cues] == [c.to_dict() for c in passed.cues]
+    assert (skipped.verdict, skipped.reason) == (passed.verdict, passed.reason)
+    assert _close(skipped.score, passed.score)
+    for a, b in zip(skipped.cues, passed.cues, strict=True):
+        assert (a.name, a.used, a.reason, a.fired) == (b.name, b.used, b.reason, b.fired) and _close(a.score, b.score)
     # Only a lungless slice's own BTD feature is missing (a site reference reads lung slices only).
     for a, b in zip(skipped.features, passed.features, strict=True):
         assert a["in_lungs"] == b["in_lungs"]
         assert a["cues"]["continuity"] == b["cues"]["continuity"]
-        assert a["cues"]["btd"] == (b["cues"]["btd"] if a["in_lungs"] else None)
+        if a["in_lungs"]:
+            assert _close(a["cues"]["btd"], b["cues"]["btd"])
+        else:
+            assert a["cues"]["btd"] is None and b["cues"]["btd"] is not None
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    """Equal, or within float32 rounding of the model pass: once lungless slices drop out of the batches, other
+    slices share a pass, and with one torch thread a batched pass and a lone one differ by ~1e-6 (with the row
+    threads each slice runs alone and the results are identical); scores are rounded to 4 decimals."""
+    return a == b or (a is not None and b is not None and abs(a - b) <= 2e-4)
 
 
 def test_a_long_run_of_lungless_slices_is_finished_in_order_a_few_at_a_time(tmp_path, lidc) -> None:
