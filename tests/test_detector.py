@@ -156,16 +156,18 @@ def test_a_replaced_model_pass_sees_every_crop(model_path, small_series):
     slices[1] = slices[1].copy()
     slices[1][:, : slices[1].shape[1] // 3] = -1000.0  # a narrower body: a crop of another size
     calls: list[int] = []
+    sizes: set[tuple[int, ...]] = set()
     own = detector.residual_batch
 
     def replaced(x: torch.Tensor) -> torch.Tensor:
         calls.append(int(x.shape[0]))
+        sizes.add(tuple(x.shape[2:]))
         return own(x)
 
     expected = detector.residual_maps(slices)
     detector.residual_batch = replaced
     got = detector.residual_maps(slices)
-    assert sum(calls) == len(slices) and len(calls) >= 2
+    assert sum(calls) == len(slices) and len(sizes) >= 2  # crops of at least two sizes, every one through it
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
