@@ -50,6 +50,7 @@ from scipy import ndimage
 
 from models.lungmask import body_mask as _body_mask
 from models.lungmask import lung_mask, share
+from models.window import Window, gaussian_reach, uniform_reach
 
 BODY_HU_THRESHOLD = -500.0
 # Local-HU bin edges: lung parenchyma is finely binned (that is where tampering happens), denser tissue coarsely.
@@ -87,6 +88,14 @@ def bin_index(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
             np.add(counts, values >= edge, out=counts)
         return counts.astype(np.intp)
     return np.searchsorted(narrow, values, side="right")
+
+
+def _window_of(features: dict[str, np.ndarray], shape: tuple[int, ...]) -> Window:
+    """The window a features dict's tissue bins cover (features made before windows: the whole slice)."""
+    if "window" not in features:
+        return Window.whole(shape)
+    top, bottom, left, right = (int(v) for v in features["window"])
+    return Window(top, bottom, left, right, (int(shape[0]), int(shape[1])))
 
 
 def _squared(residual: np.ndarray) -> np.ndarray:
@@ -132,9 +141,10 @@ class SliceMap:
     series is mapped slice by slice, and each slice finished once its successor is known.
     """
 
-    z: np.ndarray
-    search: np.ndarray
+    z: np.ndarray  # over `window` only
+    search: np.ndarray  # the whole slice
     in_lungs: bool = False  # the search region is the lungs (not the body fallback of a lungless slice)
+    window: Window | None = None  # where z was computed (None: the whole slice)
     _widened: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def widened(self, reach_px: int) -> np.ndarray:
@@ -244,33 +254,69 @@ class AnomalyModel:
         has_lungs = share(lungs) > 0.01
         return (lungs if has_lungs else body), has_lungs
 
-    def log_energy(self, residual: np.ndarray) -> np.ndarray:
-        energy = ndimage.uniform_filter(_squared(residual), size=self.smoothing_px)
+    def log_energy(self, residual: np.ndarray, window: Window | None = None) -> np.ndarray:
+        """The log of the residual's local mean square, per pixel of `window` (default: the whole slice)."""
+        if window is None or window.is_whole:
+            energy = ndimage.uniform_filter(_squared(residual), size=self.smoothing_px)
+        else:
+            outer = window.grown(uniform_reach(self.smoothing_px))
+            rows, columns = outer.index
+            part = residual[..., rows, columns]
+            energy = ndimage.uniform_filter(_squared(part), size=self.smoothing_px)[window.within(outer)]
         return np.log(energy + 1e-10).astype(np.float32)
 
-    def tissue_bins(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(HU bin, structure bin) per pixel, from the local mean HU and the smoothed image's gradient."""
-        local_hu = ndimage.uniform_filter(hu.astype(np.float32), size=self.smoothing_px)
-        smooth = ndimage.gaussian_filter(hu.astype(np.float32), STRUCTURE_SIGMA_PX)
-        return bin_index(local_hu, self.hu_edges), bin_index(sobel_magnitude(smooth), self.structure_edges)
+    def tissue_bins(self, hu: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(HU bin, structure bin) per pixel of `window` (default: the whole slice), from the local mean HU
+        and the smoothed image's gradient."""
+        window = window or Window.whole(hu.shape)
+        local_hu = window.filtered(
+            hu, uniform_reach(self.smoothing_px),
+            lambda part: ndimage.uniform_filter(part.astype(np.float32), size=self.smoothing_px),
+        )
+        # The Sobel reads one pixel around each, so the smoothed image is made one pixel wider than the window.
+        around = window.grown(1)
+        smooth = around.filtered(
+            hu, gaussian_reach(STRUCTURE_SIGMA_PX),
+            lambda part: ndimage.gaussian_filter(part.astype(np.float32), STRUCTURE_SIGMA_PX),
+        )
+        gradient = sobel_magnitude(smooth)[window.within(around)]
+        return bin_index(local_hu, self.hu_edges), bin_index(gradient, self.structure_edges)
+
+    def map_window(self, search: np.ndarray) -> Window:
+        """Where a slice's z is needed: its search region's bounding box widened by the region mean's reach
+        (`finish` sets every value outside the search region to one floor). The whole slice when neighbours
+        are compared: their maps are read around the slice's own search region."""
+        if self.neighbour_weight > 0:
+            return Window.whole(search.shape)
+        return Window.around(search, uniform_reach(self.region_px) if self.region_px > 1 else 0)
 
     # --- the map -----------------------------------------------------------------------------------
-    def features(self, hu: np.ndarray) -> dict[str, np.ndarray]:
-        """What the map needs from the HU image alone; compute once and pass to several maps of one slice."""
-        hu_bin, structure_bin = self.tissue_bins(hu)
+    def features(self, hu: np.ndarray, *, windowed: bool = False) -> dict[str, np.ndarray]:
+        """What the map needs from the HU image alone; compute once and pass to several maps of one slice.
+
+        windowed: the tissue bins only inside `map_window` of the search region (entry "window": top,
+        bottom, left, right), which is all a map reads; default the whole slice (fitting a reference, the
+        benchmarks' ablations)."""
         body = self.body_mask(hu)
         lungs, has_lungs = self._lungs_or_body(hu, body)
+        window = self.map_window(lungs if self.lung_only else body) if windowed else Window.whole(hu.shape)
+        hu_bin, structure_bin = self.tissue_bins(hu, window)
         return {
             "hu_bin": hu_bin,
             "structure_bin": structure_bin,
             "body": body,
             "lungs": lungs,
             "has_lungs": np.array(has_lungs),
+            "window": np.array([window.top, window.bottom, window.left, window.right]),
             "key": np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges]),
         }
 
     def _features(
-        self, hu: np.ndarray, features: dict[str, np.ndarray] | None, needs_bins: bool | None = None
+        self,
+        hu: np.ndarray,
+        features: dict[str, np.ndarray] | None,
+        needs_bins: bool | None = None,
+        windowed: bool = False,
     ) -> dict[str, np.ndarray]:
         """Reuse the caller's features when they were computed with settings that give the same values.
 
@@ -282,18 +328,32 @@ class AnomalyModel:
             if needs_bins is None:
                 needs_bins = self.normalise and bool(self.ref_mean)
             key = np.array([self.smoothing_px, self.lung_dilate_px, *self.hu_edges, *self.structure_edges])
-            if same_masks and (not needs_bins or np.array_equal(features["key"], key)):
+            if same_masks and self._bins_cover(features, hu.shape, windowed) and (
+                not needs_bins or np.array_equal(features["key"], key)
+            ):
                 return features
-        return self.features(hu)
+        return self.features(hu, windowed=windowed)
+
+    def _bins_cover(self, features: dict[str, np.ndarray], shape: tuple[int, ...], windowed: bool) -> bool:
+        """Whether the tissue bins of `features` cover what is asked: the whole slice, or (windowed) this
+        model's `map_window` of the features' search region (another model's window may be narrower)."""
+        window = _window_of(features, shape)
+        if window.is_whole:
+            return True
+        return windowed and window.holds(self.map_window(features["lungs"] if self.lung_only else features["body"]))
 
     def z_map(self, residual: np.ndarray, hu: np.ndarray, features: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Signed deviation of the local log-energy from genuine tissue of the same kind (not masked)."""
-        energy = self.log_energy(residual)
+        """Signed deviation of the local log-energy from genuine tissue of the same kind (not masked), over
+        the window of `features` (the whole slice without them)."""
+        windowed = features is not None and not _window_of(features, hu.shape).is_whole
+        if self.normalise and self.ref_mean:
+            features = self._features(hu, features, windowed=windowed)
+        energy = self.log_energy(residual, _window_of(features, hu.shape) if features is not None else None)
         if not self.normalise:
             return energy
         if self.ref_mean:
-            feats = self._features(hu, features)
-            hu_bin, structure_bin = feats["hu_bin"], feats["structure_bin"]
+            assert features is not None
+            hu_bin, structure_bin = features["hu_bin"], features["structure_bin"]
             mean_table = np.asarray(self.ref_mean, dtype=np.float32)
             std_table = np.maximum(np.asarray(self.ref_std, dtype=np.float32), 1e-3)
             n_structure = len(self.structure_edges) + 1
@@ -310,21 +370,26 @@ class AnomalyModel:
     ) -> SliceMap:
         """The slice's own map (z, signed or |z|) and its search region, before neighbours and regions."""
         needs_features = (self.normalise and self.ref_mean) or self.lung_only or self.per_slice
-        feats = self._features(hu, features) if needs_features else None
+        feats = self._features(hu, features, windowed=True) if needs_features else None
         z = self.z_map(residual, hu, feats)
         search = (feats["lungs"] if self.lung_only else feats["body"]) if feats is not None else self.body_mask(hu)
+        window = _window_of(feats, hu.shape) if feats is not None else Window.whole(hu.shape)
         if self.per_slice and search.any():
-            centre = float(np.median(z[search]))
-            spread = float(np.median(np.abs(z[search] - centre))) * 1.4826 + 1e-3
+            inside = search[window.index]
+            centre = float(np.median(z[inside]))
+            spread = float(np.median(np.abs(z[inside] - centre))) * 1.4826 + 1e-3
             z = (z - centre) / spread
         in_lungs = bool(self.lung_only and feats is not None and feats.get("has_lungs", False))
-        return SliceMap((np.abs(z) if self.two_sided else z).astype(np.float32), search, in_lungs)
+        return SliceMap((np.abs(z) if self.two_sided else z).astype(np.float32), search, in_lungs, window)
 
     def finish(self, own: SliceMap, neighbours: Sequence[SliceMap | None] = ()) -> np.ndarray:
         """The anomaly map of `own` given its adjacent slices (None where a neighbour is missing)."""
         amap = own.z
+        window = own.window or Window.whole(own.search.shape)
         present = [n for n in neighbours if n is not None and n.z.shape == own.z.shape]
         if self.neighbour_weight > 0 and present:
+            if not window.is_whole:
+                raise ValueError("a map compared with its neighbours must cover the whole slice (map_window)")
             if self.neighbour_reduce not in NEIGHBOUR_REDUCTIONS:
                 raise ValueError(f"neighbour_reduce {self.neighbour_reduce!r}: use one of {NEIGHBOUR_REDUCTIONS}")
             widened = [n.widened(self.neighbour_reach_px) for n in present]
@@ -332,10 +397,14 @@ class AnomalyModel:
             amap = amap - self.neighbour_weight * context
         if self.region_px > 1:
             amap = ndimage.uniform_filter(amap, size=self.region_px)
-        amap = np.array(amap, dtype=np.float32)  # a copy: own.z stays intact for its neighbours
         search = own.search
-        # Outside the search region: never above anything inside it (a one-sided map can be negative).
-        amap[~search] = min(0.0, float(amap[search].min())) if search.any() else 0.0
+        # Outside the search region: never above anything inside it (a one-sided map can be negative). The
+        # window holds the whole search region, so the floor is the same whichever part of the map was made.
+        floor = min(0.0, float(amap[search[window.index]].min())) if search.any() else 0.0
+        amap = window.pasted(amap, floor)  # a new array either way: own.z stays intact for its neighbours
+        if amap is own.z:
+            amap = amap.copy()
+        amap[~search] = floor
         return amap
 
     def anomaly_map(

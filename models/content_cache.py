@@ -13,6 +13,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class ContentCache:
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._entries: OrderedDict[ImageKey, dict[Hashable, np.ndarray]] = OrderedDict()
+        self._entries: OrderedDict[ImageKey, dict[Hashable, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: ImageKey, name: Hashable, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -91,6 +92,27 @@ class ContentCache:
         with self._lock:
             entry[name] = value
         return value
+
+    def find(self, key: ImageKey, name: Hashable) -> Any:
+        """The result `name` of the image `key` if it is kept (the image counts as used), else None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry.get(name)
+
+    def keep(self, key: ImageKey, name: Hashable, value: Any) -> None:
+        """Keep `value` as the result `name` of the image `key`, replacing what was there (an array is made
+        read-only; anything else must not change: a frozen dataclass of read-only arrays)."""
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+        with self._lock:
+            entry = self._entries.setdefault(key, {})
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.slots:
+                self._entries.popitem(last=False)
+            entry[name] = value
 
     def clear(self) -> None:
         with self._lock:

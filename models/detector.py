@@ -668,7 +668,7 @@ class _Mapped:
     def shape(self) -> tuple[int, ...]:
         """The slice's (rows, columns): its map's, or its pixels' when it had no model pass."""
         if self.slice_map is not None:
-            return tuple(self.slice_map.z.shape)
+            return tuple(self.slice_map.search.shape)
         assert self.values is not None
         return tuple(self.values.shape)
 

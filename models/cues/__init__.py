@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.window import Window
+
 
 @dataclass
 class CueMap:
@@ -37,9 +39,14 @@ class CueMap:
         return int(y), int(x)
 
 
-def masked_max(amap: np.ndarray, search: np.ndarray) -> tuple[np.ndarray, float]:
-    """The map with everything outside `search` pushed below its minimum inside, and the maximum inside."""
-    out = np.array(amap, dtype=np.float32)
+def masked_max(amap: np.ndarray, search: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, float]:
+    """The map with everything outside `search` pushed below its minimum inside, and the maximum inside.
+
+    window: `amap` covers only this part of the slice (which holds all of `search`); the map returned covers
+    the whole slice."""
+    # Outside the window is outside `search`: set below with the rest. A copy either way: `amap` is kept intact.
+    windowed = window is not None and not window.is_whole
+    out = window.pasted(amap, 0.0) if windowed else np.array(amap, dtype=np.float32)  # type: ignore[union-attr]
     if not search.any():
         return out, float("nan")
     floor = float(out[search].min())

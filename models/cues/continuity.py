@@ -12,11 +12,14 @@ Coarser series (or a slice without both neighbours) get no map and a reason: "to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
 from models.content_cache import ContentCache, ImageKey, image_key
 from models.cues import CueMap, masked_max
+from models.window import Window, gaussian_reach, uniform_reach
 
 MAX_SPACING_MM = 2.5
 SMOOTH_SIGMA_PX = 1.2
@@ -74,21 +77,43 @@ def disk_filter(image: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
 
 # Along a series every slice is smoothed and enveloped three times: as the slice judged and as each of its
 # neighbours' neighbour. Those are pure functions of the image, so they are kept for the last few images
-# (by content) and each is computed once: about half of the cue's time per slice.
+# (by content) and each is computed once: about half of the cue's time per slice. Each is kept over a window
+# (models/window.py): the slice's search region, widened by SLACK_PX so that its neighbours' windows, a few
+# pixels off, are usually inside it; one that is not is computed again over both.
 _prepared = ContentCache(slots=6)
+SLACK_PX = 16
 
 
-def _derived(image: np.ndarray, key: ImageKey, what: str, reach: int = 0) -> np.ndarray:
-    """The image smoothed ("smooth"), or its envelope ("max" / "min" over a disk of `reach`), computed once
-    per image content; the arrays handed out are shared and read-only."""
+@dataclass(frozen=True)
+class _Part:
+    window: Window
+    values: np.ndarray  # read-only
+
+
+def _derived(
+    image: np.ndarray, key: ImageKey, what: str, window: Window, reach: int = 0, slack: int = SLACK_PX
+) -> np.ndarray:
+    """The image smoothed ("smooth"), or its envelope ("max" / "min" over a disk of `reach`), over `window`,
+    computed once per image content (value for value what the whole image's filter gives there); the arrays
+    handed out are shared and read-only."""
+    name = "smooth" if what == "smooth" else (what, reach)
+    kept = _prepared.find(key, name)
+    if isinstance(kept, _Part) and kept.window.holds(window):
+        return kept.values[window.within(kept.window)]
+    wanted = window.grown(slack) if kept is None else kept.window.union(window)
     if what == "smooth":
-        return _prepared.get(
-            key,
-            "smooth",
-            lambda: ndimage.gaussian_filter(np.clip(image, -1024, 400).astype(np.float32), SMOOTH_SIGMA_PX),
+        values = wanted.filtered(
+            image,
+            gaussian_reach(SMOOTH_SIGMA_PX),
+            lambda part: ndimage.gaussian_filter(np.clip(part, -1024, 400).astype(np.float32), SMOOTH_SIGMA_PX),
         )
-    reduce = np.maximum if what == "max" else np.minimum
-    return _prepared.get(key, (what, reach), lambda: disk_filter(_derived(image, key, "smooth"), reach, reduce))
+    else:
+        around = wanted.grown(reach)
+        smooth = _derived(image, key, "smooth", around, slack=0)
+        values = disk_filter(smooth, reach, np.maximum if what == "max" else np.minimum)[wanted.within(around)]
+    values.setflags(write=False)
+    _prepared.keep(key, name, _Part(wanted, values))
+    return values[window.within(wanted)]
 
 
 def continuity_map(
@@ -109,17 +134,19 @@ def continuity_map(
         return CueMap("continuity", None, None, "no adjacent slice on both sides")
     if not search.any():
         return CueMap("continuity", None, None, "no lungs")
+    # Only the search region is read (masked_max); the region mean reads REGION_PX // 2 around it.
+    window = Window.around(search, uniform_reach(REGION_PX))
     keys = [image_key(a) for a in (before, hu, after)]
-    smooth = [_derived(a, key, "smooth") for a, key in zip((before, hu, after), keys, strict=True)]
+    smooth = [_derived(a, key, "smooth", window) for a, key in zip((before, hu, after), keys, strict=True)]
     reach = reach_px(spacing_mm, pixel_mm)
     envelopes = [(before, keys[0]), (after, keys[2])]
-    upper = np.maximum(*(_derived(a, key, "max", reach) for a, key in envelopes))
-    lower = np.minimum(*(_derived(a, key, "min", reach) for a, key in envelopes))
+    upper = np.maximum(*(_derived(a, key, "max", window, reach) for a, key in envelopes))
+    lower = np.minimum(*(_derived(a, key, "min", window, reach) for a, key in envelopes))
     outside = np.maximum(smooth[1] - upper, 0.0) + np.maximum(lower - smooth[1], 0.0)
     difference = smooth[1] - 0.5 * (smooth[0] + smooth[2])
-    inner = search & (smooth[1] > -1000)
+    inner = search[window.index] & (smooth[1] > -1000)
     values = difference[inner]
     spread = float(np.median(np.abs(values - np.median(values))) * 1.4826) if values.size else 1.0
     amap = ndimage.uniform_filter(outside / max(spread, 1.0), REGION_PX)
-    amap, score = masked_max(amap, search)
+    amap, score = masked_max(amap, search, window)
     return CueMap("continuity", amap, score)
