@@ -256,13 +256,11 @@ class AnomalyModel:
 
     def log_energy(self, residual: np.ndarray, window: Window | None = None) -> np.ndarray:
         """The log of the residual's local mean square, per pixel of `window` (default: the whole slice)."""
-        if window is None or window.is_whole:
-            energy = ndimage.uniform_filter(_squared(residual), size=self.smoothing_px)
-        else:
-            outer = window.grown(uniform_reach(self.smoothing_px))
-            rows, columns = outer.index
-            part = residual[..., rows, columns]
-            energy = ndimage.uniform_filter(_squared(part), size=self.smoothing_px)[window.within(outer)]
+        window = window or Window.whole(residual.shape[-2:])
+        energy = window.filtered(
+            residual, uniform_reach(self.smoothing_px),
+            lambda part: ndimage.uniform_filter(_squared(part), size=self.smoothing_px),
+        )
         return np.log(energy + 1e-10).astype(np.float32)
 
     def tissue_bins(self, hu: np.ndarray, window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -401,9 +399,7 @@ class AnomalyModel:
         # Outside the search region: never above anything inside it (a one-sided map can be negative). The
         # window holds the whole search region, so the floor is the same whichever part of the map was made.
         floor = min(0.0, float(amap[search[window.index]].min())) if search.any() else 0.0
-        amap = window.pasted(amap, floor)  # a new array either way: own.z stays intact for its neighbours
-        if amap is own.z:
-            amap = amap.copy()
+        amap = window.pasted(amap, floor)  # a new array: own.z stays intact for its neighbours
         amap[~search] = floor
         return amap
 

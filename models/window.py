@@ -90,17 +90,19 @@ class Window:
         )
 
     def filtered(self, image: np.ndarray, reach: int, local: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """`local(image)[self.index]`, computing `local` only on this window widened by `reach`: `local` is a
-        filter whose every output pixel reads input pixels at most `reach` away (on each axis)."""
+        """`local(image)[..., window]`, computing `local` only on this window widened by `reach`: `local` is a
+        filter whose every output pixel reads input pixels at most `reach` away (on each of the image's last
+        two axes, the rows and columns; leading axes such as a residual's channels pass through)."""
         if self.is_whole:
             return local(image)
         outer = self.grown(reach)
-        return local(image[outer.index])[self.within(outer)]
+        return local(image[(..., *outer.index)])[(..., *self.within(outer))]
 
     def pasted(self, part: np.ndarray, fill: float, dtype: type = np.float32) -> np.ndarray:
-        """A whole image holding `part` in this window and `fill` everywhere else."""
+        """A new whole image holding `part` in this window and `fill` everywhere else (a copy even for a whole
+        window, so a caller may write into it and leave `part` intact)."""
         if self.is_whole:
-            return np.asarray(part, dtype=dtype)
+            return np.array(part, dtype=dtype)
         whole = np.full(self.shape, fill, dtype=dtype)
         whole[self.index] = part
         return whole

@@ -58,6 +58,12 @@ def test_window_bounds_a_mask_with_its_margin_inside_the_image() -> None:
     pasted = window.pasted(part, -5.0)
     assert pasted.shape == (40, 50) and np.array_equal(pasted[window.index], part)
     assert (pasted[~np.pad(np.ones(part.shape, bool), ((7, 25), (17, 16)))] == -5.0).all()
+    # A whole window pastes a copy too: callers write into what it returns and keep the part intact.
+    whole = Window.whole((40, 50))
+    full = np.ones((40, 50), dtype=np.float32)
+    copied = whole.pasted(full, 0.0)
+    copied[0, 0] = 9.0
+    assert full[0, 0] == 1.0
 
 
 @pytest.mark.parametrize("margin", [0, 7])
@@ -72,6 +78,13 @@ def test_local_filters_on_a_window_equal_the_whole_slices(chest: np.ndarray, mar
         window = Window(top, bottom, left, right, (rows, columns)).grown(margin)
         assert np.array_equal(window.filtered(chest, gaussian_reach(3.0), gaussian), whole_gaussian[window.index])
         assert np.array_equal(window.filtered(chest, uniform_reach(5), box), whole_box[window.index])
+    # Leading axes (a residual's channels) pass through: the rows and columns are the last two axes.
+    stacked = np.stack([chest, -chest])
+    box_per_channel = lambda image: ndimage.uniform_filter(image, size=(1, 5, 5))  # noqa: E731
+    inside = Window(100, 300, 120, 380, (rows, columns)).grown(margin)
+    assert np.array_equal(
+        inside.filtered(stacked, uniform_reach(5), box_per_channel), box_per_channel(stacked)[(..., *inside.index)]
+    )
     # One pixel less reach than the filter has is wrong near a cut edge: the reach is what makes it exact.
     inside = Window(100, 300, 120, 380, (rows, columns))
     assert not np.array_equal(inside.filtered(chest, gaussian_reach(3.0) - 1, gaussian), whole_gaussian[inside.index])

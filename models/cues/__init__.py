@@ -45,8 +45,7 @@ def masked_max(amap: np.ndarray, search: np.ndarray, window: Window | None = Non
     window: `amap` covers only this part of the slice (which holds all of `search`); the map returned covers
     the whole slice."""
     # Outside the window is outside `search`: set below with the rest. A copy either way: `amap` is kept intact.
-    windowed = window is not None and not window.is_whole
-    out = window.pasted(amap, 0.0) if windowed else np.array(amap, dtype=np.float32)  # type: ignore[union-attr]
+    out = (window or Window.whole(amap.shape)).pasted(amap, 0.0)
     if not search.any():
         return out, float("nan")
     floor = float(out[search].min())

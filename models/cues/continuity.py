@@ -100,7 +100,7 @@ def _derived(
     kept = _prepared.find(key, name)
     if isinstance(kept, _Part) and kept.window.holds(window):
         return kept.values[window.within(kept.window)]
-    wanted = window.grown(slack) if kept is None else kept.window.union(window)
+    wanted = window.grown(slack) if kept is None else kept.window.union(window.grown(slack))
     if what == "smooth":
         values = wanted.filtered(
             image,
