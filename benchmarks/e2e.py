@@ -12,9 +12,11 @@ Every time comes from the database (the single source of truth): the last `insta
 the study and the `study_events` of each state it then entered (STABLE, QUEUED, SCORING, SCORED,
 REPORTED, DELIVERED), so the phases (quiet timer, queue wait, scoring, report, delivery) add up.
 
-Studies: the 20-slice chest CT of tests/fixtures/ct_series_20 (Apache-2.0, TotalSegmentator) with fresh
-UIDs, and a 100-slice study made of that series 5 times (fresh UIDs, each copy shifted along the slice
-normal so the series stays one geometrically consistent stack).
+Studies: the 20-slice CT of tests/fixtures/ct_series_20 (Apache-2.0, TotalSegmentator; a slab at the lungs' base,
+where about two thirds of the slices hold no lung and cost the default CT model no U-Net pass) with fresh UIDs,
+and a 100-slice study made of that series 5 times (fresh UIDs, each copy shifted along the slice normal so the
+series stays one geometrically consistent stack). `--source DIR` makes the study of another series instead
+(e.g. a chest series from ../shared/data whose slices hold lung, so that nearly every slice runs the U-Net).
 
 The model: `--model PATH` (a real BTD model), else a tiny random one (dim 8; see make_tiny_model), which
 exercises the whole path at a fraction of the published model's cost; the report says which was used.
@@ -77,7 +79,8 @@ DONE_STATES = ("DELIVERED", "FAILED_DELIVERY", "FAILED", "REJECTED")
 def make_study(out_dir: Path, n_slices: int, source: Path = FIXTURE_SERIES, modality: str | None = None) -> Path:
     """Write one CT study of `n_slices` (a multiple of the source's 20) with fresh UIDs; return its folder.
     `modality`: written into every instance instead of CT (e.g. "MR": a study the CT model declines)."""
-    heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in source.glob("CT.*")}
+    files = [p for p in source.iterdir() if p.is_file() and (p.name.startswith("CT.") or p.suffix.lower() == ".dcm")]
+    heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
     sources = sorted(heads, key=lambda p: float(heads[p].ImagePositionPatient[2]))
     z = [float(heads[p].ImagePositionPatient[2]) for p in sources]
     step = (z[-1] - z[0]) / (len(z) - 1) if len(z) > 1 else 3.0
@@ -358,9 +361,10 @@ def run_once(
     associations: int = 1,
     sender: str = "storescu",
     modality: str | None = None,
+    source: Path = FIXTURE_SERIES,
 ) -> Run:
     result = Run(mode=mode, slices=n_slices, associations=associations, sender=sender)
-    study_dir = make_study(work / f"study-{n_slices}", n_slices, modality=modality)
+    study_dir = make_study(work / f"study-{n_slices}", n_slices, source, modality=modality)
     study_uid = str(pydicom.dcmread(next(study_dir.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     data_dir = work / f"data-{mode}-{n_slices}"
     pacs_port, dicom_port, http_port = free_port(), free_port(), free_port()
@@ -521,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--not-assessed", action="store_true", help="modality MR: the CT model declines every slice (all but scoring)"
     )
+    parser.add_argument(
+        "--source", type=Path, default=FIXTURE_SERIES,
+        help="the series the study is made of, cycled with fresh UIDs (its CT.* or *.dcm files); default the "
+        "20-slice fixture, two thirds of whose slices hold no lung (no U-Net pass for them with the default model)",
+    )
     args = parser.parse_args(argv)
     info = machine()
     with tempfile.TemporaryDirectory(prefix="btd-e2e-") as tmp:
@@ -540,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                 "; the study's modality relabelled MR, so the CT model declines every slice after reading and "
                 "decoding it (verdict not assessed): these runs time everything but the model's arithmetic"
             )
+        if args.source.resolve() != FIXTURE_SERIES.resolve():
+            model_text += f"; the study made of the series in `{args.source.name}`, cycled with fresh UIDs"
         runs = []
         for n_slices in args.sizes:
             for mode in args.modes:
@@ -554,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.associations,
                     args.sender,
                     "MR" if args.not_assessed else None,
+                    args.source,
                 )
                 print(json.dumps(asdict(run)), flush=True)
                 runs.append(run)
