@@ -77,9 +77,12 @@ DONE_STATES = ("DELIVERED", "FAILED_DELIVERY", "FAILED", "REJECTED")
 
 
 def make_study(out_dir: Path, n_slices: int, source: Path = FIXTURE_SERIES, modality: str | None = None) -> Path:
-    """Write one CT study of `n_slices` (a multiple of the source's 20) with fresh UIDs; return its folder.
-    `modality`: written into every instance instead of CT (e.g. "MR": a study the CT model declines)."""
+    """Write one CT study of `n_slices` with fresh UIDs, the source series' slices cycled as often as needed;
+    return its folder. `modality`: written into every instance instead of CT (e.g. "MR": a study the CT
+    model declines)."""
     files = [p for p in source.iterdir() if p.is_file() and (p.name.startswith("CT.") or p.suffix.lower() == ".dcm")]
+    if not files:
+        raise ValueError(f"{source}: no CT.* or *.dcm files to make a study of")
     heads = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
     sources = sorted(heads, key=lambda p: float(heads[p].ImagePositionPatient[2]))
     z = [float(heads[p].ImagePositionPatient[2]) for p in sources]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "ct_series_20"
@@ -37,7 +38,8 @@ def test_a_study_made_of_a_dcm_series_cycles_it_with_fresh_uids_along_one_stack(
     (source / "LICENSE.txt").write_text("not an image\n")
     (source / "metadata.csv").write_text("a,b\n")
 
-    study = _e2e_module().make_study(tmp_path / "study", 50, source)
+    e2e = _e2e_module()
+    study = e2e.make_study(tmp_path / "study", 50, source)
 
     made = sorted(study.iterdir())
     assert len(originals) == 20 and len(made) == 50  # two copies of the series and half a third; no text file
@@ -50,3 +52,9 @@ def test_a_study_made_of_a_dcm_series_cycles_it_with_fresh_uids_along_one_stack(
     z = [float(h.ImagePositionPatient[2]) for h in sorted(heads, key=lambda h: int(h.InstanceNumber))]
     steps = [b - a for a, b in zip(z[:-1], z[1:], strict=True)]
     assert all(abs(step - steps[0]) < 1e-3 for step in steps), steps  # one stack, no copy on top of another
+
+
+def test_a_folder_without_images_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("no images here\n")
+    with pytest.raises(ValueError, match="no CT.* or .*dcm files"):
+        _e2e_module().make_study(tmp_path / "study", 5, tmp_path)
