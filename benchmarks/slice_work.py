@@ -6,8 +6,10 @@ it runs beside the passes; in a whole-series timing it hides in the U-Net's nois
 input is run through the U-Net once (the first, untimed run) and its residual kept; the timed runs score the
 whole series as the worker does, with every model pass answered from that record, on one thread (no pass
 ahead), so what is timed is everything else. `--root` times the models/ of another source tree (e.g. `git
-archive <parent> models | tar -x -C /tmp/parent`); run the two alternately, in separate processes.
-Usage: .venv/bin/python benchmarks/slice_work.py [--series b70f] [--runs 3] [--root /tmp/parent]
+archive <parent> models | tar -x -C /tmp/parent`); run the two alternately, in separate processes. Each process
+times the convolution layouts once and takes one (models/fastconv.py); the two differ in float32 rounding, so
+slice digests are compared between runs of the same "layout" (printed), or with `--layout` pinned.
+Usage: .venv/bin/python benchmarks/slice_work.py [--series b70f] [--runs 3] [--root /tmp/parent] [--layout nchw]
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--series", choices=("lidc", "b70f"), default="b70f")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after the recording one")
     parser.add_argument("--root", type=Path, help="another source tree whose models/ is timed instead of this one")
+    parser.add_argument(
+        "--layout", choices=("nchw", "channels_last"), help="the CPU convolutions' layout (default: timed per process)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, and models/ unless --root
     if args.root:
@@ -57,9 +62,12 @@ def main() -> None:
     import torch
 
     from benchmarks.fused_timing import SERIES
+    from models import fastconv
     from models.detector import Detector
 
     torch.set_num_threads(1)
+    if args.layout:
+        fastconv.set_conv_layout(args.layout)
     detector = Detector.load(None, device="cpu")
     detector.pass_ahead.enabled = False
     recorded_passes(detector)
@@ -79,6 +87,7 @@ def main() -> None:
             "score": result.score,
             "cues": [(c.name, c.score) for c in result.cues],
             "slices_digest": slices_digest(result.instances),
+            "layout": fastconv.conv_layout(),
         }
         print(json.dumps(record), flush=True)
 

@@ -11,7 +11,7 @@ from models.corpus import DEFAULT_DATA_ROOT, dicom_to_hu
 from models.cues.continuity import continuity_map
 from models.cues.copymove import copy_move_scores, keypoints
 from models.cues.fusion import TailModel, fused_score, relative_scores, series_correction
-from models.cues.header import header_findings
+from models.cues.header import header_findings, signature
 from models.cues.noise import noise_map
 from models.lungmask import lung_mask
 
@@ -99,6 +99,21 @@ def test_header_cue_fires_on_a_re_encoded_instance_and_not_on_file_meta_alone() 
     mixed = [{**base, "TransferSyntaxUID": str(i)} for i in range(10)]  # re-encoded test files: no majority
     assert header_findings(mixed)[0] == [] and "no clear majority" in header_findings(mixed)[1]
     assert "needs 5" in header_findings(series[:3])[1]
+
+
+def test_header_signature_names_the_private_groups_of_real_files_from_several_scanners() -> None:
+    """The private groups are read from the tags alone; they must be the groups of the decoded elements."""
+    folders = [LIDC2, DEFAULT_DATA_ROOT / "cptac-lscc" / "C3N-00247", DEFAULT_DATA_ROOT / "covid19-ny-sbu"]
+    files = [next(iter(sorted(folder.rglob("*.dcm")))) for folder in folders if folder.is_dir()]
+    assert len(files) >= 2
+    seen = set()
+    for path in files:
+        for header_only in (True, False):
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+            decoded = ",".join(sorted({f"{element.tag.group:04x}" for element in ds if element.tag.is_private}))
+            assert signature(ds)["private_groups"] == decoded
+            seen.add(decoded)
+    assert all(seen) and len(seen) >= 2  # real private groups, and not the same set everywhere
 
 
 def test_tail_model_p_values_fusion_and_series_correction() -> None:

@@ -178,3 +178,20 @@ def test_nan_pixels_are_not_assessed():
     ds.FloatPixelData = pixels.tobytes()
     with pytest.raises(NotAssessable, match="not finite"):
         read_hu(ds)
+
+
+@pytest.mark.parametrize(
+    ("representation", "slope", "intercept"),
+    [(1, 1.0, -1024.0), (1, 1.0, 1_000_000.0), (0, 1.0, -8192.0), (1, 2.5, -1024.0), (1, 1.0, 0.5), (0, 1.0, 2.0**23)],
+)
+def test_rescale_equals_float64_arithmetic_for_every_pixel_value(representation, slope, intercept):
+    """Unit slopes with integral intercepts take a float32 shortcut; every 16-bit value must come out as the
+    float64 arithmetic rounded to float32 (non-unit slopes, fractional or huge intercepts take the float64 path)."""
+    ds = _header(SYNTAXES / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm")
+    dtype = np.int16 if representation else np.uint16
+    every_value = np.arange(2**16, dtype=np.uint16).view(dtype).reshape(256, 256)
+    ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 256, 256, 16, 15, representation
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = every_value.tobytes()
+    expected = (every_value.astype(np.float64) * slope + intercept).astype(np.float32)
+    assert np.array_equal(read_hu(ds)[0], expected)

@@ -41,7 +41,10 @@ def signature(ds: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in STRONG_FIELDS:
         if name == "private_groups":
-            groups = sorted({f"{e.tag.group:04x}" for e in ds if e.tag.is_private})
+            # From the tags alone (`keys()`, not the Dataset: iterating a Dataset yields its elements, each
+            # decoded first: ~1.2 ms of a B70f header's 1.8 ms, 2026-12-05); the tags give the same groups.
+            tags = ds.keys()
+            groups = sorted({f"{tag.group:04x}" for tag in tags if tag.is_private})
             out[name] = ",".join(groups)
         else:
             value = ds.get(name, None)
