@@ -10,7 +10,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from models.preprocess import NotAssessable, normalise_mr, read_hu, rescale_per_frame, to_unit
+from models.preprocess import (
+    NotAssessable,
+    _exact_in_float32,
+    normalise_mr,
+    read_hu,
+    rescale_per_frame,
+    to_unit,
+)
 from models.windowing import BTD_CT_WINDOW
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -181,10 +188,13 @@ def test_nan_pixels_are_not_assessed():
 
 
 @pytest.mark.parametrize(
-    ("representation", "slope", "intercept"),
-    [(1, 1.0, -1024.0), (1, 1.0, 1_000_000.0), (0, 1.0, -8192.0), (1, 2.5, -1024.0), (1, 1.0, 0.5), (0, 1.0, 2.0**23)],
+    ("representation", "slope", "intercept", "shortcut"),
+    [
+        (1, 1.0, -1024.0, True), (1, 1.0, 1_000_000.0, True), (0, 1.0, -8192.0, True),
+        (1, 2.5, -1024.0, False), (1, 1.0, 0.5, False), (0, 1.0, 2.0**23, False),
+    ],
 )
-def test_rescale_equals_float64_arithmetic_for_every_pixel_value(representation, slope, intercept):
+def test_rescale_equals_float64_arithmetic_for_every_pixel_value(representation, slope, intercept, shortcut):
     """Unit slopes with integral intercepts take a float32 shortcut; every 16-bit value must come out as the
     float64 arithmetic rounded to float32 (non-unit slopes, fractional or huge intercepts take the float64 path)."""
     ds = _header(SYNTAXES / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm")
@@ -193,5 +203,6 @@ def test_rescale_equals_float64_arithmetic_for_every_pixel_value(representation,
     ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 256, 256, 16, 15, representation
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.PixelData = every_value.tobytes()
+    assert _exact_in_float32(every_value.dtype, slope, intercept) is shortcut  # each path is exercised
     expected = (every_value.astype(np.float64) * slope + intercept).astype(np.float32)
     assert np.array_equal(read_hu(ds)[0], expected)
